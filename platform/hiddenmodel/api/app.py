@@ -1,0 +1,72 @@
+"""The composition root: builds the ASGI app from every domain's router. Nothing imports it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from hiddenmodel import __version__
+from hiddenmodel.api import health
+from hiddenmodel.db import dispose_engines
+from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
+from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
+from hiddenmodel.redis import close_redis
+from hiddenmodel.requestid import RequestIdMiddleware
+from tenants.router import router as tenants_router
+from tenants.schemas import UserCreate, UserRead, UserUpdate
+from tenants.users import bearer_backend, cookie_backend, fastapi_users
+
+
+def _operation_id(route: APIRoute) -> str:
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", route.name) if w]
+    return words[0].lower() + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await close_redis()
+    await dispose_engines()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Hidden Model API",
+        version=__version__,
+        description=(
+            "Ghost-mannequin product images. Authenticate with `Authorization: Bearer <key>` "
+            "(an organization API key) or a session token from `POST /v1/auth/login`. "
+            "Errors are `application/problem+json`."
+        ),
+        generate_unique_id_function=_operation_id,
+        responses={"4XX": PROBLEM_RESPONSE_SCHEMA},
+        lifespan=_lifespan,
+    )
+    install_error_handlers(app)
+
+    auth_tags: list[str | object] = ["auth"]
+    app.include_router(
+        fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
+    )
+    app.include_router(
+        fastapi_users.get_auth_router(cookie_backend), prefix="/v1/auth/cookie", tags=auth_tags
+    )
+    app.include_router(
+        fastapi_users.get_register_router(UserRead, UserCreate), prefix="/v1/auth", tags=auth_tags
+    )
+    app.include_router(fastapi_users.get_reset_password_router(), prefix="/v1/auth", tags=auth_tags)
+    app.include_router(fastapi_users.get_verify_router(UserRead), prefix="/v1/auth", tags=auth_tags)
+    app.include_router(
+        fastapi_users.get_users_router(UserRead, UserUpdate), prefix="/v1/users", tags=["users"]
+    )
+    app.include_router(tenants_router)
+    app.include_router(health.router)
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,138 @@
+"""The ``hiddenmodel`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from hiddenmodel.settings import get_settings
+
+log = logging.getLogger("hiddenmodel")
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from hiddenmodel.migrate import migrate
+
+    migrate()
+    print("database migrated")
+    return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "hiddenmodel.api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _cmd_openapi(args: argparse.Namespace) -> int:
+    from hiddenmodel.api.app import create_app
+
+    print(json.dumps(create_app().openapi(), indent=2, sort_keys=False))
+    return 0
+
+
+def _cmd_create_user(args: argparse.Namespace) -> int:
+    from hiddenmodel import provisioning
+
+    user_id = asyncio.run(
+        provisioning.create_user(args.email, args.password, superuser=args.superuser)
+    )
+    print(user_id)
+    return 0
+
+
+def _cmd_create_org(args: argparse.Namespace) -> int:
+    from hiddenmodel import provisioning
+
+    org_id = asyncio.run(provisioning.create_org(args.slug, args.name, args.owner_email))
+    print(org_id)
+    return 0
+
+
+def _cmd_create_api_key(args: argparse.Namespace) -> int:
+    from hiddenmodel import provisioning
+
+    token = asyncio.run(provisioning.create_api_key(args.org, args.name, args.scopes))
+    print(token)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from hiddenmodel import up
+
+    return up.run(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hiddenmodel", description=__doc__)
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="the whole platform on embedded defaults, with demo data")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(func=_cmd_up)
+
+    api = sub.add_parser("api", help="serve the HTTP API and the portal")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1)
+    api.set_defaults(func=_cmd_api)
+
+    sub.add_parser("migrate", help="bootstrap roles and database, then upgrade the schema") \
+        .set_defaults(func=_cmd_migrate)
+    sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_cmd_openapi)
+
+    user = sub.add_parser("create-user", help="create a user (operators: --superuser)")
+    user.add_argument("--email", required=True)
+    user.add_argument("--password", required=True)
+    user.add_argument("--superuser", action="store_true")
+    user.set_defaults(func=_cmd_create_user)
+
+    org = sub.add_parser("create-org", help="create an organization owned by an existing user")
+    org.add_argument("--slug", required=True)
+    org.add_argument("--name", required=True)
+    org.add_argument("--owner-email", required=True)
+    org.set_defaults(func=_cmd_create_org)
+
+    key = sub.add_parser("create-api-key", help="create an API key and print it (shown once)")
+    key.add_argument("--org", required=True, help="organization slug or id")
+    key.add_argument("--name", required=True)
+    key.add_argument("--scopes", nargs="+", default=["jobs:write", "jobs:read", "usage:read"])
+    key.set_defaults(func=_cmd_create_api_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    get_settings()
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        from hiddenmodel.errors import Problem
+
+        if isinstance(exc, Problem):
+            print(f"error: {exc.detail or exc.title}", file=sys.stderr)
+            return 2
+        raise
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Engines and sessions.
+
+Three kinds of session, each from its own factory:
+
+* ``global`` sessions (role ``hm_app``) for tables that belong to no organization (users,
+  mail). RLS tables read as empty from them: no ``app.org_id`` is set.
+* ``tenant`` sessions (role ``hm_app``) bound to one organization. Every transaction begins
+  with ``set_config('app.org_id', <org>, true)``; a tenant session with no organization raises
+  before any SQL is sent.
+* the ``ops`` session (role ``hm_ops``, BYPASSRLS), reachable only through
+  :func:`ops_session`, which writes an audit row for each use.
+
+Nobody commits but the owner of the session (the request dependency or the task).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+
+from hiddenmodel.settings import Settings, get_settings
+from hiddenmodel.tenancy import TenantContextMissing, current_org_id
+
+ORG_SETTING = "app.org_id"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every mapped table; Alembic remains the source of schema."""
+
+
+class TenantSession(Session):
+    """A session that scopes every transaction to one organization (RLS)."""
+
+
+class GlobalSession(Session):
+    """A session for tables that belong to no organization."""
+
+
+@event.listens_for(TenantSession, "after_begin")
+def _bind_org_to_transaction(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    org_id = session.info.get("org_id") or current_org_id.get()
+    if org_id is None:
+        raise TenantContextMissing("tenant session used with no organization bound")
+    session.info["org_id"] = org_id
+    connection.exec_driver_sql(
+        "SELECT set_config(%(name)s, %(value)s, true)",
+        {"name": ORG_SETTING, "value": str(org_id)},
+    )
+
+
+def _engine_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "pool_size": settings.database_pool_size,
+        "max_overflow": settings.database_max_overflow,
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+    }
+
+
+_async_engines: dict[str, AsyncEngine] = {}
+_sync_engines: dict[str, Engine] = {}
+
+
+def async_engine(url: str | None = None) -> AsyncEngine:
+    settings = get_settings()
+    url = url or settings.database_url
+    engine = _async_engines.get(url)
+    if engine is None:
+        engine = _async_engines[url] = create_async_engine(url, **_engine_kwargs(settings))
+    return engine
+
+
+def sync_engine(url: str | None = None) -> Engine:
+    settings = get_settings()
+    url = url or settings.database_url
+    engine = _sync_engines.get(url)
+    if engine is None:
+        engine = _sync_engines[url] = create_engine(url, **_engine_kwargs(settings))
+    return engine
+
+
+@lru_cache
+def _async_factories() -> tuple[async_sessionmaker[AsyncSession], async_sessionmaker[AsyncSession]]:
+    engine = async_engine()
+    tenant = async_sessionmaker(engine, sync_session_class=TenantSession, expire_on_commit=False)
+    global_ = async_sessionmaker(engine, sync_session_class=GlobalSession, expire_on_commit=False)
+    return tenant, global_
+
+
+def async_tenant_session(org_id: uuid.UUID | None = None) -> AsyncSession:
+    """A new async session scoped to ``org_id`` (default: the bound context)."""
+    org = org_id or current_org_id.get()
+    if org is None:
+        raise TenantContextMissing("tenant session requested with no organization bound")
+    return _async_factories()[0](info={"org_id": org})
+
+
+def async_global_session() -> AsyncSession:
+    return _async_factories()[1]()
+
+
+@lru_cache
+def _sync_factories() -> tuple[sessionmaker[TenantSession], sessionmaker[GlobalSession]]:
+    engine = sync_engine()
+    tenant = sessionmaker(engine, class_=TenantSession, expire_on_commit=False)
+    global_ = sessionmaker(engine, class_=GlobalSession, expire_on_commit=False)
+    return tenant, global_
+
+
+@contextmanager
+def tenant_session(org_id: uuid.UUID | None = None) -> Iterator[TenantSession]:
+    """A sync tenant session (workers); commits on success, rolls back on error."""
+    org = org_id or current_org_id.get()
+    if org is None:
+        raise TenantContextMissing("tenant session requested with no organization bound")
+    with _sync_factories()[0](info={"org_id": org}) as session, session.begin():
+        yield session
+
+
+@contextmanager
+def global_session() -> Iterator[GlobalSession]:
+    with _sync_factories()[1]() as session, session.begin():
+        yield session
+
+
+@asynccontextmanager
+async def ops_session(*, actor: str, purpose: str, detail: dict[str, Any] | None = None) -> AsyncIterator[AsyncSession]:
+    """The one door to cross-tenant reads and writes (role ``hm_ops``).
+
+    Each use writes a row to ``operator_audit_events`` in the same transaction, so work done
+    through this door cannot commit without its audit record.
+    """
+    engine = async_engine(get_settings().database_ops_url)
+    async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+        await session.execute(
+            text(
+                "INSERT INTO operator_audit_events (id, actor, purpose, detail) "
+                "VALUES (:id, :actor, :purpose, CAST(:detail AS jsonb))"
+            ),
+            {
+                "id": uuid.uuid4(),
+                "actor": actor,
+                "purpose": purpose,
+                "detail": _json(detail or {}),
+            },
+        )
+        yield session
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+async def dispose_engines() -> None:
+    """Close every pool (shutdown, or a test switching event loops)."""
+    for engine in list(_async_engines.values()):
+        await engine.dispose()
+    for sync in list(_sync_engines.values()):
+        sync.dispose()
+    _async_engines.clear()
+    _sync_engines.clear()
+    _async_factories.cache_clear()
+    _sync_factories.cache_clear()
+
+
+AfterCommit = Callable[[], Awaitable[None]]
+_AFTER_COMMIT = "hm_after_commit"
+
+
+def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
+    """Run ``callback`` once the owner has committed ``session``; dropped on rollback."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit, then run what was held for after the commit (mail, task dispatch)."""
+    await session.commit()
+    callbacks: list[AfterCommit] = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        try:
+            await callback()
+        except Exception:
+            logging.getLogger(__name__).exception("after-commit callback failed")
+
+
+async def rollback(session: AsyncSession) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
+    await session.rollback()

@@ -1,0 +1,182 @@
+"""RFC 9457 problem details: one stable ``type`` per kind of error."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hiddenmodel.requestid import current_request_id
+
+log = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://hiddenmodel.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error the client can act on. ``kind`` becomes the stable ``type`` URI."""
+
+    status: int = 400
+    kind: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        status: int | None = None,
+        kind: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title or self.title)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+        if kind is not None:
+            self.kind = kind
+        if title is not None:
+            self.title = title
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class NotFound(Problem):
+    status, kind, title = 404, "not-found", "Not found"
+
+
+class Unauthorized(Problem):
+    status, kind, title = 401, "unauthorized", "Authentication required"
+
+    def __init__(self, detail: str | None = None, **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(detail, **kw)
+
+
+class Forbidden(Problem):
+    status, kind, title = 403, "forbidden", "Forbidden"
+
+
+class Conflict(Problem):
+    status, kind, title = 409, "conflict", "Conflict"
+
+
+class Gone(Problem):
+    status, kind, title = 410, "gone", "Gone"
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    title: str,
+    detail: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": PROBLEM_BASE + kind, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    request_id = current_request_id.get()
+    if request_id:
+        body["request_id"] = request_id
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+_STATUS_KINDS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Authentication required"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    409: ("conflict", "Conflict"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-error", "Validation error"),
+    429: ("rate-limited", "Too many requests"),
+}
+
+
+async def _problem_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(exc.status, exc.kind, exc.title, exc.detail, exc.headers, **exc.extra)
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem_response(
+            400, "malformed-json", "Malformed JSON", "The request body is not valid JSON."
+        )
+    return problem_response(
+        422, "validation-error", "Validation error", "The request is not valid.", errors=errors
+    )
+
+
+async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind, title = _STATUS_KINDS.get(exc.status_code, ("http-error", "HTTP error"))
+    detail: str | None = None
+    extra: dict[str, Any] = {}
+    # fastapi-users raises HTTPException with a machine-readable code as detail.
+    if isinstance(exc.detail, str):
+        if exc.detail.isupper() and " " not in exc.detail:
+            kind = exc.detail.lower().replace("_", "-")
+            detail = exc.detail.replace("_", " ").capitalize() + "."
+        else:
+            detail = exc.detail
+    elif isinstance(exc.detail, dict):
+        code = exc.detail.get("code")
+        if isinstance(code, str):
+            kind = code.lower().replace("_", "-")
+        reason = exc.detail.get("reason")
+        detail = str(reason) if reason else None
+    return problem_response(exc.status_code, kind, title, detail, dict(exc.headers or {}), **extra)
+
+
+async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(500, "internal-error", "Internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _problem_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unhandled_handler)
+
+
+PROBLEM_RESPONSE_SCHEMA: dict[str, Any] = {
+    "content": {
+        PROBLEM_MEDIA_TYPE: {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string", "format": "uri"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                    "request_id": {"type": "string"},
+                },
+                "required": ["type", "title", "status"],
+            },
+            "example": {
+                "type": PROBLEM_BASE + "not-found",
+                "title": "Not found",
+                "status": 404,
+                "detail": "No such organization.",
+            },
+        }
+    },
+    "description": "Problem details (RFC 9457)",
+}

@@ -1,0 +1,27 @@
+"""SQL that every migration creating an org-scoped table must run."""
+
+from __future__ import annotations
+
+from alembic import op
+
+APP_ROLE = "hm_app"
+OPS_ROLE = "hm_ops"
+OWNER_ROLE = "hm_owner"
+LOOKUP_ROLE = "hm_lookup"
+
+
+def enable_tenant_rls(table: str, column: str = "organization_id") -> None:
+    """ENABLE + FORCE row-level security with one policy on the bound organization."""
+    op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
+    op.execute(
+        f"CREATE POLICY tenant_isolation ON {table} "
+        f"USING ({column} = hm_current_org_id()) "
+        f"WITH CHECK ({column} = hm_current_org_id())"
+    )
+
+
+def disable_tenant_rls(table: str) -> None:
+    op.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {table}")
+    op.execute(f"ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY")
+    op.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")

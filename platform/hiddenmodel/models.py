@@ -1,0 +1,52 @@
+"""Shared column helpers and the core tables that belong to no organization."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKey, String, Text, func
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from hiddenmodel.db import Base
+
+
+def uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+
+
+def created_at_column() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+def org_id_column() -> Mapped[uuid.UUID]:
+    return mapped_column(
+        UUID(as_uuid=True), ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False
+    )
+
+
+class OperatorAuditEvent(Base):
+    """One row per use of the cross-tenant ops session."""
+
+    __tablename__ = "operator_audit_events"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    actor: Mapped[str] = mapped_column(String(320), nullable=False)
+    purpose: Mapped[str] = mapped_column(String(200), nullable=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class EmailMessage(Base):
+    """Mail recorded by the default sender (readable by tests and the portal)."""
+
+    __tablename__ = "email_messages"
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    to_address: Mapped[str] = mapped_column(String(320), nullable=False, index=True)
+    subject: Mapped[str] = mapped_column(String(300), nullable=False)
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(String(50), nullable=False)
+    created_at: Mapped[datetime] = created_at_column()

@@ -1,0 +1,68 @@
+"""All configuration, read once from the environment (prefix ``HM_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "hm-dev-secret-key-change-me-in-production-0123456789"
+
+
+class Settings(BaseSettings):
+    """Every setting has an embedded default that works on a developer machine."""
+
+    model_config = SettingsConfigDict(env_prefix="HM_", env_file=None, extra="ignore")
+
+    environment: str = "development"
+
+    # Databases: the app role (RLS applies), the schema owner (migrations), the ops role
+    # (cross-tenant, audited) and an admin that may create roles and databases (bootstrap only).
+    database_url: str = "postgresql+psycopg://hm_app:hm_app@127.0.0.1:5432/hiddenmodel"
+    database_owner_url: str = "postgresql+psycopg://hm_owner:hm_owner@127.0.0.1:5432/hiddenmodel"
+    database_ops_url: str = "postgresql+psycopg://hm_ops:hm_ops@127.0.0.1:5432/hiddenmodel"
+    database_admin_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    database_pool_size: int = 10
+    database_max_overflow: int = 10
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "hiddenmodel"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = "hiddenmodel"
+    s3_secret_access_key: SecretStr = SecretStr("hiddenmodel")
+    presigned_url_ttl_seconds: int = 300
+
+    model_dir: Path | None = None
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    data_dir: Path = Path("var")
+
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: SecretStr | None = None
+
+    public_base_url: str = "http://127.0.0.1:8000"
+    jwt_lifetime_seconds: int = 3600
+    reset_token_lifetime_seconds: int = 3600
+    verify_token_lifetime_seconds: int = 86400
+    invitation_ttl_hours: int = 72
+    # last_used_at of an API key is written at most once per this many seconds.
+    api_key_last_used_resolution_seconds: int = 60
+    password_min_length: int = 10
+    # argon2 cost: production default; tests lower it to keep thousands of hashes cheap.
+    password_hash_time_cost: int = Field(default=3, ge=1)
+    password_hash_memory_kib: int = Field(default=65536, ge=8)
+    mail_sender: str = "database"
+    cookie_secure: bool = False
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,31 @@
+"""The organization a unit of work acts for, carried in a context variable."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+current_org_id: ContextVar[uuid.UUID | None] = ContextVar("hm_current_org_id", default=None)
+
+
+class TenantContextMissing(RuntimeError):
+    """A tenant-scoped session was used with no organization bound: fail closed."""
+
+
+def require_org_id() -> uuid.UUID:
+    org_id = current_org_id.get()
+    if org_id is None:
+        raise TenantContextMissing("no organization is bound to this unit of work")
+    return org_id
+
+
+@contextmanager
+def org_context(org_id: uuid.UUID) -> Iterator[uuid.UUID]:
+    """Bind ``org_id`` for the duration of the block (workers re-enter it per task)."""
+    token = current_org_id.set(org_id)
+    try:
+        yield org_id
+    finally:
+        current_org_id.reset(token)

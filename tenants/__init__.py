@@ -1,0 +1,1 @@
+"""Identity and access: users, organizations, members and roles, invitations, API keys, audit."""

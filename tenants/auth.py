@@ -1,0 +1,219 @@
+"""Who is calling, and in which organization: principals, org scopes and permissions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Request
+from fastapi_users.authentication.strategy.db import DatabaseStrategy
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hiddenmodel.db import async_tenant_session, commit, rollback
+from hiddenmodel.errors import Forbidden, NotFound, Unauthorized
+from hiddenmodel.security import InvalidToken, keyed_hash, parse_token
+from hiddenmodel.settings import get_settings
+from hiddenmodel.tenancy import current_org_id
+from tenants import repository
+from tenants.models import ApiKey, Organization, Role, Scope, User
+from tenants.users import UserManager, get_database_strategy, get_user_manager
+
+API_KEY_PREFIX = "hmk"
+
+
+class Permission:
+    """What an action needs: one of these member roles, or this API key scope."""
+
+    def __init__(self, name: str, roles: frozenset[Role], scope: Scope) -> None:
+        self.name, self.roles, self.scope = name, roles, scope
+
+
+ANY_ROLE = frozenset(Role)
+ADMINS = frozenset({Role.OWNER, Role.ADMIN})
+
+READ_ORG = Permission("read_org", ANY_ROLE, Scope.JOBS_READ)
+MANAGE_ORG = Permission("manage_org", ADMINS, Scope.ADMIN)
+MANAGE_MEMBERS = Permission("manage_members", ADMINS, Scope.ADMIN)
+MANAGE_API_KEYS = Permission("manage_api_keys", ADMINS, Scope.ADMIN)
+READ_AUDIT = Permission("read_audit", ADMINS, Scope.ADMIN)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: a user (session token) or an API key bound to one org."""
+
+    user: User | None = None
+    api_key: ApiKey | None = None
+
+    @property
+    def user_id(self) -> uuid.UUID | None:
+        return self.user.id if self.user else None
+
+    @property
+    def api_key_id(self) -> uuid.UUID | None:
+        return self.api_key.id if self.api_key else None
+
+    @property
+    def key_org_id(self) -> uuid.UUID | None:
+        return self.api_key.organization_id if self.api_key else None
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(self.api_key.scopes) if self.api_key else frozenset()
+
+
+@dataclass
+class OrgScope:
+    """A request acting inside one organization, with its RLS-bound session."""
+
+    org: Organization
+    principal: Principal
+    session: AsyncSession
+    role: Role | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def org_id(self) -> uuid.UUID:
+        return self.org.id
+
+    def allows(self, permission: Permission) -> bool:
+        if self.principal.api_key is not None:
+            scopes = self.principal.scopes
+            return permission.scope.value in scopes or Scope.ADMIN.value in scopes
+        return self.role is not None and self.role in permission.roles
+
+    def require(self, permission: Permission) -> None:
+        if self.allows(permission):
+            return
+        if self.principal.api_key is not None:
+            raise Forbidden(
+                f"This API key lacks the '{permission.scope.value}' scope.",
+                kind="missing-scope",
+                required_scope=permission.scope.value,
+            )
+        raise Forbidden(
+            "Your role in this organization does not allow this.",
+            kind="insufficient-role",
+            required_roles=sorted(r.value for r in permission.roles),
+        )
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("The Authorization header must be 'Bearer <token>'.")
+    return token.strip()
+
+
+async def authenticate_api_key(token: str) -> ApiKey:
+    """Find a live key inside its own organization's RLS context."""
+    try:
+        parsed = parse_token(token, API_KEY_PREFIX)
+    except InvalidToken as exc:
+        raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
+    now = datetime.now(UTC)
+    async with async_tenant_session(parsed.org_id) as session, session.begin():
+        key = await repository.get_api_key_by_hash(session, keyed_hash(token))
+        if key is None:
+            raise Unauthorized("Unknown API key.", kind="invalid-api-key")
+        if key.revoked_at is not None:
+            raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
+        if key.expires_at is not None and key.expires_at <= now:
+            raise Unauthorized("This API key has expired.", kind="api-key-expired")
+        # last_used_at at a coarse resolution: not one write per request.
+        resolution = timedelta(seconds=get_settings().api_key_last_used_resolution_seconds)
+        if key.last_used_at is None or now - key.last_used_at >= resolution:
+            await repository.touch_api_key(session, key.id, now)
+            key.last_used_at = now
+        session.expunge(key)
+    return key
+
+
+async def current_principal(
+    request: Request,
+    strategy: Annotated[DatabaseStrategy[User, uuid.UUID, Any], Depends(get_database_strategy)],
+    user_manager: Annotated[UserManager, Depends(get_user_manager)],
+) -> Principal:
+    """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise."""
+    token = _bearer_token(request)
+    if token is None:
+        raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
+    if token.startswith(API_KEY_PREFIX + "_"):
+        return Principal(api_key=await authenticate_api_key(token))
+    user = await strategy.read_token(token, user_manager)
+    if user is None or not user.is_active:
+        raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
+    return Principal(user=user)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def require_user(principal: CurrentPrincipal) -> User:
+    if principal.user is None:
+        raise Forbidden("This action needs a signed-in user, not an API key.", kind="user-required")
+    return principal.user
+
+
+CurrentUser = Annotated[User, Depends(require_user)]
+
+
+@asynccontextmanager
+async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterator[OrgScope]:
+    """Enter ``org_id`` for the request: RLS session, membership check, commit at the end.
+
+    Anything that does not prove access answers 404, so no one learns that another
+    organization exists.
+    """
+    if principal.api_key is not None and principal.key_org_id != org_id:
+        raise NotFound("No such organization.")
+    token = current_org_id.set(org_id)
+    try:
+        async with async_tenant_session(org_id) as session:
+            org = await repository.get_organization(session, org_id)
+            if org is None:
+                raise NotFound("No such organization.")
+            role: Role | None = None
+            if principal.user is not None:
+                membership = await repository.get_membership(session, principal.user.id)
+                if membership is None:
+                    raise NotFound("No such organization.")
+                role = Role(membership.role)
+            try:
+                yield OrgScope(org=org, principal=principal, session=session, role=role)
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
+    finally:
+        current_org_id.reset(token)
+
+
+async def org_scope_from_path(
+    principal: CurrentPrincipal,
+    org_id: Annotated[uuid.UUID, Path(description="Organization id")],
+) -> AsyncIterator[OrgScope]:
+    async with open_org_scope(org_id, principal) as scope:
+        yield scope
+
+
+async def org_scope_from_key(principal: CurrentPrincipal) -> AsyncIterator[OrgScope]:
+    """Routes without an org in the path act in the API key's organization."""
+    if principal.api_key is None:
+        raise Forbidden(
+            "This endpoint acts in an API key's organization: authenticate with an API key.",
+            kind="api-key-required",
+        )
+    async with open_org_scope(principal.api_key.organization_id, principal) as scope:
+        yield scope
+
+
+OrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_path)]
+KeyOrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_key)]

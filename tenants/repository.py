@@ -1,0 +1,166 @@
+"""All SQL of the identity and access domain. Tenant tables are read through RLS sessions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hiddenmodel.pagination import paginate
+from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, User
+
+
+async def user_organizations(session: AsyncSession, user_id: uuid.UUID) -> Sequence[Any]:
+    """A user's own organizations across tenants (the one definer function)."""
+    result = await session.execute(
+        text("SELECT organization_id, slug, name, role FROM hm_user_organizations(:u)"),
+        {"u": user_id},
+    )
+    return result.all()
+
+
+async def get_organization(session: AsyncSession, org_id: uuid.UUID) -> Organization | None:
+    return await session.get(Organization, org_id)
+
+
+async def get_membership(session: AsyncSession, user_id: uuid.UUID) -> Membership | None:
+    return (
+        await session.scalars(select(Membership).where(Membership.user_id == user_id))
+    ).one_or_none()
+
+
+async def get_membership_for_update(session: AsyncSession, user_id: uuid.UUID) -> Membership | None:
+    return (
+        await session.scalars(
+            select(Membership).where(Membership.user_id == user_id).with_for_update()
+        )
+    ).one_or_none()
+
+
+async def lock_owner_ids(session: AsyncSession) -> list[uuid.UUID]:
+    """Lock the org's owner rows, so two concurrent demotions cannot leave no owner."""
+    rows = await session.scalars(
+        select(Membership.user_id)
+        .where(Membership.role == Role.OWNER.value)
+        .order_by(Membership.id)
+        .with_for_update()
+    )
+    return list(rows)
+
+
+async def list_members(
+    session: AsyncSession, cursor: str | None, limit: int
+) -> tuple[Sequence[Any], str | None]:
+    return await paginate(
+        session,
+        select(Membership),
+        created_at=Membership.created_at,
+        id_=Membership.id,
+        cursor=cursor,
+        limit=limit,
+    )
+
+
+async def users_by_id(session: AsyncSession, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, User]:
+    if not ids:
+        return {}
+    rows = await session.scalars(select(User).where(User.id.in_(ids)))
+    return {u.id: u for u in rows}
+
+
+async def list_invitations(
+    session: AsyncSession, cursor: str | None, limit: int
+) -> tuple[Sequence[Any], str | None]:
+    return await paginate(
+        session,
+        select(Invitation),
+        created_at=Invitation.created_at,
+        id_=Invitation.id,
+        cursor=cursor,
+        limit=limit,
+    )
+
+
+async def get_invitation(session: AsyncSession, invitation_id: uuid.UUID) -> Invitation | None:
+    return await session.get(Invitation, invitation_id)
+
+
+async def get_invitation_by_hash(session: AsyncSession, token_hash: str) -> Invitation | None:
+    return (
+        await session.scalars(
+            select(Invitation).where(Invitation.token_hash == token_hash).with_for_update()
+        )
+    ).one_or_none()
+
+
+async def consume_invitation(
+    session: AsyncSession, invitation_id: uuid.UUID, user_id: uuid.UUID, now: datetime
+) -> bool:
+    """Compare-and-set: only one accept of a pending, unexpired invitation can win."""
+    result = await session.execute(
+        update(Invitation)
+        .where(
+            Invitation.id == invitation_id,
+            Invitation.accepted_at.is_(None),
+            Invitation.revoked_at.is_(None),
+            Invitation.expires_at > now,
+        )
+        .values(accepted_at=now, accepted_by_id=user_id)
+        .returning(Invitation.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def list_api_keys(
+    session: AsyncSession, cursor: str | None, limit: int
+) -> tuple[Sequence[Any], str | None]:
+    return await paginate(
+        session,
+        select(ApiKey),
+        created_at=ApiKey.created_at,
+        id_=ApiKey.id,
+        cursor=cursor,
+        limit=limit,
+    )
+
+
+async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
+
+
+async def get_api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
+    return (
+        await session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash))
+    ).one_or_none()
+
+
+async def touch_api_key(session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:
+    await session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+
+
+async def list_audit_events(
+    session: AsyncSession, cursor: str | None, limit: int, action: str | None = None
+) -> tuple[Sequence[Any], str | None]:
+    stmt = select(AuditEvent)
+    if action:
+        stmt = stmt.where(AuditEvent.action == action)
+    return await paginate(
+        session,
+        stmt,
+        created_at=AuditEvent.created_at,
+        id_=AuditEvent.id,
+        cursor=cursor,
+        limit=limit,
+    )
+
+
+async def count_members(session: AsyncSession) -> int:
+    return int((await session.scalar(select(func.count()).select_from(Membership))) or 0)
+
+
+def add_audit_event(session: AsyncSession, event: AuditEvent) -> None:
+    session.add(event)

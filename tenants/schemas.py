@@ -1,0 +1,161 @@
+"""Request and response bodies of the identity and access API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from fastapi_users import schemas as fu_schemas
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+
+from tenants.models import Role, Scope
+
+SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$"
+
+
+class UserRead(fu_schemas.BaseUser[uuid.UUID]):
+    name: str | None = None
+
+
+class UserCreate(fu_schemas.BaseUserCreate):
+    name: str | None = Field(default=None, max_length=200)
+
+
+class UserUpdate(fu_schemas.BaseUserUpdate):
+    name: str | None = Field(default=None, max_length=200)
+
+
+class OrganizationCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"slug": "acme-studio", "name": "Acme Studio"}]}
+    )
+
+    slug: str = Field(pattern=SLUG_PATTERN, description="Lowercase letters, digits and dashes.")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class OrganizationUpdate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class OrganizationRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    slug: str
+    name: str
+    created_at: datetime
+
+
+class MyOrganization(BaseModel):
+    id: uuid.UUID
+    slug: str
+    name: str
+    role: Role
+
+
+class MembershipRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    user_id: uuid.UUID
+    email: str
+    name: str | None
+    role: Role
+    created_at: datetime
+
+
+class MembershipUpdate(BaseModel):
+    role: Role
+
+
+class InvitationCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "ana@example.com", "role": "member"}]}
+    )
+
+    email: EmailStr
+    role: Role = Role.MEMBER
+
+
+class InvitationRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    email: str
+    role: Role
+    expires_at: datetime
+    accepted_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+    status: Literal["pending", "accepted", "revoked", "expired"]
+
+
+class InvitationCreated(InvitationRead):
+    token: str = Field(description="Shown once; also sent to the invitee by e-mail.")
+
+
+class InvitationAccept(BaseModel):
+    token: str = Field(min_length=1, max_length=200)
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "catalog sync", "scopes": ["jobs:write", "jobs:read"]}]
+        }
+    )
+
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[Scope] = Field(min_length=1)
+    expires_at: datetime | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _unique(cls, scopes: list[Scope]) -> list[Scope]:
+        return sorted(set(scopes))
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("expires_at must carry a time zone")
+        return value
+
+
+class ApiKeyRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[Scope]
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(description="The secret. Shown once: store it now.")
+
+
+class AuditEventRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    actor_user_id: uuid.UUID | None
+    actor_api_key_id: uuid.UUID | None
+    action: str
+    target_type: str
+    target_id: str | None
+    data: dict[str, object]
+    created_at: datetime
+
+
+class MeRead(BaseModel):
+    kind: Literal["user", "api_key"]
+    user: UserRead | None = None
+    organizations: list[MyOrganization] = []
+    api_key: ApiKeyRead | None = None
+    organization: OrganizationRead | None = None

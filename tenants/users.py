@@ -1,0 +1,240 @@
+"""Accounts with fastapi-users: register, login (bearer and cookie), logout, reset, verify."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi_users import BaseUserManager, FastAPIUsers, InvalidPasswordException, UUIDIDMixin
+from fastapi_users.authentication import (
+    AuthenticationBackend,
+    BearerTransport,
+    CookieTransport,
+)
+from fastapi_users.authentication.strategy.db import DatabaseStrategy
+from fastapi_users.password import PasswordHelper
+from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hiddenmodel.db import async_global_session, commit, rollback
+from hiddenmodel.mail import Mail, send_mail
+from hiddenmodel.security import keyed_hash
+from hiddenmodel.settings import get_settings
+from tenants.models import AccessToken, User
+from tenants.schemas import UserCreate
+
+COOKIE_NAME = "hm_session"
+_COMMON_PASSWORDS = frozenset(
+    {"password", "password1", "password123", "1234567890", "qwertyuiop", "letmein123", "iloveyou12"}
+)
+
+
+async def get_global_db_session() -> AsyncIterator[AsyncSession]:
+    """A request-owned session for tables that belong to no organization."""
+    async with async_global_session() as session:
+        try:
+            yield session
+            await commit(session)
+        except BaseException:
+            await rollback(session)
+            raise
+
+
+GlobalSessionDep = Annotated[AsyncSession, Depends(get_global_db_session)]
+
+
+async def get_user_db(session: GlobalSessionDep) -> AsyncIterator[SQLAlchemyUserDatabase[User, uuid.UUID]]:
+    yield SQLAlchemyUserDatabase(session, User)
+
+
+def password_helper() -> PasswordHelper:
+    settings = get_settings()
+    hasher = Argon2Hasher(
+        time_cost=settings.password_hash_time_cost, memory_cost=settings.password_hash_memory_kib
+    )
+    return PasswordHelper(PasswordHash((hasher,)))
+
+
+def validate_password_strength(password: str, email: str) -> None:
+    """Raise ``ValueError`` naming what is wrong with a password."""
+    settings = get_settings()
+    if len(password) < settings.password_min_length:
+        raise ValueError(f"Password must be at least {settings.password_min_length} characters.")
+    if len(password) > 256:
+        raise ValueError("Password must be at most 256 characters.")
+    lowered = password.lower()
+    local = email.split("@", 1)[0].lower()
+    if lowered in _COMMON_PASSWORDS or len(set(password)) < 5:
+        raise ValueError("Password is too common or too repetitive.")
+    if len(local) >= 3 and local in lowered:
+        raise ValueError("Password must not contain the e-mail address.")
+    classes = sum(
+        bool(re.search(p, password)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[^A-Za-z0-9]")
+    )
+    if classes < 2:
+        raise ValueError("Password must mix letters with digits, capitals or symbols.")
+
+
+class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
+    def __init__(self, user_db: SQLAlchemyUserDatabase[User, uuid.UUID]) -> None:
+        super().__init__(user_db, password_helper())
+        settings = get_settings()
+        secret = settings.secret_key.get_secret_value()
+        self.reset_password_token_secret = secret
+        self.verification_token_secret = secret
+        self.reset_password_token_lifetime_seconds = settings.reset_token_lifetime_seconds
+        self.verification_token_lifetime_seconds = settings.verify_token_lifetime_seconds
+
+    async def validate_password(self, password: str, user: Any) -> None:
+        try:
+            validate_password_strength(password, str(user.email))
+        except ValueError as exc:
+            raise InvalidPasswordException(reason=str(exc)) from exc
+
+    async def on_after_register(self, user: User, request: Request | None = None) -> None:
+        await self.request_verify(user, request)
+
+    async def on_after_request_verify(
+        self, user: User, token: str, request: Request | None = None
+    ) -> None:
+        base = get_settings().public_base_url
+        await send_mail(
+            Mail(
+                to=user.email,
+                subject="Verify your Hidden Model e-mail address",
+                body=(
+                    "Confirm this address by sending the token below to POST /v1/auth/verify, "
+                    f"or open {base}/portal/verify?token={token}\n\ntoken: {token}\n"
+                ),
+                kind="verify",
+            )
+        )
+
+    async def on_after_forgot_password(
+        self, user: User, token: str, request: Request | None = None
+    ) -> None:
+        base = get_settings().public_base_url
+        await send_mail(
+            Mail(
+                to=user.email,
+                subject="Reset your Hidden Model password",
+                body=(
+                    "Choose a new password by sending this token with it to "
+                    f"POST /v1/auth/reset-password, or open {base}/portal/reset?token={token}"
+                    f"\n\ntoken: {token}\n"
+                ),
+                kind="reset_password",
+            )
+        )
+
+    async def on_after_reset_password(self, user: User, request: Request | None = None) -> None:
+        # A new password ends every session opened with the old one.
+        await self.user_db.session.execute(delete(AccessToken).where(AccessToken.user_id == user.id))
+
+
+async def get_user_manager(
+    user_db: Annotated[SQLAlchemyUserDatabase[User, uuid.UUID], Depends(get_user_db)],
+) -> AsyncIterator[UserManager]:
+    yield UserManager(user_db)
+
+
+@dataclass
+class IssuedAccessToken:
+    """What the strategy sees: the raw token (returned once) and its user."""
+
+    token: str
+    user_id: uuid.UUID
+    created_at: datetime
+
+
+class HashedAccessTokenDatabase:
+    """Login sessions stored by keyed hash: a leaked table cannot be replayed."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_by_token(
+        self, token: str, max_age: datetime | None = None
+    ) -> IssuedAccessToken | None:
+        stmt = select(AccessToken).where(AccessToken.token_hash == keyed_hash(token))
+        if max_age is not None:
+            stmt = stmt.where(AccessToken.created_at >= max_age)
+        row = (await self.session.scalars(stmt)).one_or_none()
+        if row is None:
+            return None
+        return IssuedAccessToken(token=token, user_id=row.user_id, created_at=row.created_at)
+
+    async def create(self, create_dict: dict[str, Any]) -> IssuedAccessToken:
+        token = str(create_dict["token"])
+        row = AccessToken(token_hash=keyed_hash(token), user_id=create_dict["user_id"])
+        self.session.add(row)
+        await self.session.flush()
+        return IssuedAccessToken(token=token, user_id=row.user_id, created_at=datetime.now(UTC))
+
+    async def update(
+        self, access_token: IssuedAccessToken, update_dict: dict[str, Any]
+    ) -> IssuedAccessToken:
+        return access_token
+
+    async def delete(self, access_token: IssuedAccessToken) -> None:
+        await self.session.execute(
+            delete(AccessToken).where(AccessToken.token_hash == keyed_hash(access_token.token))
+        )
+
+
+def get_access_token_db(session: GlobalSessionDep) -> HashedAccessTokenDatabase:
+    return HashedAccessTokenDatabase(session)
+
+
+def get_database_strategy(
+    access_token_db: Annotated[HashedAccessTokenDatabase, Depends(get_access_token_db)],
+) -> DatabaseStrategy[User, uuid.UUID, Any]:
+    return DatabaseStrategy(access_token_db, lifetime_seconds=get_settings().jwt_lifetime_seconds)
+
+
+bearer_backend: AuthenticationBackend[User, uuid.UUID] = AuthenticationBackend(
+    name="bearer",
+    transport=BearerTransport(tokenUrl="/v1/auth/login"),
+    get_strategy=get_database_strategy,
+)
+cookie_backend: AuthenticationBackend[User, uuid.UUID] = AuthenticationBackend(
+    name="cookie",
+    transport=CookieTransport(
+        cookie_name=COOKIE_NAME,
+        cookie_max_age=get_settings().jwt_lifetime_seconds,
+        cookie_secure=get_settings().cookie_secure,
+        cookie_samesite="lax",
+    ),
+    get_strategy=get_database_strategy,
+)
+
+fastapi_users = FastAPIUsers[User, uuid.UUID](get_user_manager, [bearer_backend, cookie_backend])
+
+current_active_user = fastapi_users.current_user(active=True)
+current_superuser = fastapi_users.current_user(active=True, superuser=True)
+
+
+async def create_user(
+    email: str, password: str, *, name: str | None = None, is_superuser: bool = False,
+    is_verified: bool = False,
+) -> User:
+    """Create a user outside a request (CLI, demo data), with the same password rules."""
+    async with async_global_session() as session, session.begin():
+        manager = UserManager(SQLAlchemyUserDatabase(session, User))
+        user = await manager.create(
+            UserCreate(
+                email=email, password=password, name=name, is_superuser=is_superuser,
+                is_verified=is_verified,
+            ),
+            safe=False,
+        )
+        return user
+

@@ -1,0 +1,142 @@
+"""Test services: a real PostgreSQL database built by the real migrations, real Redis.
+
+The environment is set before any project module reads its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+TEST_DB = os.environ.get("HM_TEST_DATABASE", "hiddenmodel_test")
+PG = os.environ.get("HM_TEST_PG_HOSTPORT", "127.0.0.1:5432")
+os.environ.update(
+    {
+        "HM_ENVIRONMENT": "test",
+        "HM_DATABASE_URL": f"postgresql+psycopg://hm_app:hm_app@{PG}/{TEST_DB}",
+        "HM_DATABASE_OWNER_URL": f"postgresql+psycopg://hm_owner:hm_owner@{PG}/{TEST_DB}",
+        "HM_DATABASE_OPS_URL": f"postgresql+psycopg://hm_ops:hm_ops@{PG}/{TEST_DB}",
+        "HM_DATABASE_ADMIN_URL": os.environ.get(
+            "HM_TEST_ADMIN_URL", f"postgresql+psycopg://postgres@{PG}/postgres"
+        ),
+        "HM_REDIS_URL": os.environ.get("HM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        "HM_SECRET_KEY": "test-secret-key-0123456789abcdef0123456789abcdef",
+        "HM_PASSWORD_HASH_TIME_COST": "1",
+        "HM_PASSWORD_HASH_MEMORY_KIB": "64",
+        "HM_DATA_DIR": os.environ.get("HM_TEST_DATA_DIR", "var/test"),
+        "OMP_NUM_THREADS": "1",
+    }
+)
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from sqlalchemy import create_engine, pool, text  # noqa: E402
+
+from hiddenmodel.db import dispose_engines  # noqa: E402
+from hiddenmodel.migrate import migrate  # noqa: E402
+from hiddenmodel.settings import get_settings  # noqa: E402
+
+PASSWORD = "Correct-horse-42"
+
+
+def _recreate_database() -> None:
+    admin = create_engine(
+        os.environ["HM_DATABASE_ADMIN_URL"], poolclass=pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[None]:
+    get_settings.cache_clear()
+    _recreate_database()
+    migrate()
+    yield
+
+
+@pytest.fixture(scope="session")
+async def app() -> AsyncIterator[Any]:
+    from hiddenmodel.api.app import create_app
+
+    application = create_app()
+    yield application
+    await dispose_engines()
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Account:
+    id: str
+    email: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def register(client: httpx.AsyncClient, email: str | None = None) -> Account:
+    email = email or f"{unique('user')}@example.com"
+    r = await client.post("/v1/auth/register", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 201, r.text
+    user_id = r.json()["id"]
+    r = await client.post("/v1/auth/login", data={"username": email, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return Account(id=user_id, email=email, token=r.json()["access_token"])
+
+
+@dataclass
+class Org:
+    id: str
+    slug: str
+    owner: Account
+
+
+async def make_org(client: httpx.AsyncClient, owner: Account | None = None) -> Org:
+    owner = owner or await register(client)
+    slug = unique("org")
+    r = await client.post("/v1/orgs", json={"slug": slug, "name": slug.title()},
+                          headers=owner.headers)
+    assert r.status_code == 201, r.text
+    return Org(id=r.json()["id"], slug=slug, owner=owner)
+
+
+async def make_key(
+    client: httpx.AsyncClient, org: Org, scopes: list[str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    r = await client.post(
+        f"/v1/orgs/{org.id}/api-keys",
+        json={"name": "test key", "scopes": scopes or ["jobs:read", "jobs:write"], **extra},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_problem(response: httpx.Response, status: int, kind: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert body["status"] == status
+    if kind is not None:
+        assert body["type"].endswith("/" + kind), body
