@@ -68,7 +68,7 @@ async def list_members(
 async def users_by_id(session: AsyncSession, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, User]:
     if not ids:
         return {}
-    rows = await session.scalars(select(User).where(User.id.in_(ids)))
+    rows = await session.scalars(select(User).where(User.__table__.c.id.in_(ids)))
     return {u.id: u for u in rows}
 
 
@@ -133,9 +133,7 @@ async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None
 
 
 async def get_api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
-    return (
-        await session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash))
-    ).one_or_none()
+    return (await session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash))).one_or_none()
 
 
 async def touch_api_key(session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:

@@ -22,7 +22,6 @@ from tenants.auth import (
     OrgScopeDep,
 )
 from tenants.models import Invitation, Role
-from tenants.users import GlobalSessionDep
 from tenants.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -41,6 +40,7 @@ from tenants.schemas import (
     OrganizationUpdate,
     UserRead,
 )
+from tenants.users import GlobalSessionDep
 
 router = APIRouter(prefix="/v1")
 
@@ -114,7 +114,9 @@ async def list_my_organizations(
 
 
 @router.get(
-    "/orgs/{org_id}", tags=["organizations"], operation_id="getOrganization",
+    "/orgs/{org_id}",
+    tags=["organizations"],
+    operation_id="getOrganization",
     response_model=OrganizationRead,
 )
 async def get_organization(scope: OrgScopeDep) -> OrganizationRead:
@@ -123,7 +125,9 @@ async def get_organization(scope: OrgScopeDep) -> OrganizationRead:
 
 
 @router.patch(
-    "/orgs/{org_id}", tags=["organizations"], operation_id="updateOrganization",
+    "/orgs/{org_id}",
+    tags=["organizations"],
+    operation_id="updateOrganization",
     response_model=OrganizationRead,
 )
 async def update_organization(data: OrganizationUpdate, scope: OrgScopeDep) -> OrganizationRead:
@@ -132,7 +136,9 @@ async def update_organization(data: OrganizationUpdate, scope: OrgScopeDep) -> O
 
 
 @router.get(
-    "/orgs/{org_id}/members", tags=["members"], operation_id="listMembers",
+    "/orgs/{org_id}/members",
+    tags=["members"],
+    operation_id="listMembers",
     response_model=Page[MembershipRead],
 )
 async def list_members(
@@ -144,7 +150,9 @@ async def list_members(
 
 
 @router.patch(
-    "/orgs/{org_id}/members/{user_id}", tags=["members"], operation_id="changeMemberRole",
+    "/orgs/{org_id}/members/{user_id}",
+    tags=["members"],
+    operation_id="changeMemberRole",
     status_code=status.HTTP_204_NO_CONTENT,
 )
 async def change_member_role(
@@ -155,7 +163,9 @@ async def change_member_role(
 
 
 @router.delete(
-    "/orgs/{org_id}/members/{user_id}", tags=["members"], operation_id="removeMember",
+    "/orgs/{org_id}/members/{user_id}",
+    tags=["members"],
+    operation_id="removeMember",
     status_code=status.HTTP_204_NO_CONTENT,
 )
 async def remove_member(user_id: uuid.UUID, scope: OrgScopeDep) -> None:
@@ -172,13 +182,16 @@ def _invitation_read(invitation: Invitation) -> InvitationRead:
         accepted_at=invitation.accepted_at,
         revoked_at=invitation.revoked_at,
         created_at=invitation.created_at,
-        status=service.invitation_status(invitation),  # type: ignore[arg-type]
+        status=service.invitation_status(invitation),
     )
 
 
 @router.post(
-    "/orgs/{org_id}/invitations", tags=["invitations"], operation_id="createInvitation",
-    status_code=status.HTTP_201_CREATED, response_model=InvitationCreated,
+    "/orgs/{org_id}/invitations",
+    tags=["invitations"],
+    operation_id="createInvitation",
+    status_code=status.HTTP_201_CREATED,
+    response_model=InvitationCreated,
 )
 async def create_invitation(data: InvitationCreate, scope: OrgScopeDep) -> InvitationCreated:
     """Invite someone by e-mail. The token is mailed to them and shown here once."""
@@ -188,7 +201,9 @@ async def create_invitation(data: InvitationCreate, scope: OrgScopeDep) -> Invit
 
 
 @router.get(
-    "/orgs/{org_id}/invitations", tags=["invitations"], operation_id="listInvitations",
+    "/orgs/{org_id}/invitations",
+    tags=["invitations"],
+    operation_id="listInvitations",
     response_model=Page[InvitationRead],
 )
 async def list_invitations(
@@ -200,8 +215,10 @@ async def list_invitations(
 
 
 @router.delete(
-    "/orgs/{org_id}/invitations/{invitation_id}", tags=["invitations"],
-    operation_id="revokeInvitation", response_model=InvitationRead,
+    "/orgs/{org_id}/invitations/{invitation_id}",
+    tags=["invitations"],
+    operation_id="revokeInvitation",
+    response_model=InvitationRead,
 )
 async def revoke_invitation(invitation_id: uuid.UUID, scope: OrgScopeDep) -> InvitationRead:
     scope.require(MANAGE_MEMBERS)
@@ -209,7 +226,9 @@ async def revoke_invitation(invitation_id: uuid.UUID, scope: OrgScopeDep) -> Inv
 
 
 @router.post(
-    "/invitations/accept", tags=["invitations"], operation_id="acceptInvitation",
+    "/invitations/accept",
+    tags=["invitations"],
+    operation_id="acceptInvitation",
     response_model=MyOrganization,
 )
 async def accept_invitation(data: InvitationAccept, user: CurrentUser) -> MyOrganization:
@@ -228,8 +247,11 @@ async def accept_invitation(data: InvitationAccept, user: CurrentUser) -> MyOrga
 
 
 @router.post(
-    "/orgs/{org_id}/api-keys", tags=["api-keys"], operation_id="createApiKey",
-    status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated,
+    "/orgs/{org_id}/api-keys",
+    tags=["api-keys"],
+    operation_id="createApiKey",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ApiKeyCreated,
 )
 async def create_api_key(data: ApiKeyCreate, scope: OrgScopeDep) -> ApiKeyCreated:
     """Create a key bound to this organization. The secret is returned once, never again."""
@@ -239,7 +261,9 @@ async def create_api_key(data: ApiKeyCreate, scope: OrgScopeDep) -> ApiKeyCreate
 
 
 @router.get(
-    "/orgs/{org_id}/api-keys", tags=["api-keys"], operation_id="listApiKeys",
+    "/orgs/{org_id}/api-keys",
+    tags=["api-keys"],
+    operation_id="listApiKeys",
     response_model=Page[ApiKeyRead],
 )
 async def list_api_keys(
@@ -251,7 +275,9 @@ async def list_api_keys(
 
 
 @router.delete(
-    "/orgs/{org_id}/api-keys/{key_id}", tags=["api-keys"], operation_id="revokeApiKey",
+    "/orgs/{org_id}/api-keys/{key_id}",
+    tags=["api-keys"],
+    operation_id="revokeApiKey",
     response_model=ApiKeyRead,
 )
 async def revoke_api_key(key_id: uuid.UUID, scope: OrgScopeDep) -> ApiKeyRead:
@@ -260,7 +286,9 @@ async def revoke_api_key(key_id: uuid.UUID, scope: OrgScopeDep) -> ApiKeyRead:
 
 
 @router.get(
-    "/orgs/{org_id}/audit-events", tags=["audit"], operation_id="listAuditEvents",
+    "/orgs/{org_id}/audit-events",
+    tags=["audit"],
+    operation_id="listAuditEvents",
     response_model=Page[AuditEventRead],
 )
 async def list_audit_events(

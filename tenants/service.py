@@ -12,7 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hiddenmodel.db import after_commit
 from hiddenmodel.errors import Conflict, Forbidden, Gone, NotFound, Problem
 from hiddenmodel.mail import Mail, send_mail
-from hiddenmodel.security import InvalidToken, display_prefix, generate_token, keyed_hash, parse_token
+from hiddenmodel.security import (
+    InvalidToken,
+    display_prefix,
+    generate_token,
+    keyed_hash,
+    parse_token,
+)
 from hiddenmodel.settings import get_settings
 from tenants import repository
 from tenants.auth import API_KEY_PREFIX, MANAGE_MEMBERS, OrgScope, Principal
@@ -67,16 +73,30 @@ async def create_organization(
     except IntegrityError as exc:
         raise Conflict(f"The slug '{data.slug}' is taken.", kind="slug-taken") from exc
     session.add(Membership(organization_id=org_id, user_id=user.id, role=Role.OWNER.value))
-    audit(session, org_id, Principal(user=user), "organization.created", "organization", org_id,
-          slug=data.slug)
+    audit(
+        session,
+        org_id,
+        Principal(user=user),
+        "organization.created",
+        "organization",
+        org_id,
+        slug=data.slug,
+    )
     await session.flush()
     return org
 
 
 async def update_organization(scope: OrgScope, data: OrganizationUpdate) -> Organization:
     scope.org.name = data.name
-    audit(scope.session, scope.org_id, scope.principal, "organization.updated", "organization",
-          scope.org_id, name=data.name)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "organization.updated",
+        "organization",
+        scope.org_id,
+        name=data.name,
+    )
     await scope.session.flush()
     return scope.org
 
@@ -106,8 +126,9 @@ def _require_may_touch(scope: OrgScope, target_role: Role, new_role: Role | None
     """Only owners may grant ownership or act on an owner."""
     acting_owner = scope.principal.api_key is None and scope.role == Role.OWNER
     if (target_role == Role.OWNER or new_role == Role.OWNER) and not acting_owner:
-        raise Forbidden("Only an owner may grant, change or remove ownership.",
-                        kind="owner-required")
+        raise Forbidden(
+            "Only an owner may grant, change or remove ownership.", kind="owner-required"
+        )
 
 
 async def _ensure_owner_remains(scope: OrgScope, leaving_owner: uuid.UUID) -> None:
@@ -127,8 +148,16 @@ async def change_role(scope: OrgScope, user_id: uuid.UUID, role: Role) -> Member
     if current == Role.OWNER:
         await _ensure_owner_remains(scope, user_id)
     membership.role = role.value
-    audit(scope.session, scope.org_id, scope.principal, "member.role_changed", "user", user_id,
-          old_role=current.value, new_role=role.value)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "member.role_changed",
+        "user",
+        user_id,
+        old_role=current.value,
+        new_role=role.value,
+    )
     await scope.session.flush()
     return membership
 
@@ -146,8 +175,15 @@ async def remove_member(scope: OrgScope, user_id: uuid.UUID) -> None:
     if current == Role.OWNER:
         await _ensure_owner_remains(scope, user_id)
     await scope.session.delete(membership)
-    audit(scope.session, scope.org_id, scope.principal,
-          "member.left" if leaving else "member.removed", "user", user_id, role=current.value)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "member.left" if leaving else "member.removed",
+        "user",
+        user_id,
+        role=current.value,
+    )
     await scope.session.flush()
 
 
@@ -178,8 +214,16 @@ async def create_invitation(scope: OrgScope, data: InvitationCreate) -> tuple[In
     )
     scope.session.add(invitation)
     await scope.session.flush()
-    audit(scope.session, scope.org_id, scope.principal, "invitation.created", "invitation",
-          invitation.id, email=invitation.email, role=invitation.role)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "invitation.created",
+        "invitation",
+        invitation.id,
+        email=invitation.email,
+        role=invitation.role,
+    )
     org_name = scope.org.name
     base = get_settings().public_base_url
     mail = Mail(
@@ -208,8 +252,14 @@ async def revoke_invitation(scope: OrgScope, invitation_id: uuid.UUID) -> Invita
     if invitation_status(invitation) != "pending":
         raise Conflict("Only a pending invitation can be revoked.", kind="invitation-not-pending")
     invitation.revoked_at = datetime.now(UTC)
-    audit(scope.session, scope.org_id, scope.principal, "invitation.revoked", "invitation",
-          invitation.id)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "invitation.revoked",
+        "invitation",
+        invitation.id,
+    )
     await scope.session.flush()
     return invitation
 
@@ -248,10 +298,24 @@ async def accept_invitation(session: AsyncSession, user: User, token: str) -> Me
         organization_id=invitation.organization_id, user_id=user.id, role=invitation.role
     )
     session.add(membership)
-    audit(session, invitation.organization_id, Principal(user=user), "invitation.accepted",
-          "invitation", invitation.id, role=invitation.role)
-    audit(session, invitation.organization_id, Principal(user=user), "member.added", "user",
-          user.id, role=invitation.role)
+    audit(
+        session,
+        invitation.organization_id,
+        Principal(user=user),
+        "invitation.accepted",
+        "invitation",
+        invitation.id,
+        role=invitation.role,
+    )
+    audit(
+        session,
+        invitation.organization_id,
+        Principal(user=user),
+        "member.added",
+        "user",
+        user.id,
+        role=invitation.role,
+    )
     await session.flush()
     return membership
 
@@ -262,8 +326,12 @@ async def accept_invitation(session: AsyncSession, user: User, token: str) -> Me
 async def create_api_key(scope: OrgScope, data: ApiKeyCreate) -> tuple[ApiKey, str]:
     now = datetime.now(UTC)
     if data.expires_at is not None and data.expires_at <= now:
-        raise Problem("expires_at must be in the future.", status=422, kind="validation-error",
-                      title="Validation error")
+        raise Problem(
+            "expires_at must be in the future.",
+            status=422,
+            kind="validation-error",
+            title="Validation error",
+        )
     token = generate_token(API_KEY_PREFIX, scope.org_id)
     key = ApiKey(
         organization_id=scope.org_id,
@@ -276,8 +344,16 @@ async def create_api_key(scope: OrgScope, data: ApiKeyCreate) -> tuple[ApiKey, s
     )
     scope.session.add(key)
     await scope.session.flush()
-    audit(scope.session, scope.org_id, scope.principal, "api_key.created", "api_key", key.id,
-          name=key.name, scopes=key.scopes)
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        "api_key.created",
+        "api_key",
+        key.id,
+        name=key.name,
+        scopes=key.scopes,
+    )
     return key, token
 
 
@@ -287,7 +363,14 @@ async def revoke_api_key(scope: OrgScope, key_id: uuid.UUID) -> ApiKey:
         raise NotFound("No such API key.")
     if key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
-        audit(scope.session, scope.org_id, scope.principal, "api_key.revoked", "api_key", key.id,
-              name=key.name)
+        audit(
+            scope.session,
+            scope.org_id,
+            scope.principal,
+            "api_key.revoked",
+            "api_key",
+            key.id,
+            name=key.name,
+        )
         await scope.session.flush()
     return key

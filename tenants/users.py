@@ -51,7 +51,9 @@ async def get_global_db_session() -> AsyncIterator[AsyncSession]:
 GlobalSessionDep = Annotated[AsyncSession, Depends(get_global_db_session)]
 
 
-async def get_user_db(session: GlobalSessionDep) -> AsyncIterator[SQLAlchemyUserDatabase[User, uuid.UUID]]:
+async def get_user_db(
+    session: GlobalSessionDep,
+) -> AsyncIterator[SQLAlchemyUserDatabase[User, uuid.UUID]]:
     yield SQLAlchemyUserDatabase(session, User)
 
 
@@ -86,6 +88,7 @@ def validate_password_strength(password: str, email: str) -> None:
 class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
     def __init__(self, user_db: SQLAlchemyUserDatabase[User, uuid.UUID]) -> None:
         super().__init__(user_db, password_helper())
+        self.session = user_db.session
         settings = get_settings()
         secret = settings.secret_key.get_secret_value()
         self.reset_password_token_secret = secret
@@ -137,7 +140,7 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
 
     async def on_after_reset_password(self, user: User, request: Request | None = None) -> None:
         # A new password ends every session opened with the old one.
-        await self.user_db.session.execute(delete(AccessToken).where(AccessToken.user_id == user.id))
+        await self.session.execute(delete(AccessToken).where(AccessToken.user_id == user.id))
 
 
 async def get_user_manager(
@@ -223,7 +226,11 @@ current_superuser = fastapi_users.current_user(active=True, superuser=True)
 
 
 async def create_user(
-    email: str, password: str, *, name: str | None = None, is_superuser: bool = False,
+    email: str,
+    password: str,
+    *,
+    name: str | None = None,
+    is_superuser: bool = False,
     is_verified: bool = False,
 ) -> User:
     """Create a user outside a request (CLI, demo data), with the same password rules."""
@@ -231,10 +238,12 @@ async def create_user(
         manager = UserManager(SQLAlchemyUserDatabase(session, User))
         user = await manager.create(
             UserCreate(
-                email=email, password=password, name=name, is_superuser=is_superuser,
+                email=email,
+                password=password,
+                name=name,
+                is_superuser=is_superuser,
                 is_verified=is_verified,
             ),
             safe=False,
         )
         return user
-

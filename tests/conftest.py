@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +52,10 @@ def _recreate_database() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def database() -> Iterator[None]:
+def database() -> None:
     get_settings.cache_clear()
     _recreate_database()
     migrate()
-    yield
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +109,9 @@ class Org:
 async def make_org(client: httpx.AsyncClient, owner: Account | None = None) -> Org:
     owner = owner or await register(client)
     slug = unique("org")
-    r = await client.post("/v1/orgs", json={"slug": slug, "name": slug.title()},
-                          headers=owner.headers)
+    r = await client.post(
+        "/v1/orgs", json={"slug": slug, "name": slug.title()}, headers=owner.headers
+    )
     assert r.status_code == 201, r.text
     return Org(id=r.json()["id"], slug=slug, owner=owner)
 

@@ -84,7 +84,10 @@ def upgrade() -> None:
         "access_tokens",
         sa.Column("token_hash", sa.String(64), primary_key=True),
         sa.Column(
-            "user_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+            "user_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("users.id", ondelete="CASCADE"),
+            nullable=False,
         ),
         _created(),
     )
@@ -103,14 +106,21 @@ def upgrade() -> None:
         _id(),
         _org(),
         sa.Column(
-            "user_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+            "user_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("users.id", ondelete="CASCADE"),
+            nullable=False,
         ),
         sa.Column("role", sa.String(20), nullable=False),
         _created(),
         sa.UniqueConstraint("organization_id", "user_id", name="uq_memberships_org_user"),
-        sa.CheckConstraint("role IN ('owner', 'admin', 'member', 'billing')", name="ck_memberships_role"),
+        sa.CheckConstraint(
+            "role IN ('owner', 'admin', 'member', 'billing')", name="ck_memberships_role"
+        ),
     )
-    op.create_index("ix_memberships_org_created", "memberships", ["organization_id", "created_at", "id"])
+    op.create_index(
+        "ix_memberships_org_created", "memberships", ["organization_id", "created_at", "id"]
+    )
     # Serves hm_user_organizations(), the one cross-tenant lookup (a user's own orgs).
     op.create_index("ix_memberships_user", "memberships", ["user_id"])
 
@@ -121,16 +131,24 @@ def upgrade() -> None:
         sa.Column("email", sa.String(320), nullable=False),
         sa.Column("role", sa.String(20), nullable=False),
         sa.Column("token_hash", sa.String(64), nullable=False),
-        sa.Column("invited_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")),
+        sa.Column(
+            "invited_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")
+        ),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("accepted_at", sa.DateTime(timezone=True)),
-        sa.Column("accepted_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")),
+        sa.Column(
+            "accepted_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")
+        ),
         sa.Column("revoked_at", sa.DateTime(timezone=True)),
         _created(),
         sa.UniqueConstraint("organization_id", "token_hash", name="uq_invitations_org_token"),
-        sa.CheckConstraint("role IN ('owner', 'admin', 'member', 'billing')", name="ck_invitations_role"),
+        sa.CheckConstraint(
+            "role IN ('owner', 'admin', 'member', 'billing')", name="ck_invitations_role"
+        ),
     )
-    op.create_index("ix_invitations_org_created", "invitations", ["organization_id", "created_at", "id"])
+    op.create_index(
+        "ix_invitations_org_created", "invitations", ["organization_id", "created_at", "id"]
+    )
 
     op.create_table(
         "api_keys",
@@ -140,7 +158,9 @@ def upgrade() -> None:
         sa.Column("prefix", sa.String(32), nullable=False),
         sa.Column("key_hash", sa.String(64), nullable=False),
         sa.Column("scopes", ARRAY(sa.String(32)), nullable=False),
-        sa.Column("created_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")),
+        sa.Column(
+            "created_by_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="SET NULL")
+        ),
         sa.Column("expires_at", sa.DateTime(timezone=True)),
         sa.Column("last_used_at", sa.DateTime(timezone=True)),
         sa.Column("revoked_at", sa.DateTime(timezone=True)),
@@ -161,7 +181,9 @@ def upgrade() -> None:
         sa.Column("data", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         _created(),
     )
-    op.create_index("ix_audit_events_org_created", "audit_events", ["organization_id", "created_at", "id"])
+    op.create_index(
+        "ix_audit_events_org_created", "audit_events", ["organization_id", "created_at", "id"]
+    )
 
     op.create_table(
         "operator_audit_events",

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--workers", type=int, default=1)
     api.set_defaults(func=_cmd_api)
 
-    sub.add_parser("migrate", help="bootstrap roles and database, then upgrade the schema") \
-        .set_defaults(func=_cmd_migrate)
+    sub.add_parser(
+        "migrate", help="bootstrap roles and database, then upgrade the schema"
+    ).set_defaults(func=_cmd_migrate)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_cmd_openapi)
 
     user = sub.add_parser("create-user", help="create a user (operators: --superuser)")
@@ -131,7 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc.detail or exc.title}", file=sys.stderr)
             return 2
         raise
-
 
 
 if __name__ == "__main__":

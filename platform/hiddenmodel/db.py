@@ -25,7 +25,12 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 
 from hiddenmodel.settings import Settings, get_settings
@@ -136,7 +141,9 @@ def global_session() -> Iterator[GlobalSession]:
 
 
 @asynccontextmanager
-async def ops_session(*, actor: str, purpose: str, detail: dict[str, Any] | None = None) -> AsyncIterator[AsyncSession]:
+async def ops_session(
+    *, actor: str, purpose: str, detail: dict[str, Any] | None = None
+) -> AsyncIterator[AsyncSession]:
     """The one door to cross-tenant reads and writes (role ``hm_ops``).
 
     Each use writes a row to ``operator_audit_events`` in the same transaction, so work done

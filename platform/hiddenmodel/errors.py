@@ -129,17 +129,18 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     detail: str | None = None
     extra: dict[str, Any] = {}
     # fastapi-users raises HTTPException with a machine-readable code as detail.
-    if isinstance(exc.detail, str):
-        if exc.detail.isupper() and " " not in exc.detail:
-            kind = exc.detail.lower().replace("_", "-")
-            detail = exc.detail.replace("_", " ").capitalize() + "."
+    raw: Any = exc.detail  # fastapi-users passes a dict here despite the str annotation
+    if isinstance(raw, str):
+        if raw.isupper() and " " not in raw:
+            kind = raw.lower().replace("_", "-")
+            detail = raw.replace("_", " ").capitalize() + "."
         else:
-            detail = exc.detail
-    elif isinstance(exc.detail, dict):
-        code = exc.detail.get("code")
+            detail = raw
+    elif isinstance(raw, dict):
+        code = raw.get("code")
         if isinstance(code, str):
             kind = code.lower().replace("_", "-")
-        reason = exc.detail.get("reason")
+        reason = raw.get("reason")
         detail = str(reason) if reason else None
     return problem_response(exc.status_code, kind, title, detail, dict(exc.headers or {}), **extra)
 

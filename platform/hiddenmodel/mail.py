@@ -39,7 +39,13 @@ class DatabaseMailSender:
                     to_address=mail.to.lower(), subject=mail.subject, body=mail.body, kind=mail.kind
                 )
             )
-        log.info("mail recorded kind=%s to=%s subject=%r\n%s", mail.kind, mail.to, mail.subject, mail.body)
+        log.info(
+            "mail recorded kind=%s to=%s subject=%r\n%s",
+            mail.kind,
+            mail.to,
+            mail.subject,
+            mail.body,
+        )
 
 
 _sender: MailSender = DatabaseMailSender()

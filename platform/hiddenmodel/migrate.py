@@ -42,7 +42,9 @@ def _role_urls(settings: Settings) -> dict[str, URL]:
             raise BootstrapError(f"the URL for role {role} logs in as {url.username!r}")
     databases = {url.database for url in urls.values()}
     if len(databases) != 1:
-        raise BootstrapError(f"the role URLs name different databases: {sorted(map(str, databases))}")
+        raise BootstrapError(
+            f"the role URLs name different databases: {sorted(map(str, databases))}"
+        )
     return urls
 
 
@@ -63,9 +65,7 @@ def bootstrap(settings: Settings | None = None) -> None:
             conn.execute(text(f'{verb} ROLE "{role}" {attributes}'))
             password = urls[role].password if role in urls else None
             if password:
-                conn.execute(
-                    text(f'ALTER ROLE "{role}" PASSWORD ' + _literal(str(password)))
-                )
+                conn.execute(text(f'ALTER ROLE "{role}" PASSWORD ' + _literal(str(password))))
         conn.execute(text(f'GRANT "{LOOKUP_ROLE}" TO "{OWNER_ROLE}"'))
         if not conn.execute(
             text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}

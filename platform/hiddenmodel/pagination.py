@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import Select, tuple_
+from sqlalchemy import Select, literal, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -54,7 +54,9 @@ async def paginate(
     limit = max(1, min(limit, MAX_LIMIT))
     if cursor:
         after_created, after_id = decode_cursor(cursor)
-        stmt = stmt.where(tuple_(created_at, id_) < tuple_(after_created, after_id))
+        stmt = stmt.where(
+            tuple_(created_at, id_) < tuple_(literal(after_created), literal(after_id))
+        )
     stmt = stmt.order_by(created_at.desc(), id_.desc()).limit(limit + 1)
     rows = (await session.scalars(stmt)).all()
     next_cursor = None

@@ -22,7 +22,9 @@ async def create_user(email: str, password: str, *, superuser: bool = False) -> 
 
 async def _user_by_email(email: str) -> User:
     async with async_global_session() as session:
-        user = (await session.scalars(select(User).where(User.email == email))).one_or_none()
+        user = (
+            await session.scalars(select(User).where(User.__table__.c.email == email))
+        ).one_or_none()
     if user is None:
         raise NotFound(f"No user with e-mail {email}.")
     return user
@@ -43,7 +45,9 @@ async def find_org_id(org: str) -> uuid.UUID:
         return uuid.UUID(org)
     except ValueError:
         pass
-    async with ops_session(actor="cli", purpose="resolve organization slug", detail={"slug": org}) as s:
+    async with ops_session(
+        actor="cli", purpose="resolve organization slug", detail={"slug": org}
+    ) as s:
         org_id = await s.scalar(select(Organization.id).where(Organization.slug == org))
     if org_id is None:
         raise NotFound(f"No organization with slug {org}.")

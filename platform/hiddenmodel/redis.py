@@ -19,7 +19,9 @@ def async_redis() -> aioredis.Redis:
 
 @lru_cache
 def sync_redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2)
+    return redis.Redis.from_url(
+        get_settings().redis_url, socket_timeout=5, socket_connect_timeout=2
+    )
 
 
 async def close_redis() -> None:

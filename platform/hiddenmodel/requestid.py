@@ -23,9 +23,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = next((v for k, v in scope["headers"] if k == HEADER), None)
-        request_id = (
-            incoming.decode() if incoming and _VALID.match(incoming) else uuid.uuid4().hex
-        )
+        request_id = incoming.decode() if incoming and _VALID.match(incoming) else uuid.uuid4().hex
         token = current_request_id.set(request_id)
 
         async def send_with_id(message: Message) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEV_SECRET_KEY = "hm-dev-secret-key-change-me-in-production-0123456789"
+# Development only: production refuses to start with it (see hiddenmodel.api.app).
+DEV_SECRET_KEY = "hm-dev-secret-key-change-me-in-production-0123456789"  # noqa: S105
 
 
 class Settings(BaseSettings):

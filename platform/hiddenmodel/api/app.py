@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from enum import Enum
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -16,6 +17,7 @@ from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
 from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
+from hiddenmodel.settings import DEV_SECRET_KEY, get_settings
 from tenants.router import router as tenants_router
 from tenants.schemas import UserCreate, UserRead, UserUpdate
 from tenants.users import bearer_backend, cookie_backend, fastapi_users
@@ -34,6 +36,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
+    settings = get_settings()
+    if settings.is_production and settings.secret_key.get_secret_value() == DEV_SECRET_KEY:
+        raise RuntimeError("HM_SECRET_KEY must be set in production")
     app = FastAPI(
         title="Hidden Model API",
         version=__version__,
@@ -48,7 +53,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
 
-    auth_tags: list[str | object] = ["auth"]
+    auth_tags: list[str | Enum] = ["auth"]
     app.include_router(
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
     )
