@@ -1,0 +1,1 @@
+"""Celery application, tasks, dispatcher/reconciler and the image pipelines."""

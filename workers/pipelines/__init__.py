@@ -1,0 +1,1 @@
+"""Image operations. Only this package (and ``workers.models``) may import torch/diffusers."""
