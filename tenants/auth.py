@@ -215,5 +215,6 @@ async def org_scope_from_key(principal: CurrentPrincipal) -> AsyncIterator[OrgSc
         yield scope
 
 
-OrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_path)]
-KeyOrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_key)]
+# scope="function": commit before the response is sent (see GlobalSessionDep).
+OrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_path, scope="function")]
+KeyOrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_key, scope="function")]

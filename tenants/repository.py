@@ -33,21 +33,17 @@ async def get_membership(session: AsyncSession, user_id: uuid.UUID) -> Membershi
     ).one_or_none()
 
 
-async def get_membership_for_update(session: AsyncSession, user_id: uuid.UUID) -> Membership | None:
-    return (
-        await session.scalars(
-            select(Membership).where(Membership.user_id == user_id).with_for_update()
-        )
-    ).one_or_none()
+async def lock_organization(session: AsyncSession, org_id: uuid.UUID) -> None:
+    """Serialize membership changes of one org on its row: two owners demoting each other at
+    once cannot both pass the last-owner check, and lock order cannot deadlock."""
+    await session.execute(
+        select(Organization.id).where(Organization.id == org_id).with_for_update()
+    )
 
 
-async def lock_owner_ids(session: AsyncSession) -> list[uuid.UUID]:
-    """Lock the org's owner rows, so two concurrent demotions cannot leave no owner."""
+async def owner_ids(session: AsyncSession) -> list[uuid.UUID]:
     rows = await session.scalars(
-        select(Membership.user_id)
-        .where(Membership.role == Role.OWNER.value)
-        .order_by(Membership.id)
-        .with_for_update()
+        select(Membership.user_id).where(Membership.role == Role.OWNER.value)
     )
     return list(rows)
 

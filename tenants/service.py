@@ -132,13 +132,14 @@ def _require_may_touch(scope: OrgScope, target_role: Role, new_role: Role | None
 
 
 async def _ensure_owner_remains(scope: OrgScope, leaving_owner: uuid.UUID) -> None:
-    owners = await repository.lock_owner_ids(scope.session)
+    owners = await repository.owner_ids(scope.session)
     if owners == [leaving_owner]:
         raise Conflict("An organization must keep at least one owner.", kind="last-owner")
 
 
 async def change_role(scope: OrgScope, user_id: uuid.UUID, role: Role) -> Membership:
-    membership = await repository.get_membership_for_update(scope.session, user_id)
+    await repository.lock_organization(scope.session, scope.org_id)
+    membership = await repository.get_membership(scope.session, user_id)
     if membership is None:
         raise NotFound("No such member.")
     current = Role(membership.role)
@@ -164,7 +165,8 @@ async def change_role(scope: OrgScope, user_id: uuid.UUID, role: Role) -> Member
 
 async def remove_member(scope: OrgScope, user_id: uuid.UUID) -> None:
     """Remove a member; a member may always remove themselves (leave) unless last owner."""
-    membership = await repository.get_membership_for_update(scope.session, user_id)
+    await repository.lock_organization(scope.session, scope.org_id)
+    membership = await repository.get_membership(scope.session, user_id)
     if membership is None:
         raise NotFound("No such member.")
     leaving = scope.principal.user_id == user_id

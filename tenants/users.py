@@ -48,13 +48,13 @@ async def get_global_db_session() -> AsyncIterator[AsyncSession]:
             raise
 
 
-GlobalSessionDep = Annotated[AsyncSession, Depends(get_global_db_session)]
+# scope="function": the session is committed before the response is sent, so a failed
+# commit can never follow a success answer.
+GlobalSessionDep = Annotated[AsyncSession, Depends(get_global_db_session, scope="function")]
 
 
-async def get_user_db(
-    session: GlobalSessionDep,
-) -> AsyncIterator[SQLAlchemyUserDatabase[User, uuid.UUID]]:
-    yield SQLAlchemyUserDatabase(session, User)
+async def get_user_db(session: GlobalSessionDep) -> SQLAlchemyUserDatabase[User, uuid.UUID]:
+    return SQLAlchemyUserDatabase(session, User)
 
 
 def password_helper() -> PasswordHelper:
@@ -103,7 +103,8 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
             raise InvalidPasswordException(reason=str(exc)) from exc
 
     async def on_after_register(self, user: User, request: Request | None = None) -> None:
-        await self.request_verify(user, request)
+        if not user.is_verified:
+            await self.request_verify(user, request)
 
     async def on_after_request_verify(
         self, user: User, token: str, request: Request | None = None
@@ -145,8 +146,8 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
 
 async def get_user_manager(
     user_db: Annotated[SQLAlchemyUserDatabase[User, uuid.UUID], Depends(get_user_db)],
-) -> AsyncIterator[UserManager]:
-    yield UserManager(user_db)
+) -> UserManager:
+    return UserManager(user_db)
 
 
 @dataclass
@@ -234,7 +235,8 @@ async def create_user(
     is_verified: bool = False,
 ) -> User:
     """Create a user outside a request (CLI, demo data), with the same password rules."""
-    async with async_global_session() as session, session.begin():
+    # The fastapi-users adapter commits by itself.
+    async with async_global_session() as session:
         manager = UserManager(SQLAlchemyUserDatabase(session, User))
         user = await manager.create(
             UserCreate(

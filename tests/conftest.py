@@ -140,3 +140,22 @@ def assert_problem(response: httpx.Response, status: int, kind: str | None = Non
     assert body["status"] == status
     if kind is not None:
         assert body["type"].endswith("/" + kind), body
+
+
+def superuser_url() -> str:
+    """The test database as the superuser: for assertions and time travel only, never the app."""
+    return os.environ["HM_DATABASE_ADMIN_URL"].rsplit("/", 1)[0] + f"/{TEST_DB}"
+
+
+def db_rows(sql: str, **params: Any) -> list[Any]:
+    engine = create_engine(superuser_url(), poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        result = conn.execute(text(sql), params)
+        rows = list(result) if result.returns_rows else []
+    engine.dispose()
+    return rows
+
+
+def db_scalar(sql: str, **params: Any) -> Any:
+    rows = db_rows(sql, **params)
+    return rows[0][0] if rows else None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+from fastapi_users.exceptions import InvalidPasswordException, UserAlreadyExists
 from sqlalchemy import select
 
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, ops_session
-from hiddenmodel.errors import NotFound
+from hiddenmodel.errors import Conflict, NotFound, Problem
 from tenants import service
 from tenants.auth import OrgScope, Principal
 from tenants.models import Organization, Role, Scope, User
@@ -16,7 +17,12 @@ from tenants.users import create_user as _create_user
 
 
 async def create_user(email: str, password: str, *, superuser: bool = False) -> uuid.UUID:
-    user = await _create_user(email, password, is_superuser=superuser, is_verified=True)
+    try:
+        user = await _create_user(email, password, is_superuser=superuser, is_verified=True)
+    except InvalidPasswordException as exc:
+        raise Problem(str(exc.reason), kind="invalid-password") from exc
+    except UserAlreadyExists as exc:
+        raise Conflict(f"A user with e-mail {email} exists.", kind="user-exists") from exc
     return user.id
 
 
