@@ -74,6 +74,12 @@ ensure_venv() {
     if [ "${#missing[@]}" -eq 0 ] && [ -f "$STAMP" ]; then
         return 0
     fi
+    if [[ ",$extras," == *",ai,"* ]] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+        # A bare range would pull a multi-GB CUDA build; the pinned CPU wheel serves tests and
+        # CPU installs. A GPU host sets HM_TORCH_SPEC (e.g. "torch>=2.4") to get its build.
+        log "pip install ${HM_TORCH_SPEC:-torch==2.13.0}"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${HM_TORCH_SPEC:-torch==2.13.0}"
+    fi
     log "pip install -e '.[$extras]'"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${ROOT}[$extras]"
     {
