@@ -1,0 +1,404 @@
+"""Uploaded images: validation at submit time, decoding and encoding in the workers.
+
+Validation refuses anything a worker could choke on, with a stable ``kind`` per reason, so
+the API answers with a clear 4xx instead of a job that crashes later. The order matters:
+the byte size is checked before anything is parsed, the format is sniffed from the
+content, and the dimensions are read from the header and checked before a single pixel is
+decoded, so a decompression bomb costs a few hundred bytes of parsing. Only then is the
+whole file decoded, which catches truncated and corrupt data.
+
+Pillow's process-wide settings are left alone: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays
+False (truncated files must fail to decode) and ``Image.MAX_IMAGE_PIXELS`` keeps its value
+as a second guard behind the explicit limits here. Nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, ImageOps
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+_CONTENT_TYPES: Final[dict[ImageFormat, str]] = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+}
+_PILLOW_NAMES: Final[dict[ImageFormat, str]] = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_EXIF_ORIENTATION: Final = 0x0112
+_MB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an upload may be. The defaults are the service's documented input limits.
+
+    These limits are checked explicitly, before any pixel is decoded. Pillow's global
+    ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels) stays in force behind them: a
+    ``max_pixels`` above it makes Pillow warn while reading such headers, and headers
+    above twice it are refused by Pillow as bombs, reported here as
+    ``image-dimensions-too-large`` like any other oversized image.
+    """
+
+    max_bytes: int = 50 * _MB
+    max_pixels: int = 40_000_000
+    max_side: int = 6000
+    allowed_formats: frozenset[ImageFormat] = field(
+        default_factory=lambda: frozenset(get_args(ImageFormat))
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.max_side <= 0:
+            raise ValueError("image limits must be positive")
+        unknown = set(self.allowed_formats) - set(get_args(ImageFormat))
+        if unknown:
+            raise ValueError(f"unsupported formats in image limits: {sorted(unknown)}")
+
+
+DEFAULT_LIMITS: Final = ImageLimits()
+
+
+class ImageRejected(Exception):
+    """An upload that cannot be processed. ``kind`` is stable; ``detail`` is for people."""
+
+    def __init__(self, kind: str, detail: str, *, status: int = 422, title: str = "") -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.status = status
+        self.detail = detail
+        self.title = title or kind.replace("-", " ").capitalize()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header and a full decode say about an accepted image.
+
+    ``width`` and ``height`` are as stored; ``orientation`` is the EXIF orientation (1 when
+    absent), and ``display_size`` is the size once that orientation is applied.
+    """
+
+    format: ImageFormat
+    width: int
+    height: int
+    mode: str
+    has_alpha: bool
+    orientation: int
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        # Orientations 5-8 include a quarter turn.
+        if self.orientation in (5, 6, 7, 8):
+            return self.height, self.width
+        return self.width, self.height
+
+
+def content_type(format: ImageFormat) -> str:
+    """The media type for an encoded image format."""
+    return _CONTENT_TYPES[format]
+
+
+def _sniff_format(data: bytes) -> ImageFormat | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _corrupt(fmt: ImageFormat, exc: BaseException) -> ImageRejected:
+    return ImageRejected(
+        "corrupt-image",
+        f"The {fmt.upper()} file is truncated or corrupt and cannot be decoded ({exc}).",
+    )
+
+
+def _open_header(data: bytes, fmt: ImageFormat) -> ImageFile.ImageFile:
+    """Parse the header only; Pillow decodes no pixels until ``load``."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=[_PILLOW_NAMES[fmt]])
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(
+            "image-dimensions-too-large",
+            f"The image header declares dimensions far beyond the limits ({exc}).",
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow signals bad headers with many exception types.
+        raise _corrupt(fmt, exc) from exc
+    return im
+
+
+def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageRejected("corrupt-image", f"The image declares an empty size {width}x{height}.")
+    if max(width, height) > limits.max_side:
+        raise ImageRejected(
+            "image-dimensions-too-large",
+            f"The image is {width}x{height} pixels; the longest side may be at most "
+            f"{limits.max_side} pixels.",
+        )
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            "image-dimensions-too-large",
+            f"The image is {width}x{height} = {width * height:,} pixels; at most "
+            f"{limits.max_pixels:,} pixels are accepted.",
+        )
+
+
+_PNG_CHANNELS: Final = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 passes: (x offset, y offset, x step, y step).
+_ADAM7: Final = (
+    (0, 0, 8, 8),
+    (4, 0, 8, 8),
+    (0, 4, 4, 8),
+    (2, 0, 4, 4),
+    (0, 2, 2, 4),
+    (1, 0, 2, 2),
+    (0, 1, 1, 2),
+)
+_INFLATE_STEP: Final = 1 << 20
+
+
+def _png_raw_size(width: int, height: int, ihdr: bytes) -> int:
+    bit_depth, colour_type, interlace = ihdr[8], ihdr[9], ihdr[12]
+    bits = _PNG_CHANNELS.get(colour_type, 0) * bit_depth
+    if bits == 0:
+        raise ImageRejected("corrupt-image", "The PNG header has an invalid colour type.")
+
+    def rows(w: int, h: int) -> int:
+        # One filter byte per row, then the packed samples.
+        return h * (1 + (w * bits + 7) // 8) if w and h else 0
+
+    if interlace == 0:
+        return rows(width, height)
+    return sum(
+        rows((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7
+    )
+
+
+def _check_png_structure(data: bytes, width: int, height: int) -> None:
+    """Walk the chunks: CRCs, the IEND marker, and enough image data for the header.
+
+    Pillow fills rows missing from a short but well-formed zlib stream with zeros and
+    reports success, so a file whose header promises more than its data holds would pass
+    a plain decode. The stream is inflated in bounded steps and only counted, never kept,
+    and the count stops once the header's size is reached.
+    """
+    view = memoryview(data)
+    pos, ihdr, ended = 8, b"", False
+    inflater = zlib.decompressobj()
+    expected, produced = -1, 0
+    try:
+        while pos + 8 <= len(data):
+            length = int.from_bytes(view[pos : pos + 4], "big")
+            kind = bytes(view[pos + 4 : pos + 8])
+            end = pos + 8 + length
+            if end + 4 > len(data):
+                raise ImageRejected("corrupt-image", "The PNG file is truncated.")
+            crc = int.from_bytes(view[end : end + 4], "big")
+            if zlib.crc32(view[pos + 4 : end]) != crc:
+                raise ImageRejected("corrupt-image", f"The PNG {kind!r} chunk is damaged.")
+            if kind == b"IHDR":
+                ihdr = bytes(view[pos + 8 : end])
+                expected = _png_raw_size(width, height, ihdr)
+            elif kind == b"IDAT" and produced <= expected:
+                pending: bytes | memoryview = view[pos + 8 : end]
+                while pending and produced <= expected:
+                    produced += len(inflater.decompress(pending, _INFLATE_STEP))
+                    pending = inflater.unconsumed_tail
+            elif kind == b"IEND":
+                ended = True
+                break
+            pos = end + 4
+        if produced < expected:
+            produced += len(inflater.flush())
+    except zlib.error as exc:
+        raise _corrupt("png", exc) from exc
+    if not ended or not ihdr:
+        raise ImageRejected("corrupt-image", "The PNG file is truncated (no end marker).")
+    if produced < expected:
+        raise ImageRejected(
+            "corrupt-image",
+            f"The PNG image data holds {produced:,} of the {expected:,} bytes its header promises.",
+        )
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except MemoryError:
+        raise
+    except Exception:
+        # Broken EXIF is common in the wild and harmless: treat it as upright.
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _load_verified(data: bytes, limits: ImageLimits) -> tuple[ImageFile.ImageFile, ImageInfo]:
+    if len(data) == 0:
+        raise ImageRejected("empty-file", "The uploaded file is empty.")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            "image-too-large",
+            f"The file is {len(data):,} bytes; at most {limits.max_bytes:,} bytes are accepted.",
+            status=413,
+        )
+    fmt = _sniff_format(data)
+    allowed = ", ".join(sorted(f.upper() for f in limits.allowed_formats))
+    if fmt is None or fmt not in limits.allowed_formats:
+        what = fmt.upper() if fmt else "not a recognised image"
+        raise ImageRejected(
+            "unsupported-image-format",
+            f"The file content is {what}; accepted formats are {allowed}.",
+            status=415,
+        )
+
+    header = _open_header(data, fmt)
+    width, height = header.size
+    _check_dimensions(width, height, limits)
+    frames = getattr(header, "n_frames", 1)
+    if not isinstance(frames, int) or frames != 1:
+        raise ImageRejected(
+            "animated-image-not-supported",
+            f"The {fmt.upper()} file is animated ({frames} frames); send a single still image.",
+        )
+
+    if fmt == "png":
+        _check_png_structure(data, width, height)
+
+    try:
+        header.load()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _corrupt(fmt, exc) from exc
+    if header.size != (width, height):
+        raise ImageRejected("corrupt-image", "The decoded size differs from the header.")
+
+    info = ImageInfo(
+        format=fmt,
+        width=width,
+        height=height,
+        mode=header.mode,
+        has_alpha=_has_alpha(header),
+        orientation=_orientation(header),
+    )
+    return header, info
+
+
+def inspect_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageInfo:
+    """Fully validate an uploaded image and describe it, or raise :class:`ImageRejected`.
+
+    Checks, in order: empty file, byte size, format sniffed from the content (the file
+    name is never consulted), header dimensions against the limits, animation, and a
+    complete decode. CMYK, 16-bit, palette and greyscale images and any EXIF orientation
+    are accepted; :func:`decode_image` normalises them.
+    """
+    image, info = _load_verified(data, limits)
+    image.close()
+    return info
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    # Pillow's own conversion from 16/32-bit integer modes clips at 255 instead of
+    # rescaling, which would turn most of a 16-bit image white.
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scaled = np.clip(values, 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(values, 0.0, 65535.0) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    profile = image.info.get("icc_profile")
+    if profile:
+        # A print profile describes what the CMYK numbers mean; the plain formula is only
+        # a fallback for files without one.
+        try:
+            converted = ImageCms.profileToProfile(
+                image,
+                ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                ImageCms.createProfile("sRGB"),
+                outputMode="RGB",
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            converted = None
+        if converted is not None:
+            return converted
+    return image.convert("RGB")
+
+
+def _normalise_mode(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("RGB", "RGBA"):
+        return image
+    if mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if mode.startswith("I") or mode == "F":
+        return _to_8bit(image).convert("RGB")
+    if mode in ("P", "PA", "L", "LA", "1", "La", "RGBa", "RGBX", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Validate and decode an upload into an upright 8-bit RGB or RGBA image.
+
+    Runs every check of :func:`inspect_image`, then applies the EXIF orientation, converts
+    CMYK to RGB (through the embedded ICC profile when there is one), scales 16-bit samples
+    to 8 bits and expands palettes. Images with any transparency come back RGBA, all others
+    RGB. An embedded RGB ICC profile is kept in ``image.info`` so encoding can carry it.
+    """
+    image, _ = _load_verified(data, limits)
+    icc = image.info.get("icc_profile")
+    source_mode = image.mode
+    # In place: a 40-megapixel image is not copied just to be turned.
+    ImageOps.exif_transpose(image, in_place=True)
+    normalised = _normalise_mode(image)
+    normalised.info = {}
+    if icc and source_mode in ("RGB", "RGBA"):
+        normalised.info["icc_profile"] = icc
+    return normalised
+
+
+def encode_image(image: Image.Image, format: ImageFormat, quality: int = 90) -> bytes:
+    """Encode an RGB, RGBA or L image; JPEG has no alpha, so it is flattened onto white.
+
+    ``quality`` (1-100) applies to JPEG and WEBP. PNG is written without the slow
+    ``optimize`` pass. EXIF is never written (orientation has been applied already, and
+    camera metadata is not passed on); an RGB ICC profile in ``image.info`` is.
+    """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be between 1 and 100, not {quality}")
+    if format not in _CONTENT_TYPES:
+        raise ValueError(f"unsupported output format {format!r}")
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    icc = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA") else None
+
+    out = io.BytesIO()
+    extra: dict[str, object] = {"icc_profile": icc} if icc else {}
+    if format == "jpeg":
+        if image.mode in ("RGBA", "LA"):
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            image = flat
+        image.save(out, "JPEG", quality=quality, optimize=False, **extra)
+    elif format == "png":
+        image.save(out, "PNG", optimize=False, compress_level=6, **extra)
+    else:
+        image.save(out, "WEBP", quality=quality, method=4, **extra)
+    return out.getvalue()
