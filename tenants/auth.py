@@ -36,6 +36,10 @@ ANY_ROLE = frozenset(Role)
 ADMINS = frozenset({Role.OWNER, Role.ADMIN})
 
 READ_ORG = Permission("read_org", ANY_ROLE, Scope.JOBS_READ)
+JOBS_READ = Permission("jobs_read", ANY_ROLE, Scope.JOBS_READ)
+JOBS_WRITE = Permission(
+    "jobs_write", frozenset({Role.OWNER, Role.ADMIN, Role.MEMBER}), Scope.JOBS_WRITE
+)
 MANAGE_ORG = Permission("manage_org", ADMINS, Scope.ADMIN)
 MANAGE_MEMBERS = Permission("manage_members", ADMINS, Scope.ADMIN)
 MANAGE_API_KEYS = Permission("manage_api_keys", ADMINS, Scope.ADMIN)

@@ -6,12 +6,24 @@ The environment is set before any project module reads its settings.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 TEST_DB = os.environ.get("HM_TEST_DATABASE", "hiddenmodel_test")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+S3_PORT = _free_port()
 PG = os.environ.get("HM_TEST_PG_HOSTPORT", "127.0.0.1:5432")
 os.environ.update(
     {
@@ -28,6 +40,15 @@ os.environ.update(
         "HM_PASSWORD_HASH_MEMORY_KIB": "64",
         "HM_DATA_DIR": os.environ.get("HM_TEST_DATA_DIR", "var/test"),
         "OMP_NUM_THREADS": "1",
+        "HM_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "HM_S3_BUCKET": "hm-test",
+        # Short leases and intervals so recovery paths run within a test's patience.
+        "HM_JOB_LEASE_SECONDS": "2",
+        "HM_REDISPATCH_GRACE_SECONDS": "1",
+        "HM_RECONCILE_INTERVAL_SECONDS": "0.5",
+        "HM_DISPATCH_POLL_SECONDS": "0.2",
+        "HM_PROGRESS_DB_INTERVAL_SECONDS": "0.2",
+        "HM_WEBHOOK_ALLOW_PRIVATE_URLS": "true",
     }
 )
 
@@ -159,3 +180,43 @@ def db_rows(sql: str, **params: Any) -> list[Any]:
 def db_scalar(sql: str, **params: Any) -> Any:
     rows = db_rows(sql, **params)
     return rows[0][0] if rows else None
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[None]:
+    """moto's S3 server on loopback, with the test bucket."""
+    from hiddenmodel import storage
+    from tests.services import Process, wait_port
+
+    server = Process(
+        "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)]
+    )
+    try:
+        wait_port(S3_PORT)
+        storage.s3_client.cache_clear()
+        storage.ensure_bucket()
+        yield
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(s3: None) -> Iterator[Any]:
+    """The dispatcher and one worker, as separate processes."""
+    from tests.services import Cluster
+
+    running = Cluster()
+    running.start_dispatcher()
+    running.start_worker()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def services(cluster: Any) -> Any:
+    """A running cluster, restored to one live worker for every test that uses it."""
+    cluster.start_dispatcher()
+    cluster.ensure_worker()
+    return cluster

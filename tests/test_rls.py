@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import event, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
-import hiddenmodel.models  # noqa: F401 - registers the core tables
+import hiddenmodel.jobs.models
+import hiddenmodel.models  # noqa: F401
 import tenants.models  # noqa: F401
 from hiddenmodel.db import (
     Base,
@@ -34,7 +35,8 @@ ISOLATION_COLUMN = {"organizations": "id"}
 
 def _org_scoped_tables() -> list[str]:
     tables = [t.name for t in Base.metadata.sorted_tables if "organization_id" in t.c]
-    return sorted({*tables, *ISOLATION_COLUMN})
+    # Foreign-key order, the tenant table first: parents exist before their children.
+    return [*ISOLATION_COLUMN, *(t for t in tables if t not in ISOLATION_COLUMN)]
 
 
 def _user(conn_rows: Callable[..., Any]) -> uuid.UUID:
@@ -50,6 +52,16 @@ def _user(conn_rows: Callable[..., Any]) -> uuid.UUID:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+# Rows that reference another org-scoped row (the outbox points at a job) take the parent's
+# latest id from here; seeding follows foreign-key order, so parents come first.
+JOB_IDS: dict[uuid.UUID, uuid.UUID] = {}
+
+
+def _new_job_id(org: uuid.UUID) -> uuid.UUID:
+    JOB_IDS[org] = uuid.uuid4()
+    return JOB_IDS[org]
 
 
 # One factory per org-scoped table: the column values of a valid row for ``org_id``.
@@ -77,6 +89,44 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "key_hash": uuid.uuid4().hex,
         "scopes": ["jobs:read"],
     },
+    "jobs": lambda org, user: {
+        "id": _new_job_id(org),
+        "organization_id": org,
+        "operation": "resize",
+        "operation_version": "1.0",
+        "queue": "cpu",
+        "params": {},
+        "status": "queued",
+        "inputs": {},
+        "request_hash": "x",
+    },
+    "job_outbox": lambda org, user: {
+        "organization_id": org,
+        "job_id": JOB_IDS[org],
+        "queue": "cpu",
+    },
+    "webhook_endpoints": lambda org, user: {
+        "id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:webhook-endpoint:{org}"),
+        "organization_id": org,
+        "url": "https://example.com/hook",
+        "secret_ciphertext": b"sealed",
+    },
+    "webhook_deliveries": lambda org, user: {
+        "id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:webhook-delivery:{org}"),
+        "organization_id": org,
+        "endpoint_id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:webhook-endpoint:{org}"),
+        "event_type": "webhook.test",
+        "payload": {},
+        "message_id": "msg_rls",
+        "next_attempt_at": _now(),
+    },
+    "webhook_delivery_attempts": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "delivery_id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:webhook-delivery:{org}"),
+        "attempt": 1,
+        "duration_ms": 1,
+    },
     "audit_events": lambda org, user: {
         "id": uuid.uuid4(),
         "organization_id": org,
@@ -100,7 +150,7 @@ def _table(name: str) -> Any:
 async def _seed(org_id: uuid.UUID, user_id: uuid.UUID) -> None:
     """One row in every org-scoped table for ``org_id``, written through RLS as the app."""
     async with async_tenant_session(org_id) as session, session.begin():
-        for name in ["organizations", *[t for t in TABLES if t != "organizations"]]:
+        for name in TABLES:
             await session.execute(
                 insert(_table(name)).values(**ROW_FACTORIES[name](org_id, user_id))
             )

@@ -70,6 +70,41 @@ def _cmd_create_api_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from workers.celery_app import app
+
+    argv = [
+        "worker",
+        "--queues",
+        args.queues,
+        "--pool",
+        args.pool,
+        "--concurrency",
+        str(args.concurrency),
+        "--loglevel",
+        args.log_level.upper(),
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def _cmd_dispatcher(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from workers.dispatcher import run_forever
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_forever(stop)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from hiddenmodel import up
 
@@ -91,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
     api.set_defaults(func=_cmd_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (one process per GPU)")
+    worker.add_argument("--queues", default="gpu,cpu,webhooks,maintenance")
+    worker.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"])
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--hostname", default=None)
+    worker.set_defaults(func=_cmd_worker)
+
+    sub.add_parser(
+        "dispatcher", help="release queued jobs fairly and reconcile lost or stuck ones"
+    ).set_defaults(func=_cmd_dispatcher)
 
     sub.add_parser(
         "migrate", help="bootstrap roles and database, then upgrade the schema"

@@ -59,6 +59,37 @@ class Settings(BaseSettings):
     mail_sender: str = "database"
     cookie_secure: bool = False
 
+    # Uploads (DESIGN §5).
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 6000
+
+    # Jobs: dispatch, leases and limits.
+    idempotency_ttl_hours: int = 24
+    dispatch_org_inflight_cap: int = Field(default=4, ge=1)
+    dispatch_batch_size: int = 200
+    dispatch_poll_seconds: float = 0.5
+    reconcile_interval_seconds: float = 5.0
+    # A running job whose heartbeat is older than this is presumed lost with its worker.
+    job_lease_seconds: float = 60.0
+    # A dispatched job whose message is in no queue after this long is dispatched again.
+    redispatch_grace_seconds: float = 10.0
+    job_max_attempts: int = 3
+    cpu_hard_limit_seconds: float = 120.0
+    gpu_hard_limit_seconds: float = 900.0
+    # Longer than the longest hard limit, so a slow job is never delivered twice.
+    celery_visibility_timeout_seconds: int = 3600
+    prefer_wait_max_seconds: int = 60
+    progress_db_interval_seconds: float = 0.5
+
+    # Webhooks.
+    webhook_allow_private_urls: bool = False
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_seconds: float = 5.0
+    webhook_backoff_cap_seconds: float = 3600.0
+    webhook_secret_rotation_overlap_hours: int = 24
+
     @property
     def is_production(self) -> bool:
         return self.environment == "production"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from enum import Enum
 
@@ -12,8 +12,10 @@ from fastapi.routing import APIRoute
 
 from hiddenmodel import __version__
 from hiddenmodel.api import health
+from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
+from hiddenmodel.jobs.router import router as jobs_router
 from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
@@ -26,6 +28,20 @@ from tenants.users import bearer_backend, cookie_backend, fastapi_users
 def _operation_id(route: APIRoute) -> str:
     words = [w for w in re.split(r"[^A-Za-z0-9]+", route.name) if w]
     return words[0].lower() + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+JSON_BODY_LIMIT = 1024 * 1024
+# A job carries up to three images (image, mask, interior) plus form fields.
+UPLOAD_OVERHEAD = 64 * 1024
+
+
+def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
+    def limit_for(path: str) -> int:
+        if path == "/v1/jobs":
+            return 3 * max_upload_bytes + UPLOAD_OVERHEAD
+        return JSON_BODY_LIMIT
+
+    return limit_for
 
 
 @asynccontextmanager
@@ -69,9 +85,11 @@ def create_app() -> FastAPI:
         fastapi_users.get_users_router(UserRead, UserUpdate), prefix="/v1/users", tags=["users"]
     )
     app.include_router(tenants_router)
+    app.include_router(jobs_router)
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
 
+    app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

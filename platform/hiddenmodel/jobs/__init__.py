@@ -1,0 +1,1 @@
+"""Image jobs: submit, dispatch, run, notify."""

@@ -1,0 +1,274 @@
+"""All SQL of jobs. State changes are compare-and-set: ``UPDATE … WHERE status = …``.
+
+Async functions serve the API; the ``*_sync`` ones serve workers, the dispatcher and the
+reconciler, which run on plain threads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from hiddenmodel.jobs.models import Job, JobOutbox, JobStatus
+from hiddenmodel.pagination import paginate
+
+QUEUED = JobStatus.QUEUED.value
+RUNNING = JobStatus.RUNNING.value
+
+
+# --- API side ----------------------------------------------------------------------------
+
+
+async def get_job(session: AsyncSession, job_id: uuid.UUID) -> Job | None:
+    return await session.get(Job, job_id, populate_existing=True)
+
+
+async def get_by_idempotency_key(session: AsyncSession, key: str) -> Job | None:
+    return (await session.scalars(select(Job).where(Job.idempotency_key == key))).one_or_none()
+
+
+async def clear_idempotency_key(session: AsyncSession, job_id: uuid.UUID) -> None:
+    await session.execute(update(Job).where(Job.id == job_id).values(idempotency_key=None))
+
+
+async def queue_position(session: AsyncSession, job: Job) -> int:
+    ahead = await session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.status == QUEUED, Job.created_at < job.created_at)
+    )
+    return int(ahead or 0)
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    status: str | None,
+    operation: str | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    cursor: str | None,
+    limit: int,
+) -> tuple[Sequence[Any], str | None]:
+    stmt = select(Job)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    if operation:
+        stmt = stmt.where(Job.operation == operation)
+    if created_after:
+        stmt = stmt.where(Job.created_at >= created_after)
+    if created_before:
+        stmt = stmt.where(Job.created_at < created_before)
+    return await paginate(
+        session, stmt, created_at=Job.created_at, id_=Job.id, cursor=cursor, limit=limit
+    )
+
+
+def add_job(session: AsyncSession, job: Job) -> None:
+    session.add(job)
+    session.add(JobOutbox(organization_id=job.organization_id, job_id=job.id, queue=job.queue))
+
+
+async def cancel_queued(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> bool:
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED)
+        .values(
+            status=JobStatus.CANCELED.value,
+            finished_at=now,
+            stage=None,
+            error_code="canceled",
+            error_message="Canceled before it started.",
+        )
+        .returning(Job.id)
+    )
+    if result.scalar_one_or_none() is None:
+        return False
+    await session.execute(delete(JobOutbox).where(JobOutbox.job_id == job_id))
+    return True
+
+
+async def request_cancel_running(session: AsyncSession, job_id: uuid.UUID) -> bool:
+    result = await session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING)
+        .values(cancel_requested=True)
+        .returning(Job.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+# --- dispatcher and reconciler (cross-tenant through definer functions, ids only) ---------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    org_id: uuid.UUID
+    job_id: uuid.UUID
+    queue: str
+    dispatch_count: int
+
+
+def claim_dispatch_sync(session: Session, cap: int, limit: int) -> list[Claimed]:
+    rows = session.execute(
+        text("SELECT * FROM hm_claim_dispatch(:cap, :limit)"), {"cap": cap, "limit": limit}
+    )
+    return [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    org_id: uuid.UUID
+    job_id: uuid.UUID
+    status: str
+    queue: str
+    dispatch_count: int
+    attempts: int
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+def reconcile_candidates_sync(
+    session: Session, lease_s: float, grace_s: float, min_hard_limit_s: float
+) -> list[Candidate]:
+    rows = session.execute(
+        text("SELECT * FROM hm_jobs_to_reconcile(:lease, :grace, :hard)"),
+        {"lease": lease_s, "grace": grace_s, "hard": min_hard_limit_s},
+    )
+    return [Candidate(*r) for r in rows]
+
+
+# --- worker side (inside the job's tenant session) ---------------------------------------
+
+
+def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """queued → running; the winner gets the job with its new attempt number."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED)
+        .values(
+            status=RUNNING,
+            attempts=Job.attempts + 1,
+            started_at=func.now(),
+            heartbeat_at=func.now(),
+            stage="starting",
+            progress=0.0,
+            worker=worker,
+        )
+        .returning(Job)
+    ).scalar_one_or_none()
+    return row
+
+
+def get_job_sync(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def heartbeat_sync(
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    *,
+    stage: str | None = None,
+    progress: float | None = None,
+) -> bool:
+    """Refresh the lease (and progress); False when this attempt no longer owns the job."""
+    values: dict[str, Any] = {"heartbeat_at": func.now()}
+    if stage is not None:
+        values["stage"] = stage
+    if progress is not None:
+        values["progress"] = progress
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
+        .values(**values)
+        .returning(Job.cancel_requested)
+    ).scalar_one_or_none()
+    return result is not None
+
+
+def finish_sync(
+    session: Session, job_id: uuid.UUID, attempt: int, status: JobStatus, **values: Any
+) -> bool:
+    """running → terminal, only for the attempt that owns the job (exactly one completion)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
+        .values(status=status.value, finished_at=func.now(), stage=None, **values)
+        .returning(Job.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+def expire_sync(session: Session, job_id: uuid.UUID) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.cancel_after < func.now())
+        .values(
+            status=JobStatus.EXPIRED.value,
+            finished_at=func.now(),
+            error_code="expired",
+            error_message="The job could not start before its cancel_after deadline.",
+        )
+        .returning(Job.id)
+    )
+    if result.scalar_one_or_none() is None:
+        return False
+    session.execute(delete(JobOutbox).where(JobOutbox.job_id == job_id))
+    return True
+
+
+def fail_running_sync(
+    session: Session, job_id: uuid.UUID, attempt: int, code: str, message: str
+) -> bool:
+    return finish_sync(
+        session, job_id, attempt, JobStatus.FAILED, error_code=code, error_message=message
+    )
+
+
+def requeue_running_sync(
+    session: Session, job_id: uuid.UUID, attempt: int, *, redeliver: bool = False
+) -> bool:
+    """running → queued. A lost attempt goes back behind the fair dispatcher (outbox); with
+    ``redeliver`` the caller re-sends the same message itself (a retry with backoff), so the
+    job stays counted as in flight."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
+        .values(
+            status=QUEUED,
+            stage=None,
+            progress=0.0,
+            worker=None,
+            dispatched_at=func.now() if redeliver else None,
+        )
+        .returning(Job.organization_id, Job.queue)
+    ).one_or_none()
+    if row is None:
+        return False
+    if not redeliver:
+        session.execute(
+            insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1])
+        )
+    return True
+
+
+def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int) -> bool:
+    """A queued job whose message was lost is put back in the outbox."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.dispatch_count == dispatch_count)
+        .values(dispatched_at=None)
+        .returning(Job.organization_id, Job.queue)
+    ).one_or_none()
+    if row is None:
+        return False
+    session.execute(insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1]))
+    return True

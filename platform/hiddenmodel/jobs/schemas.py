@@ -1,0 +1,76 @@
+"""Bodies of the jobs API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from hiddenmodel.jobs.models import JobStatus
+
+
+class InputRead(BaseModel):
+    format: str
+    width: int
+    height: int
+    bytes: int
+
+
+class OutputRead(BaseModel):
+    name: str = Field(description="`output`, `alpha`, or a debug layer name")
+    format: str
+    content_type: str
+    width: int
+    height: int
+    bytes: int
+    url: str = Field(description="Presigned download URL; expires at `url_expires_at`.")
+    url_expires_at: datetime
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Timings(BaseModel):
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queued_seconds: float | None
+    run_seconds: float | None
+    compute_seconds: float | None
+
+
+class JobRead(BaseModel):
+    id: uuid.UUID
+    operation: str
+    operation_version: str
+    status: JobStatus
+    stage: str | None
+    progress: float = Field(ge=0, le=1)
+    queue_position: int | None = Field(
+        description="Jobs of your organization ahead of this one, while queued."
+    )
+    params: dict[str, Any]
+    inputs: dict[str, InputRead]
+    outputs: list[OutputRead]
+    report: dict[str, Any] | None
+    error: JobError | None
+    gpu_seconds: float | None
+    attempts: int
+    cancel_after: datetime | None
+    timings: Timings
+    created_at: datetime
+
+
+class OperationRead(BaseModel):
+    name: str
+    version: str
+    summary: str
+    queue: str
+    inputs: list[str]
+    params_schema: dict[str, Any]
+    example_params: dict[str, Any]
+    cost_estimate_1024px: dict[str, Any]

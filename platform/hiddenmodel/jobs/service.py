@@ -1,0 +1,315 @@
+"""Rules of the jobs API: submit (validate, store, enqueue), read, cancel. No HTTP here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from hiddenmodel import storage
+from hiddenmodel.db import after_commit, commit, rollback
+from hiddenmodel.errors import Conflict, NotFound, Problem
+from hiddenmodel.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
+from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs.models import Job, JobStatus
+from hiddenmodel.jobs.operations import Operation, get_operation
+from hiddenmodel.jobs.schemas import InputRead, JobError, JobRead, OutputRead, Timings
+from hiddenmodel.settings import get_settings
+from tenants.auth import OrgScope
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One named input file as received."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Submission:
+    operation: str
+    params: dict[str, Any]
+    uploads: list[Upload]
+    idempotency_key: str | None
+    cancel_after_seconds: int | None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    replayed: bool
+
+
+def image_limits() -> ImageLimits:
+    settings = get_settings()
+    return ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_side=settings.max_image_side,
+    )
+
+
+def _rejected(name: str, exc: ImageRejected) -> Problem:
+    return Problem(
+        f"{name}: {exc.detail}",
+        status=exc.status,
+        kind=exc.kind,
+        title="Image rejected",
+        input=name,
+    )
+
+
+def _request_hash(sub: Submission, op: Operation, params: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([op.name, params, sub.cancel_after_seconds], sort_keys=True).encode())
+    for upload in sorted(sub.uploads, key=lambda u: u.name):
+        digest.update(upload.name.encode() + b"\0" + hashlib.sha256(upload.data).digest())
+    return digest.hexdigest()
+
+
+def _validate_uploads(op: Operation, uploads: list[Upload]) -> dict[str, ImageInfo]:
+    allowed = {"image", *op.extra_inputs}
+    infos: dict[str, ImageInfo] = {}
+    limits = image_limits()
+    for upload in uploads:
+        if upload.name not in allowed:
+            raise Problem(
+                f"Operation '{op.name}' takes no '{upload.name}' input.",
+                status=422,
+                kind="unexpected-input",
+                title="Unexpected input",
+            )
+        try:
+            infos[upload.name] = inspect_image(upload.data, limits)
+        except ImageRejected as exc:
+            raise _rejected(upload.name, exc) from exc
+    if "image" not in infos:
+        raise Problem("The 'image' file is required.", status=422, kind="missing-image")
+    mask = infos.get("mask")
+    image = infos["image"]
+    if mask is not None and (mask.width, mask.height) != (image.width, image.height):
+        raise Problem(
+            f"The mask is {mask.width}x{mask.height}; the image is {image.width}x{image.height}.",
+            status=422,
+            kind="mask-size-mismatch",
+            title="Mask size mismatch",
+        )
+    return infos
+
+
+async def _replay(scope: OrgScope, key: str, request_hash: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created, if still remembered."""
+    existing = await repository.get_by_idempotency_key(scope.session, key)
+    if existing is None:
+        return None
+    ttl = timedelta(hours=get_settings().idempotency_ttl_hours)
+    if existing.created_at < datetime.now(UTC) - ttl:
+        await repository.clear_idempotency_key(scope.session, existing.id)
+        return None
+    if existing.request_hash != request_hash:
+        raise Conflict(
+            "This Idempotency-Key was used with a different request.",
+            kind="idempotency-key-reused",
+        )
+    return existing
+
+
+async def submit(scope: OrgScope, sub: Submission) -> Submitted:
+    """Validate, store inputs in S3, then insert the job and its outbox row in one transaction.
+
+    The caller owns the session; this commits it itself because the job must be durable
+    before anything waits on it. Anything rejected leaves no object and no row.
+    """
+    op = get_operation(sub.operation)
+    params = op.validate_params(sub.params).model_dump(mode="json")
+    infos = await run_in_threadpool(_validate_uploads, op, sub.uploads)
+    request_hash = _request_hash(sub, op, params)
+    if sub.idempotency_key:
+        replay = await _replay(scope, sub.idempotency_key, request_hash)
+        if replay is not None:
+            return Submitted(replay, replayed=True)
+
+    job_id = uuid.uuid4()
+    org_id = scope.org_id
+    inputs: dict[str, Any] = {}
+    keys: list[str] = []
+    for upload in sub.uploads:
+        info = infos[upload.name]
+        key = storage.object_key(org_id, job_id, upload.name, info.format)
+        inputs[upload.name] = {
+            "key": key,
+            "format": info.format,
+            "width": info.width,
+            "height": info.height,
+            "bytes": len(upload.data),
+            "content_type": CONTENT_TYPES[info.format],
+        }
+        keys.append(key)
+
+    def _store() -> None:
+        for upload in sub.uploads:
+            meta = inputs[upload.name]
+            storage.put_object(
+                meta["key"],
+                upload.data,
+                meta["content_type"],
+                org_id=org_id,
+                job_id=job_id,
+                kind=upload.name,
+            )
+
+    cancel_after = (
+        datetime.now(UTC) + timedelta(seconds=sub.cancel_after_seconds)
+        if sub.cancel_after_seconds
+        else None
+    )
+    job = Job(
+        id=job_id,
+        organization_id=org_id,
+        api_key_id=scope.principal.api_key_id,
+        user_id=scope.principal.user_id,
+        operation=op.name,
+        operation_version=op.version,
+        queue=op.queue,
+        params=params,
+        status=JobStatus.QUEUED.value,
+        progress=0.0,
+        inputs=inputs,
+        outputs=[],
+        idempotency_key=sub.idempotency_key,
+        request_hash=request_hash,
+        cancel_after=cancel_after,
+    )
+    try:
+        await run_in_threadpool(_store)
+        repository.add_job(scope.session, job)
+        await scope.session.flush()
+    except IntegrityError:
+        await rollback(scope.session)
+        await run_in_threadpool(storage.delete_objects, keys)
+        # A concurrent request with the same Idempotency-Key won the insert.
+        if sub.idempotency_key:
+            replay = await _replay(scope, sub.idempotency_key, request_hash)
+            if replay is not None:
+                return Submitted(replay, replayed=True)
+        raise
+    except BaseException:
+        await rollback(scope.session)
+        await run_in_threadpool(storage.delete_objects, keys)
+        raise
+    after_commit(scope.session, events.wake_dispatcher)
+    try:
+        await commit(scope.session)
+    except BaseException:
+        await rollback(scope.session)
+        await run_in_threadpool(storage.delete_objects, keys)
+        raise
+    return Submitted(job, replayed=False)
+
+
+async def get(scope: OrgScope, job_id: uuid.UUID) -> Job:
+    job = await repository.get_job(scope.session, job_id)
+    if job is None:
+        raise NotFound("No such job.", kind="job-not-found")
+    return job
+
+
+async def cancel(scope: OrgScope, job_id: uuid.UUID) -> Job:
+    """Queued: canceled at once. Running: stops at the next step. Finished: 409."""
+    job = await get(scope, job_id)
+    now = datetime.now(UTC)
+    if job.status == JobStatus.QUEUED.value and await repository.cancel_queued(
+        scope.session, job_id, now
+    ):
+
+        async def _announce() -> None:
+            await events.publish_async(job_id, {"type": "status", "status": "canceled"})
+
+        after_commit(scope.session, _announce)
+    elif job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        # It started meanwhile, or is running: ask the worker to stop.
+        if await repository.request_cancel_running(scope.session, job_id):
+
+            async def _flag() -> None:
+                await events.request_cancel(job_id)
+
+            after_commit(scope.session, _flag)
+    else:
+        raise Conflict(
+            f"The job has already {job.status}.", kind="job-not-cancelable", status_now=job.status
+        )
+    await scope.session.flush()
+    return await get(scope, job_id)
+
+
+def _seconds(a: datetime | None, b: datetime | None) -> float | None:
+    return round((b - a).total_seconds(), 4) if a and b else None
+
+
+async def view(scope: OrgScope, job: Job) -> JobRead:
+    """The job resource, with presigned output URLs (issued after this RLS-scoped read)."""
+    position = None
+    if job.status == JobStatus.QUEUED.value:
+        position = await repository.queue_position(scope.session, job)
+    ttl = get_settings().presigned_url_ttl_seconds
+    expires = datetime.now(UTC) + timedelta(seconds=ttl)
+    outputs = [
+        OutputRead(
+            name=o["name"],
+            format=o["format"],
+            content_type=o["content_type"],
+            width=o["width"],
+            height=o["height"],
+            bytes=o["bytes"],
+            url=storage.presigned_get_url(
+                o["key"], job.organization_id, filename=f"{job.id}-{o['name']}.{o['format']}"
+            ),
+            url_expires_at=expires,
+        )
+        for o in job.outputs
+    ]
+    return JobRead(
+        id=job.id,
+        operation=job.operation,
+        operation_version=job.operation_version,
+        status=JobStatus(job.status),
+        stage=job.stage,
+        progress=job.progress,
+        queue_position=position,
+        params=job.params,
+        inputs={
+            name: InputRead(
+                format=i["format"], width=i["width"], height=i["height"], bytes=i["bytes"]
+            )
+            for name, i in job.inputs.items()
+        },
+        outputs=outputs,
+        report=job.report,
+        error=JobError(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None,
+        gpu_seconds=job.gpu_seconds,
+        attempts=job.attempts,
+        cancel_after=job.cancel_after,
+        timings=Timings(
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            queued_seconds=_seconds(job.created_at, job.started_at),
+            run_seconds=_seconds(job.started_at, job.finished_at),
+            compute_seconds=job.compute_seconds,
+        ),
+        created_at=job.created_at,
+    )

@@ -1,0 +1,298 @@
+"""Jobs end to end: API in process, real PostgreSQL, Redis, moto S3, Celery worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from hiddenmodel import storage
+from tests.conftest import Org, assert_problem, bearer, db_scalar, make_key, make_org
+
+pytestmark = pytest.mark.usefixtures("services")
+
+TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+
+
+def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def keyed_org(client: httpx.AsyncClient) -> tuple[Org, dict[str, str]]:
+    org = await make_org(client)
+    key = await make_key(client, org, ["jobs:read", "jobs:write"])
+    return org, bearer(key["key"])
+
+
+async def submit(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    *,
+    operation: str = "resize",
+    params: dict[str, Any] | None = None,
+    image: bytes | None = None,
+    files: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> httpx.Response:
+    if params is None:
+        params = {"width": 32}
+    form = {"operation": operation, "params": json.dumps(params), **(data or {})}
+    upload = files or {"image": ("photo.png", image or png(), "image/png")}
+    return await client.post("/v1/jobs", data=form, files=upload, headers=headers)
+
+
+async def wait_job(
+    client: httpx.AsyncClient, headers: dict[str, str], job_id: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["status"] in TERMINAL:
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {body}")
+
+
+async def test_operations_are_listed(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/operations")
+    ops = {o["name"]: o for o in r.json()}
+    assert {"remove_background", "resize"} <= set(ops)
+    assert ops["resize"]["queue"] == "cpu"
+    assert ops["resize"]["params_schema"]["properties"]["mode"]["enum"] == ["fit", "fill", "exact"]
+
+
+async def test_submit_run_download(client: httpx.AsyncClient) -> None:
+    org, headers = await keyed_org(client)
+    r = await submit(
+        client, headers, params={"width": 32, "height": 32, "mode": "fill", "format": "webp"}
+    )
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running", "succeeded")
+    assert job["inputs"]["image"] == {
+        "format": "png",
+        "width": 64,
+        "height": 48,
+        "bytes": len(png()),
+    }
+    done = await wait_job(client, headers, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0 and done["attempts"] == 1
+    output = done["outputs"][0]
+    assert (output["name"], output["format"], output["width"], output["height"]) == (
+        "output",
+        "webp",
+        32,
+        32,
+    )
+    timings = done["timings"]
+    assert timings["started_at"] and timings["finished_at"] and timings["compute_seconds"] > 0
+    body = httpx.get(output["url"]).content
+    assert Image.open(io.BytesIO(body)).size == (32, 32)
+    # Stored under the org's prefix, tagged with tenant, job and kind.
+    key = storage.object_key(uuid.UUID(org.id), uuid.UUID(job["id"]), "output", "webp")
+    assert storage.object_tags(key) == {"tenant": org.id, "job": job["id"], "kind": "output"}
+    input_key = key.replace("output.webp", "image.png")
+    assert storage.object_tags(input_key)["kind"] == "image"
+    r = await client.get(f"/v1/jobs/{job['id']}/outputs/output", headers=headers)
+    assert r.status_code == 307 and r.headers["location"].startswith("http://127.0.0.1")
+
+
+async def test_remove_background_with_caller_mask(client: httpx.AsyncClient) -> None:
+    _, headers = await keyed_org(client)
+    mask = io.BytesIO()
+    m = Image.new("L", (64, 48), 0)
+    m.paste(255, (16, 12, 48, 36))
+    m.save(mask, "PNG")
+    r = await submit(
+        client,
+        headers,
+        operation="remove_background",
+        params={"background": "transparent"},
+        files={
+            "image": ("a.png", png(), "image/png"),
+            "mask": ("m.png", mask.getvalue(), "image/png"),
+        },
+    )
+    assert r.status_code == 202, r.text
+    done = await wait_job(client, headers, r.json()["id"])
+    assert done["status"] == "succeeded", done
+    out = Image.open(io.BytesIO(httpx.get(done["outputs"][0]["url"]).content))
+    assert out.mode == "RGBA"
+    assert out.getpixel((0, 0))[3] == 0 and out.getpixel((32, 24))[3] == 255
+
+
+async def test_bad_requests_are_problems_and_store_nothing(client: httpx.AsyncClient) -> None:
+    org, headers = await keyed_org(client)
+    cases = [
+        ({"operation": "nope"}, 422, "unknown-operation"),
+        ({"params": {"width": 0}}, 422, "invalid-params"),
+        ({"params": {"mode": "fill", "width": 10}}, 422, "invalid-params"),
+        ({"params": {"width": 10, "colour": "red"}}, 422, "invalid-params"),
+        (
+            {
+                "operation": "remove_background",
+                "params": {"background": "transparent", "format": "jpeg"},
+            },
+            422,
+            "invalid-params",
+        ),
+    ]
+    for kwargs, status, kind in cases:
+        assert_problem(await submit(client, headers, **kwargs), status, kind)
+    r = await client.post(
+        "/v1/jobs",
+        data={"operation": "resize", "params": "{not json"},
+        files={"image": ("a.png", png(), "image/png")},
+        headers=headers,
+    )
+    assert_problem(r, 422, "invalid-params")
+    r = await client.post("/v1/jobs", data={"operation": "resize"}, headers=headers)
+    assert_problem(r, 422, "validation-error")
+    r = await submit(
+        client,
+        headers,
+        files={"image": ("a.png", png(), "image/png"), "mask": ("m.png", png(10, 10), "image/png")},
+        operation="remove_background",
+        params={},
+    )
+    assert_problem(r, 422, "mask-size-mismatch")
+    r = await submit(
+        client,
+        headers,
+        files={"image": ("a.png", png(), "image/png"), "interior": ("i.png", png(), "image/png")},
+    )
+    assert_problem(r, 422, "unexpected-input")
+    assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 0
+    assert storage.list_keys(storage.org_prefix(uuid.UUID(org.id))) == []
+
+
+async def test_scopes_and_principals(client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    read_only = await make_key(client, org, ["jobs:read"])
+    assert_problem(await submit(client, bearer(read_only["key"])), 403, "missing-scope")
+    assert_problem(await submit(client, org.owner.headers), 403, "api-key-required")
+    assert_problem(await submit(client, {}), 401)
+
+
+async def test_idempotency_key(client: httpx.AsyncClient) -> None:
+    org, headers = await keyed_org(client)
+    h = {**headers, "Idempotency-Key": "order-123"}
+    results = await asyncio.gather(*[submit(client, h) for _ in range(20)])
+    assert all(r.status_code in (200, 202) for r in results), [r.text for r in results]
+    ids = {r.json()["id"] for r in results}
+    assert len(ids) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in results) == 19
+    assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 1
+    job_id = ids.pop()
+    # Exactly one job's objects: no orphans from the losing requests.
+    keys = storage.list_keys(storage.org_prefix(uuid.UUID(org.id)))
+    assert {k.split("/")[3] for k in keys} == {job_id}
+    r = await submit(client, h, params={"width": 16})
+    assert_problem(r, 409, "idempotency-key-reused")
+    await wait_job(client, headers, job_id)
+
+
+async def test_prefer_wait(client: httpx.AsyncClient) -> None:
+    _, headers = await keyed_org(client)
+    r = await submit(client, {**headers, "Prefer": "wait=20"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "succeeded"
+    assert r.headers["preference-applied"] == "wait=20"
+
+
+async def test_server_sent_events(client: httpx.AsyncClient) -> None:
+    _, headers = await keyed_org(client)
+    r = await submit(client, headers)
+    job_id = r.json()["id"]
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event = None
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event:
+                events.append((event, json.loads(line[6:])))
+    assert events[-1][0] == "job" and events[-1][1]["status"] == "succeeded"
+    assert any(e == "status" for e, _ in events)
+
+
+async def test_list_filters_and_pagination(client: httpx.AsyncClient) -> None:
+    _, headers = await keyed_org(client)
+    ids = [(await submit(client, headers)).json()["id"] for _ in range(3)]
+    for job_id in ids:
+        await wait_job(client, headers, job_id)
+    r = await client.get("/v1/jobs", params={"limit": 2}, headers=headers)
+    page = r.json()
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    r = await client.get(
+        "/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]}, headers=headers
+    )
+    assert len(r.json()["items"]) == 1
+    r = await client.get(
+        "/v1/jobs", params={"status": "succeeded", "operation": "resize"}, headers=headers
+    )
+    assert {j["id"] for j in r.json()["items"]} == set(ids)
+    r = await client.get("/v1/jobs", params={"status": "failed"}, headers=headers)
+    assert r.json()["items"] == []
+    assert_problem(await client.get("/v1/jobs", params={"status": "bogus"}, headers=headers), 422)
+
+
+async def test_cancel_queued_and_finished(client: httpx.AsyncClient, services: Any) -> None:
+    _, headers = await keyed_org(client)
+    services.stop_workers()
+    r = await submit(client, headers)
+    job_id = r.json()["id"]
+    r = await client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    assert_problem(
+        await client.post(f"/v1/jobs/{job_id}/cancel", headers=headers), 409, "job-not-cancelable"
+    )
+    services.start_worker()
+    time.sleep(0.5)
+    assert (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()["status"] == "canceled"
+
+
+async def test_queue_position_and_cancel_after(client: httpx.AsyncClient, services: Any) -> None:
+    _, headers = await keyed_org(client)
+    services.stop_workers()
+    first = (await submit(client, headers)).json()
+    second = (await submit(client, headers, data={"cancel_after": "1"})).json()
+    assert first["queue_position"] == 0 and second["queue_position"] == 1
+    await asyncio.sleep(2.5)
+    r = await client.get(f"/v1/jobs/{second['id']}", headers=headers)
+    assert r.json()["status"] == "expired", r.json()
+    services.start_worker()
+    assert (await wait_job(client, headers, first["id"]))["status"] == "succeeded"
+
+
+async def test_other_orgs_see_nothing(client: httpx.AsyncClient) -> None:
+    org_a, headers_a = await keyed_org(client)
+    _, headers_b = await keyed_org(client)
+    job_id = (await submit(client, headers_a)).json()["id"]
+    await wait_job(client, headers_a, job_id)
+    for method, path in (
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/v1/jobs/{job_id}/events"),
+        ("GET", f"/v1/jobs/{job_id}/outputs/output"),
+    ):
+        assert_problem(await client.request(method, path, headers=headers_b), 404)
+    listing = (await client.get("/v1/jobs", headers=headers_b)).text
+    assert job_id not in listing and org_a.id not in listing
+    # The storage layer refuses to sign another tenant's key even if asked.
+    with pytest.raises(PermissionError):
+        storage.presigned_get_url(f"orgs/{org_a.id}/jobs/{job_id}/output.png", uuid.uuid4())

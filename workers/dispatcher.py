@@ -1,0 +1,179 @@
+"""The dispatcher and the reconciler: from outbox to queue, fairly; and nothing lost.
+
+* Dispatch: claims outbox rows round robin across organizations with an in-flight cap per
+  organization (``hm_claim_dispatch``), commits, then sends one Celery message per job. It
+  wakes on a Redis list pushed after each submit and finish, and polls as a fallback.
+* Reconcile: expires queued jobs past ``cancel_after``; re-dispatches queued jobs whose message
+  is in no queue (Redis flushed or restarted, or a crash between commit and send); returns
+  running jobs whose worker stopped heartbeating to the queue; fails jobs past their hard
+  limit. Every change is a compare-and-set inside the job's own tenant context.
+
+Duplicated messages are harmless: only one delivery wins ``queued → running``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+from hiddenmodel.db import global_session, tenant_session
+from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.redis import sync_redis
+from hiddenmodel.settings import get_settings
+from workers.celery_app import QUEUES, app
+
+log = logging.getLogger(__name__)
+
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_UNACKED = "unacked"
+
+
+def task_id(job_id: uuid.UUID, dispatch_count: int) -> str:
+    return f"{job_id}.{dispatch_count}"
+
+
+def dispatch_once() -> int:
+    """Release what the fairness rules allow now; returns how many jobs were sent."""
+    settings = get_settings()
+    with global_session() as session:
+        claimed = repository.claim_dispatch_sync(
+            session, settings.dispatch_org_inflight_cap, settings.dispatch_batch_size
+        )
+    for item in claimed:
+        app.send_task(
+            "jobs.run",
+            args=[str(item.org_id), str(item.job_id)],
+            queue=item.queue,
+            task_id=task_id(item.job_id, item.dispatch_count),
+        )
+    return len(claimed)
+
+
+def _message_ids(raw: bytes | str) -> str | None:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if isinstance(payload, list):  # unacked entries are [message, exchange, routing_key]
+        payload = payload[0]
+    headers = payload.get("headers") or {} if isinstance(payload, dict) else {}
+    value = headers.get("id")
+    return str(value) if value else None
+
+
+def task_ids_in_broker() -> set[str]:
+    """Ids of every job message Redis still holds: waiting in a queue or delivered unacked."""
+    client = sync_redis()
+    ids: set[str] = set()
+    names: list[str] = []
+    for queue in QUEUES:
+        names.append(queue)
+        names += [
+            k.decode() if isinstance(k, bytes) else k
+            for k in client.scan_iter(match=f"{queue}{KOMBU_PRIORITY_SEP}*")
+        ]
+    for name in names:
+        for raw in client.lrange(name, 0, -1):
+            if (found := _message_ids(raw)) is not None:
+                ids.add(found)
+    for raw in client.hvals(KOMBU_UNACKED):
+        if (found := _message_ids(raw)) is not None:
+            ids.add(found)
+    return ids
+
+
+def _hard_limit(queue: str) -> float:
+    settings = get_settings()
+    return settings.gpu_hard_limit_seconds if queue == "gpu" else settings.cpu_hard_limit_seconds
+
+
+def reconcile_once() -> Counter[str]:
+    """One pass over live jobs that need attention; returns counts of what it did."""
+    settings = get_settings()
+    done: Counter[str] = Counter()
+    with global_session() as session:
+        candidates = repository.reconcile_candidates_sync(
+            session,
+            settings.job_lease_seconds,
+            settings.redispatch_grace_seconds,
+            min(settings.cpu_hard_limit_seconds, settings.gpu_hard_limit_seconds),
+        )
+    if not candidates:
+        return done
+    in_broker: set[str] | None = None
+    now = datetime.now(UTC)
+    for c in candidates:
+        with tenant_session(c.org_id) as s:
+            if c.status == JobStatus.QUEUED.value:
+                if repository.expire_sync(s, c.job_id):
+                    done["expired"] += 1
+                    _announce(c.job_id, JobStatus.EXPIRED)
+                    continue
+                if in_broker is None:
+                    in_broker = task_ids_in_broker()
+                if task_id(c.job_id, c.dispatch_count) in in_broker:
+                    continue
+                if repository.redispatch_sync(s, c.job_id, c.dispatch_count):
+                    done["redispatched"] += 1
+                continue
+            started = c.started_at or now
+            if started + timedelta(seconds=_hard_limit(c.queue)) < now:
+                if repository.fail_running_sync(
+                    s,
+                    c.job_id,
+                    c.attempts,
+                    "timeout",
+                    "The job ran past its time limit; you are not charged.",
+                ):
+                    done["timed_out"] += 1
+                    _announce(c.job_id, JobStatus.FAILED)
+                continue
+            beat = c.heartbeat_at or started
+            if beat + timedelta(seconds=settings.job_lease_seconds) >= now:
+                continue
+            if c.attempts >= settings.job_max_attempts:
+                if repository.fail_running_sync(
+                    s,
+                    c.job_id,
+                    c.attempts,
+                    "worker-lost",
+                    "The worker running this job stopped, too often; you are not charged.",
+                ):
+                    done["failed_lost"] += 1
+                    _announce(c.job_id, JobStatus.FAILED)
+            elif repository.requeue_running_sync(s, c.job_id, c.attempts):
+                done["requeued"] += 1
+    if done:
+        log.info("reconciled %s", dict(done))
+        events.wake_dispatcher_sync()
+    return done
+
+
+def _announce(job_id: uuid.UUID, status: JobStatus) -> None:
+    events.publish(job_id, {"type": "status", "status": status.value})
+
+
+def run_forever(stop: threading.Event | None = None) -> None:
+    """The dispatcher process: dispatch on every wake-up (or poll), reconcile periodically."""
+    settings = get_settings()
+    stop = stop or threading.Event()
+    client = sync_redis()
+    last_reconcile = 0.0
+    log.info("dispatcher started (cap %s per organization)", settings.dispatch_org_inflight_cap)
+    while not stop.is_set():
+        try:
+            client.blpop([events.DISPATCH_WAKE], timeout=settings.dispatch_poll_seconds)
+            while dispatch_once():
+                pass
+            if time.monotonic() - last_reconcile >= settings.reconcile_interval_seconds:
+                last_reconcile = time.monotonic()
+                reconcile_once()
+        except Exception:
+            log.exception("dispatcher pass failed; retrying")
+            stop.wait(1.0)

@@ -1,0 +1,266 @@
+"""Running one job: claim it, read inputs, execute, write outputs, finish — exactly once.
+
+The job's row is the lock: ``queued → running`` is a compare-and-set that one delivery wins,
+and every later write names the attempt that owns the job, so a worker that lost its lease
+can no longer change anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from sqlalchemy.exc import OperationalError
+
+from hiddenmodel import storage
+from hiddenmodel.db import tenant_session
+from hiddenmodel.images import ImageLimits, ImageRejected, content_type, decode_image, encode_image
+from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs.models import Job, JobStatus
+from hiddenmodel.settings import get_settings
+from hiddenmodel.tenancy import org_context
+from workers.operations import EXECUTORS, Execution, ExecutionResult, OperationFailed
+from workers.pipelines.contracts import JobCancelled
+
+log = logging.getLogger(__name__)
+
+PUBLISH_INTERVAL_S = 0.1
+
+
+class TransientError(Exception):
+    """Worth another attempt (storage or database briefly unavailable)."""
+
+
+@dataclass
+class Ownership:
+    """Shared between the job thread and its heartbeat: does this attempt still own it?"""
+
+    lost: bool = False
+
+
+class ProgressReporter:
+    """Throttled progress to pub/sub and the database; the cancel check rides along."""
+
+    def __init__(
+        self, org_id: uuid.UUID, job_id: uuid.UUID, attempt: int, ownership: Ownership
+    ) -> None:
+        self.org_id, self.job_id, self.attempt, self.ownership = org_id, job_id, attempt, ownership
+        self._last_publish = 0.0
+        self._last_db = 0.0
+        self._db_interval = get_settings().progress_db_interval_seconds
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.ownership.lost or events.cancel_requested(self.job_id):
+            raise JobCancelled()
+        now = time.monotonic()
+        fraction = max(0.0, min(1.0, fraction))
+        if now - self._last_publish >= PUBLISH_INTERVAL_S:
+            self._last_publish = now
+            events.publish(
+                self.job_id, {"type": "progress", "stage": stage, "progress": round(fraction, 4)}
+            )
+        if now - self._last_db >= self._db_interval:
+            self._last_db = now
+            with tenant_session(self.org_id) as session:
+                if not repository.heartbeat_sync(
+                    session, self.job_id, self.attempt, stage=stage, progress=fraction
+                ):
+                    self.ownership.lost = True
+
+
+class Heartbeat(threading.Thread):
+    """Keeps the lease fresh while a long step runs without reporting progress."""
+
+    def __init__(
+        self, org_id: uuid.UUID, job_id: uuid.UUID, attempt: int, ownership: Ownership
+    ) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}")
+        self.org_id, self.job_id, self.attempt, self.ownership = org_id, job_id, attempt, ownership
+        self.stop = threading.Event()
+        self.interval = max(0.2, get_settings().job_lease_seconds / 4)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                with org_context(self.org_id), tenant_session(self.org_id) as session:
+                    if not repository.heartbeat_sync(session, self.job_id, self.attempt):
+                        self.ownership.lost = True
+                        return
+            except Exception:
+                log.warning("heartbeat failed for job %s", self.job_id, exc_info=True)
+
+
+def _limits() -> ImageLimits:
+    settings = get_settings()
+    return ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_side=settings.max_image_side,
+    )
+
+
+def _load_inputs(job: Job) -> dict[str, Image.Image]:
+    images = {}
+    for name, meta in job.inputs.items():
+        try:
+            data = storage.get_object(meta["key"])
+        except Exception as exc:
+            raise TransientError(f"reading input {name}: {exc}") from exc
+        images[name] = decode_image(data, _limits())
+    return images
+
+
+def _store_outputs(job: Job, result: ExecutionResult) -> list[dict[str, Any]]:
+    stored = []
+    for output in result.outputs:
+        data = encode_image(output.image, output.format, output.quality)
+        key = storage.object_key(job.organization_id, job.id, output.name, output.format)
+        kind = "output" if output.name == "output" else output.name
+        try:
+            storage.put_object(
+                key,
+                data,
+                content_type(output.format),
+                org_id=job.organization_id,
+                job_id=job.id,
+                kind=kind,
+            )
+        except Exception as exc:
+            raise TransientError(f"writing output {output.name}: {exc}") from exc
+        stored.append(
+            {
+                "name": output.name,
+                "key": key,
+                "format": output.format,
+                "content_type": content_type(output.format),
+                "width": output.image.width,
+                "height": output.image.height,
+                "bytes": len(data),
+            }
+        )
+    return stored
+
+
+def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
+    with tenant_session(org_id) as session:
+        current = repository.get_job_sync(session, job_id)
+        if current is None or current.status != JobStatus.QUEUED.value:
+            return None
+        if repository.expire_sync(session, job_id):
+            expired = True
+        else:
+            expired = False
+            job = repository.start_sync(session, job_id, worker)
+    if expired:
+        events.publish(job_id, {"type": "status", "status": JobStatus.EXPIRED.value})
+        events.wake_dispatcher_sync()
+        return None
+    return job
+
+
+def _finish(job: Job, status: JobStatus, **values: Any) -> bool:
+    with tenant_session(job.organization_id) as session:
+        done = repository.finish_sync(session, job.id, job.attempts, status, **values)
+    if done:
+        events.publish(job.id, {"type": "status", "status": status.value})
+        events.wake_dispatcher_sync()
+    else:
+        log.warning("job %s attempt %s lost ownership before finishing", job.id, job.attempts)
+    return done
+
+
+def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
+    """Run a job if this delivery wins it. Returns what happened, for logs and tests."""
+    with org_context(org_id):
+        try:
+            job = _claim(org_id, job_id, worker)
+        except OperationalError as exc:
+            raise TransientError(str(exc)) from exc
+        if job is None:
+            return "skipped"
+        events.publish(job_id, {"type": "status", "status": JobStatus.RUNNING.value})
+        ownership = Ownership()
+        heartbeat = Heartbeat(org_id, job_id, job.attempts, ownership)
+        heartbeat.start()
+        started = time.perf_counter()
+        try:
+            return _execute(job, ownership, started)
+        finally:
+            heartbeat.stop.set()
+            heartbeat.join(timeout=5)
+
+
+def _execute(job: Job, ownership: Ownership, started: float) -> str:
+    progress = ProgressReporter(job.organization_id, job.id, job.attempts, ownership)
+    executor = EXECUTORS.get(job.operation)
+    try:
+        if executor is None:
+            raise OperationFailed(
+                "operation-unavailable", f"This worker cannot run '{job.operation}'."
+            )
+        progress("reading", 0.0)
+        images = _load_inputs(job)
+        result = executor(Execution(params=job.params, images=images, progress=progress))
+        progress("storing", 0.95)
+        outputs = _store_outputs(job, result)
+        done = _finish(
+            job,
+            JobStatus.SUCCEEDED,
+            outputs=outputs,
+            report=result.report,
+            progress=1.0,
+            compute_seconds=round(time.perf_counter() - started, 4),
+            gpu_seconds=round(result.gpu_seconds, 4),
+        )
+        return "succeeded" if done else "lost"
+    except JobCancelled:
+        if ownership.lost:
+            return "lost"
+        _finish(
+            job,
+            JobStatus.CANCELED,
+            error_code="canceled",
+            error_message="Canceled while running.",
+            compute_seconds=round(time.perf_counter() - started, 4),
+        )
+        return "canceled"
+    except (OperationFailed, ImageRejected) as exc:
+        code = exc.code if isinstance(exc, OperationFailed) else exc.kind
+        message = exc.message if isinstance(exc, OperationFailed) else exc.detail
+        _finish(job, JobStatus.FAILED, error_code=code, error_message=message)
+        return "failed"
+    except TransientError:
+        raise
+    except Exception:
+        log.exception("job %s failed", job.id)
+        _finish(
+            job,
+            JobStatus.FAILED,
+            error_code="internal-error",
+            error_message="The operation failed on our side; you are not charged.",
+        )
+        return "failed"
+
+
+def requeue_after_transient(org_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+    """Put a job whose attempt hit a transient error back to queued, for a delayed redelivery
+    of the same message. False when it failed for good (attempts exhausted) or is not ours."""
+    with org_context(org_id), tenant_session(org_id) as session:
+        job = repository.get_job_sync(session, job_id)
+        if job is None or job.status != JobStatus.RUNNING.value:
+            return False
+        if job.attempts >= get_settings().job_max_attempts:
+            repository.fail_running_sync(
+                session,
+                job_id,
+                job.attempts,
+                "transient-errors",
+                "Storage or database errors persisted across attempts.",
+            )
+            return False
+        return repository.requeue_running_sync(session, job_id, job.attempts, redeliver=True)

@@ -1,0 +1,27 @@
+"""Celery entry points: thin; they take ids only and re-enter the organization's context."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from workers.celery_app import app
+from workers.runner import TransientError, requeue_after_transient, run_job
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_CAP_S = 60
+
+
+@app.task(name="jobs.run", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)  # type: ignore[untyped-decorator]
+def run(self: Any, org_id: str, job_id: str) -> str:
+    """Run one job (one delivery wins it; duplicates are skipped)."""
+    try:
+        return run_job(uuid.UUID(org_id), uuid.UUID(job_id), str(self.request.hostname))
+    except TransientError:
+        log.warning("job %s hit a transient error", job_id, exc_info=True)
+        if requeue_after_transient(uuid.UUID(org_id), uuid.UUID(job_id)):
+            countdown = min(RETRY_BACKOFF_CAP_S, 2**self.request.retries)
+            raise self.retry(countdown=countdown) from None
+        return "failed"
