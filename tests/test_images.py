@@ -381,6 +381,17 @@ def test_palette_png_with_transparency_becomes_rgba() -> None:
     assert alpha[3] == 0
 
 
+def test_rgb_png_with_a_transparent_colour_becomes_rgba() -> None:
+    image = Image.new("RGB", (8, 8), (0, 0, 0))
+    image.paste((10, 200, 30), (0, 0, 4, 8))
+    decoded = decode_image(encode(image, "PNG", transparency=(0, 0, 0)))
+    assert decoded.mode == "RGBA"
+    assert decoded.getpixel((1, 1)) == (10, 200, 30, 255)
+    pixel = decoded.getpixel((6, 1))
+    assert isinstance(pixel, tuple)
+    assert pixel[3] == 0
+
+
 def test_palette_png_without_transparency_becomes_rgb() -> None:
     data = encode(photo().convert("P"), "PNG")
     assert decode_image(data).mode == "RGB"
@@ -441,6 +452,12 @@ def test_jpeg_encoding_flattens_alpha_onto_white() -> None:
 def test_encoded_png_roundtrips_exactly() -> None:
     image = photo()
     assert np.array_equal(np.asarray(decode_image(encode_image(image, "png"))), np.asarray(image))
+
+
+def test_encoding_a_16_bit_image_scales_it() -> None:
+    values = np.full((4, 4), 32768, dtype=np.uint16)
+    data = encode_image(Image.fromarray(values), "png")
+    assert np.asarray(decode_image(data))[0, 0].tolist() == [128, 128, 128]
 
 
 def test_quality_is_checked() -> None:

