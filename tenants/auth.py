@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +24,10 @@ from tenants.users import UserManager, get_database_strategy, get_user_manager
 
 API_KEY_PREFIX = "hmk"
 
+# Run for every request authenticated by an API key (rate limits). Registered by the app
+# factory, so identity stays below the domains that define those limits.
+API_KEY_HOOKS: list[Callable[[ApiKey], Awaitable[None]]] = []
+
 
 class Permission:
     """What an action needs: one of these member roles, or this API key scope."""
@@ -36,6 +40,9 @@ ANY_ROLE = frozenset(Role)
 ADMINS = frozenset({Role.OWNER, Role.ADMIN})
 
 READ_ORG = Permission("read_org", ANY_ROLE, Scope.JOBS_READ)
+USAGE_READ = Permission(
+    "usage_read", frozenset({Role.OWNER, Role.ADMIN, Role.BILLING}), Scope.USAGE_READ
+)
 JOBS_READ = Permission("jobs_read", ANY_ROLE, Scope.JOBS_READ)
 JOBS_WRITE = Permission(
     "jobs_write", frozenset({Role.OWNER, Role.ADMIN, Role.MEMBER}), Scope.JOBS_WRITE
@@ -150,7 +157,10 @@ async def current_principal(
     if token is None:
         raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
     if token.startswith(API_KEY_PREFIX + "_"):
-        return Principal(api_key=await authenticate_api_key(token))
+        key = await authenticate_api_key(token)
+        for hook in API_KEY_HOOKS:
+            await hook(key)
+        return Principal(api_key=key)
     user = await strategy.read_token(token, user_manager)
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")

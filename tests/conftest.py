@@ -49,6 +49,10 @@ os.environ.update(
         "HM_DISPATCH_POLL_SECONDS": "0.2",
         "HM_PROGRESS_DB_INTERVAL_SECONDS": "0.2",
         "HM_WEBHOOK_ALLOW_PRIVATE_URLS": "true",
+        "HM_WEBHOOK_BACKOFF_BASE_SECONDS": "0.2",
+        "HM_WEBHOOK_BACKOFF_CAP_SECONDS": "1",
+        "HM_WEBHOOK_MAX_ATTEMPTS": "3",
+        "HM_WEBHOOK_TIMEOUT_SECONDS": "1",
     }
 )
 
@@ -77,6 +81,13 @@ def database() -> None:
     get_settings.cache_clear()
     _recreate_database()
     migrate()
+    # Most tests are not about quotas: lift the default plan's limits. Quota and rate-limit
+    # tests set their own per organization.
+    db_rows(
+        "UPDATE plans SET monthly_gpu_seconds = NULL, monthly_images = NULL, "
+        "max_running_jobs = NULL, max_queued_jobs = NULL, storage_bytes = NULL, "
+        "requests_per_minute = NULL, org_requests_per_minute = NULL WHERE is_default"
+    )
 
 
 @pytest.fixture(scope="session")

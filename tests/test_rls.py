@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
-import hiddenmodel.jobs.models
-import hiddenmodel.models  # noqa: F401
-import tenants.models  # noqa: F401
+import hiddenmodel.registry
 from hiddenmodel.db import (
     Base,
     async_engine,
@@ -127,6 +126,54 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "attempt": 1,
         "duration_ms": 1,
     },
+    # Zero concurrent jobs: a dispatcher running beside these tests must leave the seeded
+    # outbox rows alone.
+    "org_billing": lambda org, user: {
+        "organization_id": org,
+        "plan_id": uuid.UUID("00000000-0000-4000-8000-000000000001"),
+        "overrides": {"max_running_jobs": 0},
+    },
+    "quota_limits": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "subject_type": "member",
+        "subject_id": user,
+        "limits": {"monthly_images": 1},
+    },
+    "quota_counters": lambda org, user: {
+        "organization_id": org,
+        "subject_type": "org",
+        "subject_id": uuid.uuid4(),
+        "period": date(2026, 11, 1),
+    },
+    "quota_reservations": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "job_id": JOB_IDS[org],
+        "period": date(2026, 11, 1),
+        "gpu_seconds": 1.0,
+        "images": 1,
+    },
+    "usage_events": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "job_id": JOB_IDS[org],
+        "operation": "resize",
+        "outcome": "succeeded",
+        "gpu_seconds": 1.0,
+        "images": 1,
+        "megapixels": 1.0,
+    },
+    "billing_reconciliations": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "day": date(2026, 11, 1),
+        "stripe_customer_id": "cus_rls",
+        "our_value": 0,
+        "our_events": 0,
+        "status": "match",
+        "checked_at": _now(),
+    },
     "audit_events": lambda org, user: {
         "id": uuid.uuid4(),
         "organization_id": org,
@@ -136,6 +183,18 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
 }
 
 TABLES = _org_scoped_tables()
+
+
+def test_every_models_module_is_registered() -> None:
+    root = Path(__file__).resolve().parents[1]
+    found = {
+        ".".join(p.relative_to(base).with_suffix("").parts)
+        for base in (root / "platform", root)
+        for p in base.glob("*/**/models.py")
+        if "platform" not in p.relative_to(base).parts[:1] and ".venv" not in p.parts
+    }
+    registered = {m.__name__ for m in hiddenmodel.registry.MODEL_MODULES}
+    assert found <= registered, f"add to hiddenmodel.registry: {sorted(found - registered)}"
 
 
 def test_every_org_scoped_table_has_a_factory() -> None:

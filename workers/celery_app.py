@@ -12,7 +12,9 @@ QUEUES = ("gpu", "cpu", "webhooks", "maintenance")
 
 def make_celery() -> Celery:
     settings = get_settings()
-    app = Celery("hiddenmodel", broker=settings.redis_url, include=["workers.tasks"])
+    app = Celery(
+        "hiddenmodel", broker=settings.redis_url, include=["workers.tasks", "workers.webhooks"]
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -22,10 +22,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from hiddenmodel.db import global_session, tenant_session
-from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
+from hiddenmodel.webhooks import delivery as webhook_delivery
 from workers.celery_app import QUEUES, app
 
 log = logging.getLogger(__name__)
@@ -104,59 +105,58 @@ def reconcile_once() -> Counter[str]:
             settings.redispatch_grace_seconds,
             min(settings.cpu_hard_limit_seconds, settings.gpu_hard_limit_seconds),
         )
-    if not candidates:
-        return done
     in_broker: set[str] | None = None
     now = datetime.now(UTC)
     for c in candidates:
+        ended: list[lifecycle.Ended] = []
         with tenant_session(c.org_id) as s:
             if c.status == JobStatus.QUEUED.value:
                 if repository.expire_sync(s, c.job_id):
                     done["expired"] += 1
-                    _announce(c.job_id, JobStatus.EXPIRED)
-                    continue
-                if in_broker is None:
-                    in_broker = task_ids_in_broker()
-                if task_id(c.job_id, c.dispatch_count) in in_broker:
-                    continue
-                if repository.redispatch_sync(s, c.job_id, c.dispatch_count):
-                    done["redispatched"] += 1
-                continue
-            started = c.started_at or now
-            if started + timedelta(seconds=_hard_limit(c.queue)) < now:
-                if repository.fail_running_sync(
-                    s,
-                    c.job_id,
-                    c.attempts,
-                    "timeout",
-                    "The job ran past its time limit; you are not charged.",
-                ):
-                    done["timed_out"] += 1
-                    _announce(c.job_id, JobStatus.FAILED)
-                continue
-            beat = c.heartbeat_at or started
-            if beat + timedelta(seconds=settings.job_lease_seconds) >= now:
-                continue
-            if c.attempts >= settings.job_max_attempts:
-                if repository.fail_running_sync(
-                    s,
-                    c.job_id,
-                    c.attempts,
-                    "worker-lost",
-                    "The worker running this job stopped, too often; you are not charged.",
-                ):
-                    done["failed_lost"] += 1
-                    _announce(c.job_id, JobStatus.FAILED)
-            elif repository.requeue_running_sync(s, c.job_id, c.attempts):
-                done["requeued"] += 1
+                    ended.append(
+                        lifecycle.record_end_sync(s, c.org_id, c.job_id, JobStatus.EXPIRED)
+                    )
+                else:
+                    if in_broker is None:
+                        in_broker = task_ids_in_broker()
+                    lost = task_id(c.job_id, c.dispatch_count) not in in_broker
+                    if lost and repository.redispatch_sync(s, c.job_id, c.dispatch_count):
+                        done["redispatched"] += 1
+            else:
+                outcome = _running_outcome(c, now)
+                if outcome == "requeue":
+                    if repository.requeue_running_sync(s, c.job_id, c.attempts):
+                        done["requeued"] += 1
+                elif isinstance(outcome, tuple):
+                    code, message = outcome
+                    if repository.fail_running_sync(s, c.job_id, c.attempts, code, message):
+                        done[code] += 1
+                        ended.append(
+                            lifecycle.record_end_sync(s, c.org_id, c.job_id, JobStatus.FAILED)
+                        )
+        lifecycle.announce(ended)
     if done:
         log.info("reconciled %s", dict(done))
         events.wake_dispatcher_sync()
     return done
 
 
-def _announce(job_id: uuid.UUID, status: JobStatus) -> None:
-    events.publish(job_id, {"type": "status", "status": status.value})
+def _running_outcome(c: repository.Candidate, now: datetime) -> tuple[str, str] | str | None:
+    """A running job past its hard limit fails; one whose worker stopped heartbeating goes
+    back to the queue, or fails once it has used up its attempts."""
+    settings = get_settings()
+    started = c.started_at or now
+    if started + timedelta(seconds=_hard_limit(c.queue)) < now:
+        return "timeout", "The job ran past its time limit; you are not charged."
+    beat = c.heartbeat_at or started
+    if beat + timedelta(seconds=settings.job_lease_seconds) >= now:
+        return None
+    if c.attempts >= settings.job_max_attempts:
+        return (
+            "worker-lost",
+            "The worker running this job stopped, too often; you are not charged.",
+        )
+    return "requeue"
 
 
 def run_forever(stop: threading.Event | None = None) -> None:
@@ -174,6 +174,7 @@ def run_forever(stop: threading.Event | None = None) -> None:
             if time.monotonic() - last_reconcile >= settings.reconcile_interval_seconds:
                 last_reconcile = time.monotonic()
                 reconcile_once()
+                webhook_delivery.sweep_due_deliveries()
         except Exception:
             log.exception("dispatcher pass failed; retrying")
             stop.wait(1.0)

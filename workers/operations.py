@@ -46,10 +46,21 @@ class ExecutionResult:
 
 
 @dataclass
+class GpuMeter:
+    """Device time used so far; what a job canceled mid-run is billed."""
+
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
+@dataclass
 class Execution:
     params: dict[str, Any]
     images: dict[str, Image.Image]
     progress: Progress
+    meter: GpuMeter = field(default_factory=GpuMeter)
 
 
 Executor = Callable[[Execution], ExecutionResult]

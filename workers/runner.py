@@ -20,11 +20,11 @@ from sqlalchemy.exc import OperationalError
 from hiddenmodel import storage
 from hiddenmodel.db import tenant_session
 from hiddenmodel.images import ImageLimits, ImageRejected, content_type, decode_image, encode_image
-from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import org_context
-from workers.operations import EXECUTORS, Execution, ExecutionResult, OperationFailed
+from workers.operations import EXECUTORS, Execution, ExecutionResult, GpuMeter, OperationFailed
 from workers.pipelines.contracts import JobCancelled
 
 log = logging.getLogger(__name__)
@@ -147,31 +147,35 @@ def _store_outputs(job: Job, result: ExecutionResult) -> list[dict[str, Any]]:
 
 
 def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
+    """Win the job (queued → running), or expire it if its deadline passed first."""
+    ended: list[lifecycle.Ended] = []
+    job = None
     with tenant_session(org_id) as session:
         current = repository.get_job_sync(session, job_id)
         if current is None or current.status != JobStatus.QUEUED.value:
             return None
         if repository.expire_sync(session, job_id):
-            expired = True
+            ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
         else:
-            expired = False
             job = repository.start_sync(session, job_id, worker)
-    if expired:
-        events.publish(job_id, {"type": "status", "status": JobStatus.EXPIRED.value})
-        events.wake_dispatcher_sync()
-        return None
+    lifecycle.announce(ended)
     return job
 
 
-def _finish(job: Job, status: JobStatus, **values: Any) -> bool:
+def _finish(
+    job: Job, status: JobStatus, metered: lifecycle.Metered | None = None, **values: Any
+) -> bool:
+    """Finish as the owning attempt, with its usage and webhooks, in one transaction."""
+    ended: list[lifecycle.Ended] = []
     with tenant_session(job.organization_id) as session:
-        done = repository.finish_sync(session, job.id, job.attempts, status, **values)
-    if done:
-        events.publish(job.id, {"type": "status", "status": status.value})
-        events.wake_dispatcher_sync()
-    else:
+        if repository.finish_sync(session, job.id, job.attempts, status, **values):
+            ended.append(
+                lifecycle.record_end_sync(session, job.organization_id, job.id, status, metered)
+            )
+    lifecycle.announce(ended)
+    if not ended:
         log.warning("job %s attempt %s lost ownership before finishing", job.id, job.attempts)
-    return done
+    return bool(ended)
 
 
 def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
@@ -198,6 +202,7 @@ def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
 def _execute(job: Job, ownership: Ownership, started: float) -> str:
     progress = ProgressReporter(job.organization_id, job.id, job.attempts, ownership)
     executor = EXECUTORS.get(job.operation)
+    meter = GpuMeter()
     try:
         if executor is None:
             raise OperationFailed(
@@ -205,28 +210,41 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
             )
         progress("reading", 0.0)
         images = _load_inputs(job)
-        result = executor(Execution(params=job.params, images=images, progress=progress))
+        result = executor(
+            Execution(params=job.params, images=images, progress=progress, meter=meter)
+        )
         progress("storing", 0.95)
         outputs = _store_outputs(job, result)
+        gpu_seconds = round(result.gpu_seconds or meter.seconds, 4)
+        main = outputs[0]
         done = _finish(
             job,
             JobStatus.SUCCEEDED,
+            lifecycle.Metered(
+                gpu_seconds=gpu_seconds,
+                images=1,
+                megapixels=round(main["width"] * main["height"] / 1e6, 4),
+                output_bytes=sum(o["bytes"] for o in outputs),
+            ),
             outputs=outputs,
             report=result.report,
             progress=1.0,
             compute_seconds=round(time.perf_counter() - started, 4),
-            gpu_seconds=round(result.gpu_seconds, 4),
+            gpu_seconds=gpu_seconds,
         )
         return "succeeded" if done else "lost"
     except JobCancelled:
         if ownership.lost:
             return "lost"
+        used = round(meter.seconds, 4)
         _finish(
             job,
             JobStatus.CANCELED,
+            lifecycle.Metered(gpu_seconds=used),
             error_code="canceled",
             error_message="Canceled while running.",
             compute_seconds=round(time.perf_counter() - started, 4),
+            gpu_seconds=used,
         )
         return "canceled"
     except (OperationFailed, ImageRejected) as exc:
@@ -250,17 +268,20 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
 def requeue_after_transient(org_id: uuid.UUID, job_id: uuid.UUID) -> bool:
     """Put a job whose attempt hit a transient error back to queued, for a delayed redelivery
     of the same message. False when it failed for good (attempts exhausted) or is not ours."""
+    ended: list[lifecycle.Ended] = []
     with org_context(org_id), tenant_session(org_id) as session:
         job = repository.get_job_sync(session, job_id)
         if job is None or job.status != JobStatus.RUNNING.value:
             return False
-        if job.attempts >= get_settings().job_max_attempts:
-            repository.fail_running_sync(
-                session,
-                job_id,
-                job.attempts,
-                "transient-errors",
-                "Storage or database errors persisted across attempts.",
-            )
-            return False
-        return repository.requeue_running_sync(session, job_id, job.attempts, redeliver=True)
+        if job.attempts < get_settings().job_max_attempts:
+            return repository.requeue_running_sync(session, job_id, job.attempts, redeliver=True)
+        if repository.fail_running_sync(
+            session,
+            job_id,
+            job.attempts,
+            "transient-errors",
+            "Storage or database errors persisted across attempts.",
+        ):
+            ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.FAILED))
+    lifecycle.announce(ended)
+    return False

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     prefer_wait_max_seconds: int = 60
     progress_db_interval_seconds: float = 0.5
 
+    # Billing.
+    billing_past_due_grace_days: float = 7.0
+
     # Webhooks.
     webhook_allow_private_urls: bool = False
     webhook_timeout_seconds: float = 10.0

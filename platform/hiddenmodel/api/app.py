@@ -17,9 +17,14 @@ from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
 from hiddenmodel.jobs.router import router as jobs_router
 from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
+from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
 from hiddenmodel.settings import DEV_SECRET_KEY, get_settings
+from hiddenmodel.usage.ratelimits import enforce_for_key
+from hiddenmodel.usage.router import router as usage_router
+from hiddenmodel.webhooks.router import router as webhooks_router
+from tenants.auth import API_KEY_HOOKS
 from tenants.router import router as tenants_router
 from tenants.schemas import UserCreate, UserRead, UserUpdate
 from tenants.users import bearer_backend, cookie_backend, fastapi_users
@@ -86,10 +91,15 @@ def create_app() -> FastAPI:
     )
     app.include_router(tenants_router)
     app.include_router(jobs_router)
+    app.include_router(usage_router)
+    app.include_router(webhooks_router)
+    if enforce_for_key not in API_KEY_HOOKS:
+        API_KEY_HOOKS.append(enforce_for_key)
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
 
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

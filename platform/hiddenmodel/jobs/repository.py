@@ -208,6 +208,7 @@ def finish_sync(
 
 
 def expire_sync(session: Session, job_id: uuid.UUID) -> bool:
+    """queued → expired when past ``cancel_after``; releases the reservation."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == QUEUED, Job.cancel_after < func.now())

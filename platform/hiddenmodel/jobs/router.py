@@ -19,7 +19,7 @@ from hiddenmodel.errors import NotFound, Problem
 from hiddenmodel.jobs import events, repository, service
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import all_operations
-from hiddenmodel.jobs.schemas import JobRead, OperationRead
+from hiddenmodel.jobs.schemas import JobRead, OperationRead, QuoteRead
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.redis import async_redis
 from hiddenmodel.settings import get_settings
@@ -115,9 +115,9 @@ async def _wait_terminal(org_id: uuid.UUID, job_id: uuid.UUID, seconds: float) -
     response_model=JobRead,
     responses={
         200: {
-            "description": "Finished within `Prefer: wait`, or an idempotent replay "
-            "of a finished job",
-            "model": JobRead,
+            "description": "Finished within `Prefer: wait`, an idempotent replay of a "
+            "finished job, or with `dry_run` a price quote (QuoteRead)",
+            "model": JobRead | QuoteRead,
         }
     },
 )
@@ -134,6 +134,10 @@ async def submit_job(
     ] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N ≤ 60)")] = None,
+    dry_run: Annotated[
+        bool, Form(description="Quote only: validate and price, create nothing")
+    ] = False,
+    dry_run_query: Annotated[bool, Query(alias="dry_run")] = False,
 ) -> Any:
     """Accept a job: 202 with the job and its `Location` at once; the work runs async."""
     scope.require(JOBS_WRITE)
@@ -149,8 +153,11 @@ async def submit_job(
             uploads=uploads,
             idempotency_key=idempotency_key,
             cancel_after_seconds=cancel_after,
+            dry_run=dry_run or dry_run_query,
         ),
     )
+    if isinstance(submitted, service.Quote):
+        return JSONResponse(QuoteRead.from_quote(submitted).model_dump(mode="json"))
     job = submitted.job
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if submitted.replayed:

@@ -74,3 +74,29 @@ class OperationRead(BaseModel):
     params_schema: dict[str, Any]
     example_params: dict[str, Any]
     cost_estimate_1024px: dict[str, Any]
+
+
+class Price(BaseModel):
+    amount: str = Field(description="Decimal amount, in the currency's major unit")
+    currency: str
+
+
+class QuoteRead(BaseModel):
+    """A dry run's answer: the estimate and its price; nothing was created."""
+
+    dry_run: bool = True
+    operation: str
+    operation_version: str
+    estimate: dict[str, float | int]
+    price: Price
+    plan: str
+
+    @classmethod
+    def from_quote(cls, quote: Any) -> QuoteRead:
+        return cls(
+            operation=quote.operation,
+            operation_version=quote.operation_version,
+            estimate={"gpu_seconds": quote.gpu_seconds, "images": quote.images},
+            price=Price(amount=str(quote.amount), currency=quote.currency),
+            plan=quote.plan,
+        )

@@ -8,6 +8,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -17,11 +18,12 @@ from hiddenmodel import storage
 from hiddenmodel.db import after_commit, commit, rollback
 from hiddenmodel.errors import Conflict, NotFound, Problem
 from hiddenmodel.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
-from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import Operation, get_operation
 from hiddenmodel.jobs.schemas import InputRead, JobError, JobRead, OutputRead, Timings
 from hiddenmodel.settings import get_settings
+from hiddenmodel.usage import quotas
 from tenants.auth import OrgScope
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,26 @@ class Submission:
     uploads: list[Upload]
     idempotency_key: str | None
     cancel_after_seconds: int | None
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
 class Submitted:
     job: Job
     replayed: bool
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a job would cost, computed by a dry run that stores and creates nothing."""
+
+    operation: str
+    operation_version: str
+    gpu_seconds: float
+    images: int
+    amount: Decimal
+    currency: str
+    plan: str
 
 
 def image_limits() -> ImageLimits:
@@ -126,21 +142,41 @@ async def _replay(scope: OrgScope, key: str, request_hash: str) -> Job | None:
     return existing
 
 
-async def submit(scope: OrgScope, sub: Submission) -> Submitted:
+async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
     """Validate, store inputs in S3, then insert the job and its outbox row in one transaction.
 
     The caller owns the session; this commits it itself because the job must be durable
     before anything waits on it. Anything rejected leaves no object and no row.
     """
     op = get_operation(sub.operation)
-    params = op.validate_params(sub.params).model_dump(mode="json")
+    params_model = op.validate_params(sub.params)
+    params = params_model.model_dump(mode="json")
     infos = await run_in_threadpool(_validate_uploads, op, sub.uploads)
+    estimate = op.estimate(params_model, infos["image"].width, infos["image"].height)
+    input_bytes = sum(len(u.data) for u in sub.uploads)
+    now = datetime.now(UTC)
+    if sub.dry_run:
+        plan = (await quotas.org_plan(scope.session)).plan
+        await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
+        return Quote(
+            operation=op.name,
+            operation_version=op.version,
+            gpu_seconds=estimate.gpu_seconds,
+            images=estimate.images,
+            amount=(Decimal(str(estimate.gpu_seconds)) * plan.price_per_gpu_second).quantize(
+                Decimal("0.000001")
+            ),
+            currency=plan.currency,
+            plan=plan.code,
+        )
     request_hash = _request_hash(sub, op, params)
     if sub.idempotency_key:
         replay = await _replay(scope, sub.idempotency_key, request_hash)
         if replay is not None:
             return Submitted(replay, replayed=True)
 
+    # Refuse early what certainly does not fit, before uploading anything.
+    await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
     job_id = uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
@@ -196,6 +232,14 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted:
         await run_in_threadpool(_store)
         repository.add_job(scope.session, job)
         await scope.session.flush()
+        await quotas.reserve(
+            scope.session,
+            job,
+            gpu_seconds=estimate.gpu_seconds,
+            images=estimate.images,
+            input_bytes=input_bytes,
+            now=now,
+        )
     except IntegrityError:
         await rollback(scope.session)
         await run_in_threadpool(storage.delete_objects, keys)
@@ -219,6 +263,21 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted:
     return Submitted(job, replayed=False)
 
 
+async def _check_quota(
+    scope: OrgScope, gpu_seconds: float, images: int, input_bytes: int, now: datetime
+) -> None:
+    await quotas.check(
+        scope.session,
+        org_id=scope.org_id,
+        user_id=scope.principal.user_id,
+        key_id=scope.principal.api_key_id,
+        gpu_seconds=gpu_seconds,
+        images=images,
+        input_bytes=input_bytes,
+        now=now,
+    )
+
+
 async def get(scope: OrgScope, job_id: uuid.UUID) -> Job:
     job = await repository.get_job(scope.session, job_id)
     if job is None:
@@ -233,11 +292,7 @@ async def cancel(scope: OrgScope, job_id: uuid.UUID) -> Job:
     if job.status == JobStatus.QUEUED.value and await repository.cancel_queued(
         scope.session, job_id, now
     ):
-
-        async def _announce() -> None:
-            await events.publish_async(job_id, {"type": "status", "status": "canceled"})
-
-        after_commit(scope.session, _announce)
+        await lifecycle.record_end(scope.session, job_id, JobStatus.CANCELED)
     elif job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
         # It started meanwhile, or is running: ask the worker to stop.
         if await repository.request_cancel_running(scope.session, job_id):

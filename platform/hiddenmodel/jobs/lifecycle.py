@@ -1,0 +1,86 @@
+"""What every end of a job brings with it, wherever the job ends (worker, reconciler, API).
+
+Inside the transaction that moves the job to its terminal state: settle its quota
+reservation, write its usage event (when billable) and record its webhook deliveries.
+After the commit: announce the new state, wake the dispatcher (the organization has room
+again) and queue the webhook deliveries. Nothing is announced that was not committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from hiddenmodel.db import after_commit
+from hiddenmodel.jobs import events
+from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.usage.repository import settle, settle_sync
+from hiddenmodel.webhooks import delivery as webhook_delivery
+from hiddenmodel.webhooks import service as webhooks
+
+
+@dataclass(frozen=True)
+class Metered:
+    """What a finished job is billed for (see hiddenmodel.usage.repository.settle_sync)."""
+
+    gpu_seconds: float = 0.0
+    images: int = 0
+    megapixels: float = 0.0
+    output_bytes: int = 0
+
+
+@dataclass
+class Ended:
+    """A job that reached a terminal state in the current transaction."""
+
+    org_id: uuid.UUID
+    job_id: uuid.UUID
+    status: JobStatus
+    deliveries: list[uuid.UUID] = field(default_factory=list)
+
+
+def record_end_sync(
+    session: Session,
+    org_id: uuid.UUID,
+    job_id: uuid.UUID,
+    status: JobStatus,
+    metered: Metered | None = None,
+) -> Ended:
+    """Call right after the compare-and-set that ended the job, in its transaction."""
+    m = metered or Metered()
+    settle_sync(
+        session,
+        job_id,
+        status.value,
+        gpu_seconds=m.gpu_seconds,
+        images=m.images,
+        megapixels=m.megapixels,
+        output_bytes=m.output_bytes,
+    )
+    deliveries = webhooks.emit_job_event_sync(session, job_id, status)
+    return Ended(org_id=org_id, job_id=job_id, status=status, deliveries=deliveries)
+
+
+def announce(ended: list[Ended]) -> None:
+    """After the commit: publish, wake the dispatcher, queue webhook deliveries."""
+    for end in ended:
+        events.publish(end.job_id, {"type": "status", "status": end.status.value})
+        webhook_delivery.send_deliveries(end.org_id, end.deliveries)
+    if ended:
+        events.wake_dispatcher_sync()
+
+
+async def record_end(session: AsyncSession, job_id: uuid.UUID, status: JobStatus) -> None:
+    """The API's twin of :func:`record_end_sync` (a queued job canceled); the webhook
+    deliveries and the announcement go out once ``session`` commits."""
+    await settle(session, job_id, status.value)
+    await webhooks.emit_job_event(session, job_id, status)
+
+    async def _announce() -> None:
+        await events.publish_async(job_id, {"type": "status", "status": status.value})
+        await events.wake_dispatcher()
+
+    after_commit(session, _announce)

@@ -1,0 +1,18 @@
+"""Imports every module that maps tables, so ``Base.metadata`` knows the whole schema
+(checks that must see every org-scoped table start here)."""
+
+from __future__ import annotations
+
+import hiddenmodel.jobs.models
+import hiddenmodel.models
+import hiddenmodel.usage.models
+import hiddenmodel.webhooks.models
+import tenants.models
+
+MODEL_MODULES = (
+    hiddenmodel.models,
+    hiddenmodel.jobs.models,
+    hiddenmodel.usage.models,
+    hiddenmodel.webhooks.models,
+    tenants.models,
+)

@@ -1,0 +1,1 @@
+"""Usage metering, plans and quotas."""
