@@ -247,10 +247,17 @@ def upgrade() -> None:
             ), orgs AS (
                 SELECT DISTINCT r.organization_id FROM ranked r
             ), caps AS (
+                -- An override (null: unlimited) beats the org's plan; no billing row
+                -- means the default plan. Never above the dispatcher's own cap.
                 SELECT g.organization_id,
-                       least(p_cap, coalesce((b.overrides ->> 'max_running_jobs')::integer,
-                                             p.max_running_jobs, dp.max_running_jobs,
-                                             p_cap)) AS cap
+                       least(p_cap, CASE
+                           WHEN b.overrides ? 'max_running_jobs'
+                               THEN coalesce((b.overrides ->> 'max_running_jobs')::integer,
+                                             p_cap)
+                           WHEN b.organization_id IS NOT NULL
+                               THEN coalesce(p.max_running_jobs, p_cap)
+                           ELSE coalesce(dp.max_running_jobs, p_cap)
+                       END) AS cap
                 FROM orgs g
                 LEFT JOIN org_billing b ON b.organization_id = g.organization_id
                 LEFT JOIN plans p ON p.id = b.plan_id

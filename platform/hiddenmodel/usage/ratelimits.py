@@ -33,6 +33,11 @@ async def _limits(key: ApiKey) -> tuple[int | None, int | None]:
     return result
 
 
+def forget_all() -> None:
+    """Drop every cached limit (a plan changed)."""
+    _cache.clear()
+
+
 def forget(org_id: uuid.UUID) -> None:
     """Drop cached limits of an organization (its plan or overrides changed)."""
     for cached in [k for k in _cache if k[0] == org_id]:
