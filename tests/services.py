@@ -30,6 +30,7 @@ class Process:
     def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.name = name
+        self.queues: set[str] = set()
         self.log_path = LOG_DIR / f"{name}.log"
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
@@ -86,7 +87,12 @@ class Cluster:
         if self.dispatcher is None or not self.dispatcher.alive():
             self.dispatcher = hiddenmodel("dispatcher", "dispatcher")
 
-    def start_worker(self, queues: str = "cpu,gpu,webhooks,maintenance") -> Process:
+    def start_worker(
+        self,
+        queues: str = "cpu,webhooks,maintenance",
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> Process:
         self._count += 1
         worker = hiddenmodel(
             f"worker-{self._count}",
@@ -95,7 +101,10 @@ class Cluster:
             queues,
             "--hostname",
             f"test-worker-{self._count}@%h",
+            *args,
+            env=env,
         )
+        worker.queues = set(queues.split(","))
         self.workers.append(worker)
         self._wait_ready(worker)
         return worker
@@ -118,7 +127,7 @@ class Cluster:
 
     def ensure_worker(self) -> None:
         self.workers = [w for w in self.workers if w.alive()]
-        if not self.workers:
+        if not any("cpu" in w.queues for w in self.workers):
             self.start_worker()
 
     def stop(self) -> None:

@@ -6,13 +6,19 @@ GPU operations are added where the model runtime lives; nothing here imports tor
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
 
-from hiddenmodel.jobs.operations import RemoveBackgroundParams, ResizeParams
+from hiddenmodel.jobs.operations import (
+    GhostMannequinParams,
+    RemoveBackgroundParams,
+    ResizeParams,
+)
 from workers.pipelines.background import remove_background
 from workers.pipelines.resize import resize
 
@@ -120,9 +126,78 @@ def _resize(ex: Execution) -> ExecutionResult:
     return ExecutionResult(outputs=[OutputImage("output", out, params.format, params.quality)])
 
 
+def _mask_array(image: Image.Image | None) -> Any:
+    if image is None:
+        return None
+    import numpy as np
+
+    return np.asarray(image.convert("L")) >= 128
+
+
+def _ghost_mannequin(ex: Execution) -> ExecutionResult:
+    # Imported here: only GPU workers load OpenCV and the model runtime.
+    from workers import gpu
+    from workers.pipelines.ghost.pipeline import GhostParams, ghost_mannequin
+
+    params = GhostMannequinParams.model_validate(ex.params)
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+    metered = gpu.MeteredInpainter(gpu.inpainter(), ex.meter)
+
+    def on_step(step: int, total: int) -> None:
+        ex.progress("inpainting", 0.1 + 0.8 * step / max(1, total))
+
+    ex.progress("segmenting", 0.05)
+    try:
+        result = ghost_mannequin(
+            ex.images["image"],
+            inpainter=metered,
+            params=GhostParams(
+                background=params.background,
+                size=params.size,
+                steps=params.steps,
+                strength=params.strength,
+                guidance=params.guidance,
+                seed=seed,
+                shadow=params.shadow,
+                garment_type=params.garment_type,
+                debug_layers=params.debug_layers,
+            ),
+            garment_mask=_mask_array(ex.images.get("mask")),
+            body_mask=_mask_array(ex.images.get("body_mask")),
+            interior=ex.images.get("interior"),
+            progress=on_step,
+        )
+    except ValueError as exc:
+        raise OperationFailed("ghost-not-possible", str(exc)) from exc
+    ex.progress("compositing", 0.92)
+    outputs = [
+        OutputImage("output", result.image, params.format, params.quality),
+        OutputImage("alpha", result.alpha, "png"),
+    ]
+    outputs += [
+        OutputImage(f"debug-{name.replace('_', '-')}", layer, "png")
+        for name, layer in sorted(result.layers.items())
+    ]
+    report = {
+        **{k: v for k, v in result.report.items() if _jsonable(v)},
+        "seed": seed,
+        "batch_sizes": metered.batch_sizes,
+    }
+    return ExecutionResult(outputs=outputs, report=report, gpu_seconds=result.gpu_seconds)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 EXECUTORS: dict[str, Executor] = {
     "remove_background": _remove_background,
     "resize": _resize,
+    "ghost_mannequin": _ghost_mannequin,
 }
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hiddenmodel.settings import get_settings
 
@@ -71,6 +72,21 @@ def _cmd_create_api_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    queues = {q.strip() for q in args.queues.split(",") if q.strip()}
+    if "gpu" in queues:
+        # A GPU worker without its model is refused now, naming what is missing, rather
+        # than failing its first job.
+        from workers import gpu
+        from workers.models import ModelDirError
+
+        try:
+            gpu.check_models()
+        except ModelDirError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if args.pool != "prefork":
+            # No fork ahead: load the model now so the first job does not pay for it.
+            gpu.inpainter()
     from workers.celery_app import app
 
     argv = [
@@ -105,6 +121,14 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from workers.models.tiny import make_tiny_model
+
+    make_tiny_model(args.dir)
+    print(f"wrote a randomly initialised SDXL inpainting pipeline to {args.dir}")
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from hiddenmodel import up
 
@@ -129,10 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker (one process per GPU)")
     worker.add_argument("--queues", default="gpu,cpu,webhooks,maintenance")
-    worker.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"])
+    worker.add_argument(
+        "--pool",
+        default="solo",
+        choices=["solo", "prefork", "threads"],
+        help="GPU workers: threads, with --concurrency at least the batch size, so jobs can "
+        "be batched onto the one resident model",
+    )
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--hostname", default=None)
     worker.set_defaults(func=_cmd_worker)
+
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write a tiny random SDXL inpainting model (tests, demos)"
+    )
+    tiny.add_argument("dir", type=Path)
+    tiny.set_defaults(func=_cmd_make_tiny_model)
 
     sub.add_parser(
         "dispatcher", help="release queued jobs fairly and reconcile lost or stuck ones"

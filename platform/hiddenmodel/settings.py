@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     presigned_url_ttl_seconds: int = 300
 
     model_dir: Path | None = None
+    # Dynamic batching of GPU inpainting: up to this many compatible requests, gathered for
+    # at most this long after the first arrives.
+    gpu_batch_max_size: int = Field(default=4, ge=1, le=64)
+    gpu_batch_window_ms: float = Field(default=50.0, ge=0)
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     data_dir: Path = Path("var")
 

@@ -37,6 +37,7 @@ class InpaintRequest:
 class InpaintResult:
     image: Image.Image  # RGB, same size as the request
     gpu_seconds: float  # device time of this request (a batch's time split evenly)
+    batch_size: int = 1  # how many requests shared the pipeline call
 
 
 class Inpainter(Protocol):

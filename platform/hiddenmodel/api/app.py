@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from hiddenmodel import __version__
+from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
@@ -22,6 +23,7 @@ from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
 from hiddenmodel.settings import DEV_SECRET_KEY, get_settings
 from hiddenmodel.usage.ratelimits import enforce_for_key
+from hiddenmodel.usage.reports_router import router as usage_reports_router
 from hiddenmodel.usage.router import router as usage_router
 from hiddenmodel.webhooks.router import router as webhooks_router
 from tenants.auth import API_KEY_HOOKS
@@ -92,6 +94,8 @@ def create_app() -> FastAPI:
     app.include_router(tenants_router)
     app.include_router(jobs_router)
     app.include_router(usage_router)
+    app.include_router(usage_reports_router)
+    app.include_router(admin_router)
     app.include_router(webhooks_router)
     if enforce_for_key not in API_KEY_HOOKS:
         API_KEY_HOOKS.append(enforce_for_key)

@@ -242,12 +242,13 @@ async def _event_stream(scope: OrgScope, job_id: uuid.UUID) -> AsyncIterator[byt
     await pubsub.subscribe(events.channel(job_id))
     try:
         job = await _load(org_id, job_id)
-        last_seen: tuple[str, str | None, float] | None = None
+        # A status event per change of status; progress between them comes from pub/sub, so
+        # a slower database re-read never sends a client back to an older step.
+        last_status: str | None = None
         last_check = last_beat = time.monotonic()
         while job is not None:
-            state = (job.status, job.stage, job.progress)
-            if state != last_seen:
-                last_seen = state
+            if job.status != last_status:
+                last_status = job.status
                 yield _sse(
                     "status", {"status": job.status, "stage": job.stage, "progress": job.progress}
                 )
@@ -263,11 +264,6 @@ async def _event_stream(scope: OrgScope, job_id: uuid.UUID) -> AsyncIterator[byt
                 data = json.loads(message["data"])
                 if data.get("type") == "progress":
                     yield _sse("progress", data)
-                    last_seen = (
-                        JobStatus.RUNNING.value,
-                        data.get("stage"),
-                        float(data.get("progress", 0)),
-                    )
                     continue
                 job = await _load(org_id, job_id)
                 last_check = now

@@ -1,0 +1,76 @@
+"""The GPU side of a worker process: the resident model behind a dynamic batcher.
+
+Loaded once per process (after any fork) and shared by every job thread of the process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hiddenmodel.settings import get_settings
+from workers.batching import InpaintBatcher
+from workers.operations import GpuMeter
+from workers.pipelines.contracts import (
+    Inpainter,
+    InpaintRequest,
+    InpaintResult,
+    JobCancelled,
+    ProgressCallback,
+)
+
+_lock = threading.Lock()
+_batcher: InpaintBatcher | None = None
+
+
+def check_models(model_dir: Path | None = None) -> Path:
+    """Fail at worker start, naming what is missing, rather than at the first job."""
+    from workers.models import check_model_dir
+
+    return check_model_dir(model_dir or get_settings().model_dir)
+
+
+def inpainter() -> InpaintBatcher:
+    """The process's batching inpainter over the resident model (loaded on first use)."""
+    global _batcher
+    with _lock:
+        if _batcher is None:
+            from workers.models import get_runtime
+
+            settings = get_settings()
+            _batcher = InpaintBatcher(
+                get_runtime(settings.model_dir),
+                max_batch=settings.gpu_batch_max_size,
+                window=settings.gpu_batch_window_ms / 1000,
+            )
+        return _batcher
+
+
+class MeteredInpainter:
+    """Counts each request's device time into the job's meter; a request canceled midway
+    is counted by wall time while it held the GPU."""
+
+    def __init__(self, inner: Inpainter, meter: GpuMeter) -> None:
+        self.inner = inner
+        self.meter = meter
+        self.batch_sizes: list[int] = []
+
+    def inpaint(
+        self, request: InpaintRequest, progress: ProgressCallback | None = None
+    ) -> InpaintResult:
+        started = time.perf_counter()
+        try:
+            result = self.inner.inpaint(request, progress)
+        except JobCancelled:
+            self.meter.add(time.perf_counter() - started)
+            raise
+        self.meter.add(result.gpu_seconds)
+        self.batch_sizes.append(result.batch_size)
+        return result
+
+    def inpaint_batch(
+        self, requests: Sequence[InpaintRequest], progress: ProgressCallback | None = None
+    ) -> list[InpaintResult]:
+        return [self.inpaint(r, progress) for r in requests]
