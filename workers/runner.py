@@ -19,7 +19,13 @@ from sqlalchemy.exc import OperationalError
 
 from hiddenmodel import storage
 from hiddenmodel.db import tenant_session
-from hiddenmodel.images import ImageLimits, ImageRejected, content_type, decode_image, encode_image
+from hiddenmodel.images import (
+    ImageRejected,
+    configured_limits,
+    content_type,
+    decode_image,
+    encode_image,
+)
 from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
@@ -95,15 +101,6 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed for job %s", self.job_id, exc_info=True)
 
 
-def _limits() -> ImageLimits:
-    settings = get_settings()
-    return ImageLimits(
-        max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_side=settings.max_image_side,
-    )
-
-
 def _load_inputs(job: Job) -> dict[str, Image.Image]:
     images = {}
     for name, meta in job.inputs.items():
@@ -111,7 +108,7 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
             data = storage.get_object(meta["key"])
         except Exception as exc:
             raise TransientError(f"reading input {name}: {exc}") from exc
-        images[name] = decode_image(data, _limits())
+        images[name] = decode_image(data, configured_limits())
     return images
 
 

@@ -404,3 +404,15 @@ def encode_image(image: Image.Image, format: ImageFormat, quality: int = 90) -> 
     else:
         image.save(out, "WEBP", quality=quality, method=4, **extra)
     return out.getvalue()
+
+
+def configured_limits() -> ImageLimits:
+    """The limits set for this installation (``HM_MAX_UPLOAD_BYTES`` and friends)."""
+    from hiddenmodel.settings import get_settings
+
+    settings = get_settings()
+    return ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_side=settings.max_image_side,
+    )

@@ -17,7 +17,13 @@ from starlette.concurrency import run_in_threadpool
 from hiddenmodel import storage
 from hiddenmodel.db import after_commit, commit, rollback
 from hiddenmodel.errors import Conflict, NotFound, Problem
-from hiddenmodel.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
+from hiddenmodel.images import (
+    ImageInfo,
+    ImageRejected,
+    configured_limits,
+    content_type,
+    inspect_image,
+)
 from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import Operation, get_operation
@@ -27,8 +33,6 @@ from hiddenmodel.usage import quotas
 from tenants.auth import OrgScope
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -68,15 +72,6 @@ class Quote:
     plan: str
 
 
-def image_limits() -> ImageLimits:
-    settings = get_settings()
-    return ImageLimits(
-        max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_side=settings.max_image_side,
-    )
-
-
 def _rejected(name: str, exc: ImageRejected) -> Problem:
     return Problem(
         f"{name}: {exc.detail}",
@@ -98,7 +93,7 @@ def _request_hash(sub: Submission, op: Operation, params: dict[str, Any]) -> str
 def _validate_uploads(op: Operation, uploads: list[Upload]) -> dict[str, ImageInfo]:
     allowed = {"image", *op.extra_inputs}
     infos: dict[str, ImageInfo] = {}
-    limits = image_limits()
+    limits = configured_limits()
     for upload in uploads:
         if upload.name not in allowed:
             raise Problem(
@@ -190,7 +185,7 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
             "width": info.width,
             "height": info.height,
             "bytes": len(upload.data),
-            "content_type": CONTENT_TYPES[info.format],
+            "content_type": content_type(info.format),
         }
         keys.append(key)
 
