@@ -13,7 +13,9 @@ QUEUES = ("gpu", "cpu", "webhooks", "maintenance")
 def make_celery() -> Celery:
     settings = get_settings()
     app = Celery(
-        "hiddenmodel", broker=settings.redis_url, include=["workers.tasks", "workers.webhooks"]
+        "hiddenmodel",
+        broker=settings.redis_url,
+        include=["workers.tasks", "workers.webhooks", "workers.billing"],
     )
     app.conf.update(
         task_serializer="json",
@@ -28,6 +30,8 @@ def make_celery() -> Celery:
         task_routes={
             "webhooks.*": {"queue": "webhooks"},
             "maintenance.*": {"queue": "maintenance"},
+            "usage.*": {"queue": "maintenance"},
+            "billing.*": {"queue": "maintenance"},
         },
         broker_transport_options={
             # Longer than the longest hard limit: a slow job is never delivered twice.

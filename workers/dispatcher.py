@@ -159,22 +159,44 @@ def _running_outcome(c: repository.Candidate, now: datetime) -> tuple[str, str] 
     return "requeue"
 
 
+class Every:
+    """A periodic chore of the dispatcher loop (the loop is the platform's only clock)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = float("-inf")
+
+    def due(self, now: float) -> bool:
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
 def run_forever(stop: threading.Event | None = None) -> None:
-    """The dispatcher process: dispatch on every wake-up (or poll), reconcile periodically."""
+    """The dispatcher process: dispatch on every wake-up (or poll); reconcile, sweep webhook
+    deliveries and schedule billing chores periodically."""
     settings = get_settings()
     stop = stop or threading.Event()
     client = sync_redis()
-    last_reconcile = 0.0
+    reconcile = Every(settings.reconcile_interval_seconds)
+    usage_push = Every(settings.stripe_push_interval_seconds)
+    billing_reconcile = Every(settings.billing_reconcile_interval_seconds)
     log.info("dispatcher started (cap %s per organization)", settings.dispatch_org_inflight_cap)
     while not stop.is_set():
         try:
             client.blpop([events.DISPATCH_WAKE], timeout=settings.dispatch_poll_seconds)
             while dispatch_once():
                 pass
-            if time.monotonic() - last_reconcile >= settings.reconcile_interval_seconds:
-                last_reconcile = time.monotonic()
+            now = time.monotonic()
+            if reconcile.due(now):
                 reconcile_once()
                 webhook_delivery.sweep_due_deliveries()
+            if settings.stripe_api_key is not None and usage_push.due(now):
+                # A push that waited longer than the interval is superseded by the next one.
+                app.send_task("usage.push_to_stripe", expires=settings.stripe_push_interval_seconds)
+            if settings.stripe_meter_id and billing_reconcile.due(now):
+                app.send_task("billing.reconcile")
         except Exception:
             log.exception("dispatcher pass failed; retrying")
             stop.wait(1.0)

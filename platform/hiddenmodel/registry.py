@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hiddenmodel.billing.models
 import hiddenmodel.jobs.models
 import hiddenmodel.models
 import hiddenmodel.usage.models
@@ -11,6 +12,7 @@ import tenants.models
 
 MODEL_MODULES = (
     hiddenmodel.models,
+    hiddenmodel.billing.models,
     hiddenmodel.jobs.models,
     hiddenmodel.usage.models,
     hiddenmodel.webhooks.models,

@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str | None = None
     stripe_webhook_secret: SecretStr | None = None
+    # Usage is sent to the meter named here in whole GPU-milliseconds; the meter's id is
+    # what the daily reconciliation reads back.
+    stripe_meter_event_name: str = "hm_gpu_milliseconds"
+    stripe_meter_id: str | None = None
+    stripe_timeout_seconds: float = 20.0
+    # The SDK's own retries (connection errors, 409, 5xx), each with the same idempotency key.
+    stripe_max_network_retries: int = Field(default=2, ge=0)
+    stripe_push_batch_size: int = Field(default=200, ge=1)
+    stripe_push_interval_seconds: float = 30.0
+    stripe_push_backoff_base_seconds: float = 60.0
+    stripe_push_backoff_cap_seconds: float = 6 * 3600.0
+    billing_reconcile_interval_seconds: float = 6 * 3600.0
 
     public_base_url: str = "http://127.0.0.1:8000"
     jwt_lifetime_seconds: int = 3600

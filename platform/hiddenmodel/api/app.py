@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from hiddenmodel import __version__
 from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
+from hiddenmodel.billing.router import router as billing_router
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
@@ -94,6 +95,7 @@ def create_app() -> FastAPI:
     app.include_router(tenants_router)
     app.include_router(jobs_router)
     app.include_router(usage_router)
+    app.include_router(billing_router)
     app.include_router(usage_reports_router)
     app.include_router(admin_router)
     app.include_router(webhooks_router)
