@@ -40,11 +40,11 @@ async def test_openapi_is_clean(client: httpx.AsyncClient) -> None:
     assert schemas["OrganizationCreate"].get("examples")
 
 
-async def test_health_readiness_metrics(client: httpx.AsyncClient) -> None:
+async def test_health_readiness_metrics(client: httpx.AsyncClient, s3: None) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     r = await client.get("/readyz")
     assert r.status_code == 200
-    assert r.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "redis": "ok", "storage": "ok"}
     r = await client.get("/metrics")
     assert r.status_code == 200
     assert 'hm_http_requests_total{method="GET",route="/readyz",status="200"}' in r.text
