@@ -65,6 +65,14 @@ class Principal:
         return self.user.id if self.user else None
 
     @property
+    def member_id(self) -> uuid.UUID | None:
+        """The member a request counts against: the user, or the person who created the
+        API key (usage by member and member sub-limits follow the key's creator)."""
+        if self.user is not None:
+            return self.user.id
+        return self.api_key.created_by_id if self.api_key else None
+
+    @property
     def api_key_id(self) -> uuid.UUID | None:
         return self.api_key.id if self.api_key else None
 

@@ -160,3 +160,32 @@ def test_a_gpu_worker_without_its_model_refuses_to_start(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "missing subfolder unet/" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_caller_masks_are_taken_and_checked(
+    client: httpx.AsyncClient, gpu_worker: Process
+) -> None:
+    _, headers = await keyed_org(client)
+    scene = make_scene("top", seed=3)
+
+    def png_of(mask: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray((mask * 255).astype("uint8"), "L").save(buf, "PNG")
+        return buf.getvalue()
+
+    files = {
+        "image": ("photo.png", photo(), "image/png"),
+        "mask": ("garment.png", png_of(scene.garment), "image/png"),
+        "body_mask": ("body.png", png_of(scene.body), "image/png"),
+    }
+    r = await submit(client, headers, operation="ghost_mannequin", files=files, params=ghost())
+    assert r.status_code == 202, r.text
+    assert set(r.json()["inputs"]) == {"image", "mask", "body_mask"}
+    done = await wait_job(client, headers, r.json()["id"], timeout=120)
+    assert done["status"] == "succeeded", done
+    assert done["report"]["segmentation"] == "supplied", done["report"]
+    small = io.BytesIO()
+    Image.new("L", (10, 10)).save(small, "PNG")
+    files["body_mask"] = ("body.png", small.getvalue(), "image/png")
+    r = await submit(client, headers, operation="ghost_mannequin", files=files, params=ghost())
+    assert r.status_code == 422 and r.json()["input"] == "body_mask"

@@ -284,3 +284,21 @@ async def test_rate_limits_per_key_and_org(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/jobs", headers=other)
     assert_problem(r, 429, "rate-limited")
     assert r.json()["subject"] == "org"
+
+
+async def test_member_sub_limits_follow_the_keys_they_created(client: httpx.AsyncClient) -> None:
+    org, headers = await keyed_org(client)
+    r = await client.put(
+        f"/v1/orgs/{org.id}/quota-limits/members/{org.owner.id}",
+        json={"monthly_images": 1},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 200
+    assert (await submit(client, headers)).status_code == 202
+    # Another key of the same creator draws from the same member budget.
+    other = bearer((await make_key(client, org, ["jobs:write"]))["key"])
+    r = await submit(client, other)
+    assert_problem(r, 429, "quota-exceeded")
+    assert r.json()["subject"] == "member"
+    job_user = db_scalar("SELECT user_id FROM jobs WHERE organization_id = :o LIMIT 1", o=org.id)
+    assert str(job_user) == org.owner.id

@@ -128,6 +128,9 @@ async def submit_job(
     operation: Annotated[str, Form(examples=["remove_background"])],
     params: Annotated[str, Form(description="JSON object; see GET /v1/operations")] = "{}",
     mask: Annotated[UploadFile | None, File(description="Optional mask, image-sized")] = None,
+    body_mask: Annotated[
+        UploadFile | None, File(description="Optional mannequin or person mask, image-sized")
+    ] = None,
     interior: Annotated[UploadFile | None, File(description="Optional interior photo")] = None,
     cancel_after: Annotated[
         int | None, Form(ge=1, le=7 * 86400, description="Expire if not started within N s")
@@ -142,7 +145,7 @@ async def submit_job(
     """Accept a job: 202 with the job and its `Location` at once; the work runs async."""
     scope.require(JOBS_WRITE)
     uploads = [await _read(image, "image")]
-    for name, upload in (("mask", mask), ("interior", interior)):
+    for name, upload in (("mask", mask), ("body_mask", body_mask), ("interior", interior)):
         if upload is not None:
             uploads.append(await _read(upload, name))
     submitted = await service.submit(

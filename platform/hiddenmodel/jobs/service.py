@@ -108,15 +108,18 @@ def _validate_uploads(op: Operation, uploads: list[Upload]) -> dict[str, ImageIn
             raise _rejected(upload.name, exc) from exc
     if "image" not in infos:
         raise Problem("The 'image' file is required.", status=422, kind="missing-image")
-    mask = infos.get("mask")
     image = infos["image"]
-    if mask is not None and (mask.width, mask.height) != (image.width, image.height):
-        raise Problem(
-            f"The mask is {mask.width}x{mask.height}; the image is {image.width}x{image.height}.",
-            status=422,
-            kind="mask-size-mismatch",
-            title="Mask size mismatch",
-        )
+    for name in ("mask", "body_mask"):
+        mask = infos.get(name)
+        if mask is not None and (mask.width, mask.height) != (image.width, image.height):
+            raise Problem(
+                f"The {name} is {mask.width}x{mask.height}; "
+                f"the image is {image.width}x{image.height}.",
+                status=422,
+                kind="mask-size-mismatch",
+                title="Mask size mismatch",
+                input=name,
+            )
     return infos
 
 
@@ -210,7 +213,7 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         id=job_id,
         organization_id=org_id,
         api_key_id=scope.principal.api_key_id,
-        user_id=scope.principal.user_id,
+        user_id=scope.principal.member_id,
         operation=op.name,
         operation_version=op.version,
         queue=op.queue,
@@ -264,7 +267,7 @@ async def _check_quota(
     await quotas.check(
         scope.session,
         org_id=scope.org_id,
-        user_id=scope.principal.user_id,
+        user_id=scope.principal.member_id,
         key_id=scope.principal.api_key_id,
         gpu_seconds=gpu_seconds,
         images=images,

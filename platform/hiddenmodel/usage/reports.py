@@ -40,7 +40,7 @@ TenantGroupBy = Literal["day", "member", "api_key", "operation"]
 
 # Labels of rows whose subject is absent: a job submitted with an API key has no member, one
 # submitted by a signed-in member has no key; the user or key may also have been deleted.
-NO_MEMBER = "(submitted with an API key)"
+NO_MEMBER = "(no member: an API key made by an operator)"
 NO_API_KEY = "(submitted by a signed-in member)"
 DELETED = "(deleted)"
 

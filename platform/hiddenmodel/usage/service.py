@@ -66,12 +66,12 @@ async def limits_view(scope: OrgScope) -> LimitsRead:
                 await quotas.sub_limits(scope.session, "api_key", scope.principal.api_key_id),
             )
         )
-    if scope.principal.user_id is not None:
+    if scope.principal.member_id is not None:
         subjects.append(
             (
                 "member",
-                scope.principal.user_id,
-                await quotas.sub_limits(scope.session, "member", scope.principal.user_id),
+                scope.principal.member_id,
+                await quotas.sub_limits(scope.session, "member", scope.principal.member_id),
             )
         )
     for subject, subject_id, limits in subjects:
