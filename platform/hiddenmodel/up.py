@@ -6,9 +6,13 @@ standard port, else it is started embedded under ``HM_DATA_DIR``: PostgreSQL fro
 at: it is ``HM_S3_ENDPOINT_URL`` when set, else moto's S3 server. ``HM_EMBEDDED=1`` goes
 straight to the embedded servers, whatever else is configured or running.
 
-Then the platform itself: a Celery worker on every queue, the dispatcher and the API, each the
-same ``hiddenmodel`` command production runs, with the environment ``up`` resolved. A real
-``resize`` job, submitted with the demo key and downloaded, proves the whole chain works.
+Then the platform itself: a CPU worker, a GPU worker (the model operations), the dispatcher and
+the API, each the same ``hiddenmodel`` command production runs, with the environment ``up``
+resolved. The GPU worker serves the model at ``HM_MODEL_DIR``; when that is unset, ``up`` makes
+a tiny randomly initialised SDXL inpainting model once under ``HM_DATA_DIR`` (in a subprocess:
+torch stays out of this process) and says so, since its outputs only show the pipeline
+working. A real ``resize`` job and a small ``ghost_mannequin`` job, submitted with the demo key,
+prove the whole chain works.
 
 Everything ``up`` starts, embedded servers and the platform's own processes alike, is a
 :class:`Child` in one :class:`Children` list: started in order, stopped in reverse order on
@@ -26,15 +30,17 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -68,13 +74,31 @@ DATABASE_ENV = (
 )
 S3_ENV = "HM_S3_ENDPOINT_URL"
 START_TIMEOUT_S = 60.0
-# Every queue, so one worker runs whatever the demo data asks for.
-WORKER_QUEUES = "cpu,gpu,webhooks,maintenance"
+# The CPU worker: operations without a model, webhook deliveries and maintenance. GPU time is
+# not spent on those, so the model operations have a worker of their own.
+WORKER_QUEUES = "cpu,webhooks,maintenance"
+# The GPU worker runs jobs in threads, so concurrent jobs meet in the batcher over its one
+# resident model; fewer threads than the batch size would cap the batches.
+GPU_WORKER_QUEUES = "gpu"
+GPU_WORKER_CONCURRENCY = 4
+MODEL_ENV = "HM_MODEL_DIR"
+# Under HM_DATA_DIR: where up keeps the tiny random model it makes when HM_MODEL_DIR is unset.
+TINY_MODEL_DIR = Path("models") / "tiny-sdxl-inpaint"
+# Building the tiny model is mostly importing torch and diffusers (seconds); loading a real
+# checkpoint from a slow disk can take minutes.
+MODEL_MAKE_TIMEOUT_S = 300.0
+MODEL_LOAD_TIMEOUT_S = 600.0
 # What Celery logs once the worker consumes (the test suite waits for the same line).
 WORKER_READY = "ready."
 DEMO_JOB_WAIT_S = 30
 DEMO_IMAGE_SIZE = (256, 256)
 DEMO_JOB_PARAMS = {"width": 128, "height": 96, "mode": "fit"}
+GHOST_JOB_WAIT_S = 60
+# Small and few steps: seconds on a CPU with the tiny model, still the whole pipeline.
+GHOST_JOB_PARAMS = {"size": 256, "steps": 4, "seed": 7}
+GHOST_PHOTO_SIZE = (360, 480)
+# Under HM_DATA_DIR: the garment photo of the demo job, kept for trying the API by hand.
+GHOST_PHOTO_FILE = "demo-garment.png"
 STOP_TIMEOUT_S = 15.0
 # Unix socket paths longer than this do not fit sockaddr_un on every platform.
 MAX_SOCKET_PATH = 100
@@ -108,6 +132,8 @@ class Child:
     log_path: Path | None = None
     user: ServiceUser | None = None
     cwd: Path | None = None
+    # Set in its environment on top of up's own.
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     # Logs are appended to across runs: where this run's output starts in the file.
     log_offset: int = field(default=0, init=False, repr=False)
@@ -145,6 +171,52 @@ class Child:
     def failure(self) -> str:
         return f"{self.name} exited with code {self.exit_code()}{self.log_tail()}"
 
+    def spawn(self) -> None:
+        """Start the process, its output appended to its log (or on up's terminal)."""
+        log: IO[bytes] | None = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = self.log_path.open("ab")
+            self.log_offset = log.tell()
+        user = self.user
+        try:
+            self.process = subprocess.Popen(  # noqa: S603 - argv built here, no shell
+                self.argv,
+                cwd=self.cwd,
+                env={**os.environ, **self.env} if self.env else None,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT if log is not None else None,
+                # Its own session: Ctrl-C reaches up alone, which stops children in order.
+                start_new_session=True,
+                preexec_fn=(
+                    functools.partial(_set_parent_death_signal, self.stop_signal)
+                    if sys.platform == "linux"
+                    else None
+                ),
+                user=None if user is None else user.uid,
+                group=None if user is None else user.gid,
+                extra_groups=None if user is None else [],
+            )
+        except OSError as exc:
+            raise UpError(f"cannot start {self.name} ({self.argv[0]}): {exc}") from exc
+        finally:
+            if log is not None:
+                log.close()
+
+    def stop(self) -> None:
+        """Send the stop signal and wait; kill it if it does not stop in time."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(self.stop_signal)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} did not stop in {STOP_TIMEOUT_S:.0f} s: killing it")
+            process.kill()
+            process.wait()
+
 
 def _set_parent_death_signal(sig: int) -> None:
     """Runs in the child before exec: the kernel signals it when ``up`` dies, even by SIGKILL."""
@@ -158,35 +230,7 @@ class Children:
         self._started: list[Child] = []
 
     def start(self, child: Child) -> Child:
-        log: IO[bytes] | None = None
-        if child.log_path is not None:
-            child.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = child.log_path.open("ab")
-            child.log_offset = log.tell()
-        user = child.user
-        try:
-            child.process = subprocess.Popen(  # noqa: S603 - argv built here, no shell
-                child.argv,
-                cwd=child.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT if log is not None else None,
-                # Its own session: Ctrl-C reaches up alone, which stops children in order.
-                start_new_session=True,
-                preexec_fn=(
-                    functools.partial(_set_parent_death_signal, child.stop_signal)
-                    if sys.platform == "linux"
-                    else None
-                ),
-                user=None if user is None else user.uid,
-                group=None if user is None else user.gid,
-                extra_groups=None if user is None else [],
-            )
-        except OSError as exc:
-            raise UpError(f"cannot start {child.name} ({child.argv[0]}): {exc}") from exc
-        finally:
-            if log is not None:
-                log.close()
+        child.spawn()
         self._started.append(child)
         return child
 
@@ -204,17 +248,7 @@ class Children:
 
     def stop_all(self) -> None:
         while self._started:
-            child = self._started.pop()
-            process = child.process
-            if process is None or process.poll() is not None:
-                continue
-            process.send_signal(child.stop_signal)
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print(f"{child.name} did not stop in {STOP_TIMEOUT_S:.0f} s: killing it")
-                process.kill()
-                process.wait()
+            self._started.pop().stop()
 
 
 class _Signals:
@@ -256,12 +290,14 @@ def _data_dir_lock(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def _wait_until(ready: Callable[[], bool], children: Children, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _wait_until(
+    ready: Callable[[], bool], children: Children, what: str, timeout: float = START_TIMEOUT_S
+) -> None:
+    deadline = time.monotonic() + timeout
     while not ready():
         children.ensure_running()
         if time.monotonic() > deadline:
-            raise UpError(f"{what} did not answer within {START_TIMEOUT_S:.0f} s")
+            raise UpError(f"{what} did not answer within {timeout:.0f} s")
         time.sleep(0.1)
 
 
@@ -626,6 +662,153 @@ def _ensure_bucket() -> str:
     return f"S3 bucket {settings.s3_bucket!r} ready"
 
 
+def _ai_installed() -> bool:
+    """Whether torch and diffusers (the ``ai`` extra) are installed, found without importing
+    them: importing torch takes seconds and up itself never needs it."""
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
+
+
+def _nvidia_gpu_visible() -> bool:
+    """Whether the GPU worker will see an NVIDIA GPU, judged without importing torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in {"", "-1"}:
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+@dataclass
+class ModelPlan:
+    """The model the GPU worker serves, settled before any server starts."""
+
+    # None: no GPU worker; ``note`` says why.
+    path: Path | None
+    # Made by up with random weights: the banner must say what its outputs are worth.
+    tiny: bool = False
+    note: str = ""
+    # The tiny model being made, in the background while the servers start.
+    maker: Child | None = None
+    staging: Path | None = None
+
+    def finish(self, children: Children) -> None:
+        """Wait for the tiny model being made, then move it into place."""
+        maker, staging = self.maker, self.staging
+        if maker is None or staging is None or self.path is None:
+            return
+        deadline = time.monotonic() + MODEL_MAKE_TIMEOUT_S
+        while maker.exit_code() is None:
+            children.ensure_running()
+            if time.monotonic() > deadline:
+                self.abandon()
+                raise UpError(
+                    f"making the tiny model took over {MODEL_MAKE_TIMEOUT_S:.0f} s"
+                    f"{maker.log_tail()}"
+                )
+            time.sleep(0.1)
+        self.maker = None
+        if maker.exit_code() != 0:
+            raise UpError(maker.failure())
+        # Made in a staging folder and moved in whole: a run stopped halfway leaves no
+        # half-written model that a later run would take for complete.
+        shutil.rmtree(self.path, ignore_errors=True)
+        staging.rename(self.path)
+        print(f"tiny model ready in {self.path}", flush=True)
+
+    def abandon(self) -> None:
+        """Stop making the model (up is stopping); the next run starts it again."""
+        if self.maker is not None:
+            self.maker.stop()
+            self.maker = None
+
+
+def _plan_model(data_dir: Path) -> ModelPlan:
+    """Settle the GPU worker's model before anything starts, so a bad one costs nothing.
+
+    ``HM_MODEL_DIR`` set: it must pass the check the worker itself makes at start (the same
+    function, so the same message naming what is missing). Unset: a tiny random model under
+    ``HM_DATA_DIR``, made once by ``hiddenmodel make-tiny-model`` in a subprocess, so that
+    torch is never imported here, and reused by later runs.
+    """
+    from workers.models import ModelDirError, check_model_dir
+
+    configured = os.environ.get(MODEL_ENV, "").strip()
+    if configured:
+        path = Path(configured).expanduser().resolve()
+        if not _ai_installed():
+            raise UpError(
+                f"{MODEL_ENV} is set, but torch and diffusers (the `ai` extra) are not "
+                "installed: pip install -e '.[ai]' (scripts/up does)"
+            )
+        try:
+            check_model_dir(path)
+        except ModelDirError as exc:
+            raise UpError(
+                f"the GPU worker would refuse to start: {exc}.\n"
+                f"  {MODEL_ENV} must name an SDXL inpainting checkpoint in diffusers format "
+                '(README.md, "Models"); unset it to run on a tiny random model instead'
+            ) from exc
+        os.environ[MODEL_ENV] = str(path)
+        return ModelPlan(path)
+    if not _ai_installed():
+        return ModelPlan(
+            None,
+            note="ghost_mannequin needs torch and diffusers (the `ai` extra): "
+            "pip install -e '.[ai]' (scripts/up does). No GPU worker runs, so its jobs wait "
+            "in the queue.",
+        )
+    path = data_dir / TINY_MODEL_DIR
+    os.environ[MODEL_ENV] = str(path)
+    try:
+        check_model_dir(path)
+        return ModelPlan(path, tiny=True)
+    except ModelDirError:
+        pass
+    staging = path.with_name(f"{path.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    print(
+        f"{MODEL_ENV} is unset: making a tiny random SDXL inpainting model in {path} "
+        "(once; later runs reuse it)",
+        flush=True,
+    )
+    maker = Child(
+        name="make-tiny-model",
+        argv=[sys.executable, "-m", "hiddenmodel.cli", "make-tiny-model", str(staging)],
+        log_path=data_dir / "log" / "make-tiny-model.log",
+    )
+    maker.spawn()
+    return ModelPlan(path, tiny=True, maker=maker, staging=staging)
+
+
+def _model_lines(model: ModelPlan) -> list[str]:
+    """What the banner says about the model, above all when its weights are random."""
+    if model.path is None:
+        return [f"Model: none. {model.note}"]
+    if _nvidia_gpu_visible():
+        device = (
+            "  An NVIDIA GPU is visible: the GPU worker runs the model on it in bf16 "
+            "(with a CUDA build of torch)."
+        )
+    else:
+        threads = os.environ.get("OMP_NUM_THREADS", "1")
+        device = (
+            "  No NVIDIA GPU is visible: the GPU worker runs the model on the CPU in fp32 "
+            f"(OMP_NUM_THREADS={threads})."
+        )
+    if not model.tiny:
+        return [f"Model: {MODEL_ENV}={model.path}", device]
+    return [
+        "Model: a TINY, RANDOMLY INITIALISED SDXL inpainting model, not a trained one",
+        f"  ({MODEL_ENV} is unset; `hiddenmodel make-tiny-model` made it in {model.path}).",
+        "  ghost_mannequin runs its whole pipeline with it (segmentation, inpainting,",
+        "  compositing, the quality report), but what it paints into the neck and the openings",
+        "  is noise: its outputs show the pipeline working, not a real reconstruction.",
+        f"  For real results, point {MODEL_ENV} at an SDXL inpainting checkpoint in diffusers",
+        '  format (README.md, "Models") and start again, e.g.',
+        f"    {MODEL_ENV}=/srv/models/stable-diffusion-xl-1.0-inpainting-0.1 scripts/up",
+        device,
+    ]
+
+
 async def _demo_data() -> str:
     """The demo user, org and a fresh API key (keys are shown only once, so each run makes
     one); the user and org from an earlier run are reused."""
@@ -649,30 +832,70 @@ async def _demo_data() -> str:
         await dispose_engines()
 
 
-def _platform_processes(host: str, port: int, log_dir: Path) -> list[Child]:
+def _platform_processes(host: str, port: int, log_dir: Path, model: ModelPlan) -> list[Child]:
     """The platform's own long-running processes, in start order.
 
     Each is a separate ``hiddenmodel`` command that reads the ``HM_*`` environment ``up`` has
     resolved, exactly as it would run in production. Stopped newest first: the API stops
-    taking jobs, then the dispatcher stops sending them, then the worker finishes the job in
-    hand while the servers it writes to are still up. The API keeps the terminal, so requests
+    taking jobs, then the dispatcher stops sending them, then the workers finish the jobs in
+    hand while the servers they write to are still up. The API keeps the terminal, so requests
     and development mail show there; the others log to files.
     """
     cli = [sys.executable, "-m", "hiddenmodel.cli"]
-    return [
+    workers = [
         Child(
             name="worker",
             argv=[*cli, "worker", "--queues", WORKER_QUEUES],
             log_path=log_dir / "worker.log",
-        ),
+        )
+    ]
+    if model.path is not None:
+        gpu_env: dict[str, str] = {}
+        if not _nvidia_gpu_visible() and "OMP_NUM_THREADS" not in os.environ:
+            # On the CPU, torch's thread pool would compete for the cores with the API, the
+            # other worker and the servers; with few cores that made runs many times slower.
+            gpu_env["OMP_NUM_THREADS"] = "1"
+        concurrency = max(GPU_WORKER_CONCURRENCY, get_settings().gpu_batch_max_size)
+        workers.append(
+            Child(
+                name="worker-gpu",
+                argv=[
+                    *cli,
+                    "worker",
+                    "--queues",
+                    GPU_WORKER_QUEUES,
+                    "--pool",
+                    "threads",
+                    "--concurrency",
+                    str(concurrency),
+                    "--hostname",
+                    "gpu@%h",
+                ],
+                log_path=log_dir / "worker-gpu.log",
+                env=gpu_env,
+            )
+        )
+    return [
+        *workers,
         Child(name="dispatcher", argv=[*cli, "dispatcher"], log_path=log_dir / "dispatcher.log"),
         Child(name="api", argv=[*cli, "api", "--host", host, "--port", str(port)]),
     ]
 
 
-def _wait_for_worker(children: Children) -> None:
-    worker = next(c for c in children.started if c.name == "worker")
-    _wait_until(lambda: WORKER_READY in worker.output(), children, "the Celery worker")
+def _worker_ready(worker: Child) -> bool:
+    return WORKER_READY in worker.output()
+
+
+def _wait_for_workers(children: Children) -> None:
+    waits = {
+        "worker": ("the Celery worker", START_TIMEOUT_S),
+        # It loads the model before it consumes: a real checkpoint takes a while.
+        "worker-gpu": ("the GPU worker (loading the model)", MODEL_LOAD_TIMEOUT_S),
+    }
+    for child in children.started:
+        if child.name in waits:
+            what, timeout = waits[child.name]
+            _wait_until(functools.partial(_worker_ready, child), children, what, timeout)
 
 
 def _prove_ready(
@@ -709,10 +932,117 @@ def _demo_image() -> bytes:
     return buffer.getvalue()
 
 
-def _job_logs(children: Children) -> str:
+def _demo_garment_photo() -> bytes:
+    """A studio shot drawn here, so nothing is shipped: a navy T-shirt on a beige mannequin on
+    a stand, in front of a light gradient backdrop, softened and with sensor noise like a real
+    photo. It is what the classical segmenter expects of a ghost-mannequin studio: a plain
+    backdrop and a mannequin of one colour."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    width, height = GHOST_PHOTO_SIZE
+    cx = width / 2
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    # The backdrop: lighter at the top, slightly darker towards the sides.
+    t = (ys / (height - 1))[..., None]
+    img = np.asarray([240, 239, 236], np.float64) * (1 - t) + np.asarray([214, 213, 210]) * t
+    img -= 7.0 * (((xs - cx) / cx) ** 2)[..., None]
+    Points = Sequence[tuple[float, float]]
+
+    def shape(
+        *polygons: Points, ellipses: Sequence[tuple[tuple[float, float], tuple[float, float]]] = ()
+    ) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        canvas = Image.new("L", GHOST_PHOTO_SIZE, 0)
+        draw = ImageDraw.Draw(canvas)
+        for points in polygons:
+            draw.polygon(points, fill=255)
+        for (ex, ey), (ax, ay) in ellipses:
+            draw.ellipse((ex - ax, ey - ay, ex + ax, ey + ay), fill=255)
+        return np.asarray(canvas) > 127
+
+    def mirrored(*left: tuple[float, float]) -> Points:
+        """A symmetric outline from its left half, top to bottom."""
+        return [*left, *((2 * cx - x, y) for x, y in reversed(left))]
+
+    def paint(
+        region: np.ndarray[Any, np.dtype[np.bool_]],
+        rgb: tuple[int, int, int],
+        amp: float,
+        folds: float = 0.0,
+    ) -> None:
+        # Lit from the front: brightest down the middle of the part, with a few soft folds.
+        cols = xs[region]
+        centre, half = cols.mean(), max(float(np.ptp(cols)) / 2, 1.0)
+        light = 1 + amp * (0.5 - ((xs - centre) / half) ** 2) + folds * np.sin(xs / 9 + ys / 23)
+        img[region] = (np.asarray(rgb, np.float64) * light[..., None])[region]
+
+    limbs: list[Points] = []
+    joints: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    sleeves: list[Points] = []
+    for side in (-1, 1):
+        shoulder, wrist = (cx + side * 63, 128.0), (cx + side * 118, 292.0)
+        length = math.dist(shoulder, wrist)
+        ux, uy = (wrist[0] - shoulder[0]) / length, (wrist[1] - shoulder[1]) / length
+        nx, ny = -uy, ux
+        limbs.append(
+            [
+                (shoulder[0] + 14 * nx, shoulder[1] + 14 * ny),
+                (wrist[0] + 10 * nx, wrist[1] + 10 * ny),
+                (wrist[0] - 10 * nx, wrist[1] - 10 * ny),
+                (shoulder[0] - 14 * nx, shoulder[1] - 14 * ny),
+            ]
+        )
+        hand = (wrist[0] + 12 * ux, wrist[1] + 12 * uy)
+        joints += [(shoulder, (14, 14)), (wrist, (10, 10)), (hand, (9, 15))]
+        # A short sleeve down the arm, 40 px wide at its opening.
+        cuff = (shoulder[0] + 78 * ux, shoulder[1] + 78 * uy)
+        ox, oy = uy * side, -ux * side
+        sleeves.append(
+            [
+                (cx + side * 40, 104),
+                (cx + side * 82, 112),
+                (cuff[0] + 20 * ox, cuff[1] + 20 * oy),
+                (cuff[0] - 20 * ox, cuff[1] - 20 * oy),
+                (cx + side * 56, 170),
+            ]
+        )
+    torso = mirrored(
+        (cx - 18, 104),
+        (cx - 54, 112),
+        (cx - 68, 122),
+        (cx - 70, 140),
+        (cx - 58, 200),
+        (cx - 52, 250),
+        (cx - 58, 290),
+        (cx - 62, 332),
+    )
+    neck = mirrored((cx - 15, 58), (cx - 17, 112))
+    mannequin = shape(torso, neck, *limbs, ellipses=[((cx, 42), (24, 31)), *joints])
+    stand = shape(
+        [(cx - 5, 320), (cx + 5, 320), (cx + 5, 462), (cx - 5, 462)],
+        ellipses=[((cx, 464), (56, 8))],
+    )
+    body = mirrored((cx - 23, 100), (cx - 74, 112), (cx - 74, 124), (cx - 62, 165), (cx - 66, 300))
+    neckline = Image.new("L", GHOST_PHOTO_SIZE, 0)
+    # The lower half of an ellipse: the front of a round neck, where the mannequin shows.
+    ImageDraw.Draw(neckline).pieslice((cx - 23, 70, cx + 23, 130), 0, 180, fill=255)
+    shirt = shape(body, *sleeves) & ~(np.asarray(neckline) > 127)
+
+    paint(stand, (120, 122, 128), 0.1)
+    paint(mannequin, (224, 196, 168), 0.18)
+    paint(shirt, (32, 48, 96), 0.22, 0.05)
+    photo = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    soft = np.asarray(photo.filter(ImageFilter.GaussianBlur(0.6)), np.float64)
+    noisy = soft + np.random.default_rng(7).normal(0.0, 2.5, soft.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8), "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _job_logs(children: Children, worker: str = "worker") -> str:
     """Where to look when a job does not finish: the worker's last lines, the dispatcher's log."""
     by_name = {c.name: c for c in children.started}
-    text = by_name["worker"].log_tail() if "worker" in by_name else ""
+    text = by_name[worker].log_tail() if worker in by_name else ""
     dispatcher = by_name.get("dispatcher")
     if dispatcher is not None and dispatcher.log_path is not None:
         text += f"\n(the dispatcher logs to {dispatcher.log_path})"
@@ -770,6 +1100,79 @@ def _prove_jobs(client: httpx.Client, key: str, children: Children) -> list[str]
     ]
 
 
+def _prove_ghost(client: httpx.Client, key: str, children: Children, photo_path: Path) -> list[str]:
+    """Submit a small ``ghost_mannequin`` job, wait for it and download its output.
+
+    It runs on the GPU worker with the resident model: segmentation, the hidden regions,
+    inpainting, compositing and the quality report. Not finishing within the wait is reported,
+    not fatal: a real checkpoint on a CPU is slow without being broken.
+    """
+    photo = _demo_garment_photo()
+    photo_path.write_bytes(photo)
+    response = client.post(
+        "/v1/jobs",
+        headers={"Authorization": f"Bearer {key}", "Prefer": f"wait={GHOST_JOB_WAIT_S}"},
+        data={"operation": "ghost_mannequin", "params": json.dumps(GHOST_JOB_PARAMS)},
+        files={"image": (photo_path.name, photo, "image/png")},
+        timeout=GHOST_JOB_WAIT_S + 10,
+    )
+    if response.status_code not in (200, 202):
+        raise UpError(
+            f"POST /v1/jobs (ghost_mannequin) answers {response.status_code}: {response.text}"
+        )
+    job: dict[str, Any] = response.json()
+    width, height = GHOST_PHOTO_SIZE
+    params = json.dumps(GHOST_JOB_PARAMS, separators=(",", ":"))
+    head = (
+        f"  POST /v1/jobs (ghost_mannequin, {width}x{height} PNG of a T-shirt on a mannequin, "
+        f"params {params}, Prefer: wait={GHOST_JOB_WAIT_S}): {response.status_code}, "
+        f"job {job['id']} {job['status']}"
+    )
+    if job["status"] in ("queued", "running"):
+        children.ensure_running()
+        return [
+            head,
+            f"    not finished after {GHOST_JOB_WAIT_S} s (a large model on a CPU is slow): "
+            f"GET /v1/jobs/{job['id']} follows it",
+        ]
+    if job["status"] != "succeeded":
+        children.ensure_running()
+        detail = f" ({job['error']['message']})" if job.get("error") else ""
+        raise UpError(
+            f"the ghost_mannequin demo job {job['id']} is {job['status']}{detail}"
+            f"{_job_logs(children, 'worker-gpu')}"
+        )
+    report: dict[str, Any] = job.get("report") or {}
+    output = next(o for o in job["outputs"] if o["name"] == "output")
+    download = client.get(output["url"])
+    if download.status_code != 200:
+        raise UpError(
+            f"downloading the ghost_mannequin job's output answers {download.status_code}: "
+            f"{download.text[:500]}"
+        )
+    from PIL import Image
+
+    with Image.open(io.BytesIO(download.content)) as image:
+        size, kind = image.size, image.format
+    run_s = job["timings"]["run_seconds"]
+    # One JSON line with what a caller reads off the job: easy to check by eye or by script.
+    result = {
+        "status": job["status"],
+        "gpu_seconds": job["gpu_seconds"],
+        "needs_review": report.get("needs_review"),
+        "reasons": report.get("reasons", []),
+        "outputs": [o["name"] for o in job["outputs"]],
+    }
+    return [
+        head + (f", ran {run_s:.2f} s" if run_s is not None else ""),
+        f"  ghost_mannequin result: {json.dumps(result, ensure_ascii=False)}",
+        f"  Output URL (presigned, expires {output['url_expires_at']}):",
+        f"    {output['url']}",
+        f"  Downloaded it: {kind} {size[0]}x{size[1]}, {len(download.content)} bytes; "
+        f"the photo it was made from is {photo_path}",
+    ]
+
+
 def _process_lines(children: Children) -> list[str]:
     lines = []
     for child in children.started:
@@ -785,9 +1188,17 @@ def _banner(
     me: httpx.Response,
     job_lines: list[str],
     children: Children,
+    model: ModelPlan,
+    photo_path: Path,
 ) -> str:
     org = me.json().get("organization") or {}
     params = json.dumps({"width": 512, "height": 512, "mode": "fit"}, separators=(",", ":"))
+    ghost_params = json.dumps({"size": 1024, "steps": 30, "seed": 7}, separators=(",", ":"))
+    ghost_try = [
+        f"  curl -H 'Authorization: Bearer {key}' -H 'Prefer: wait=60' \\",
+        f"    -F image=@{photo_path} -F operation=ghost_mannequin \\",
+        f"    -F 'params={ghost_params}' {base}/v1/jobs",
+    ]
     return "\n".join(
         [
             "",
@@ -796,6 +1207,8 @@ def _banner(
             f"  GET /v1/me with the demo API key: {me.status_code}, "
             f"organization {org.get('slug')!r} ({org.get('id')})",
             *job_lines,
+            "",
+            *_model_lines(model),
             "",
             f"  API docs:    {base}/docs",
             f"  Demo login:  {DEMO_EMAIL} / {DEMO_PASSWORD}",
@@ -808,6 +1221,7 @@ def _banner(
             f"  curl -H 'Authorization: Bearer {key}' {base}/v1/me",
             f"  curl -H 'Authorization: Bearer {key}' -H 'Prefer: wait=10' \\",
             f"    -F image=@photo.png -F operation=resize -F 'params={params}' {base}/v1/jobs",
+            *(ghost_try if model.path is not None else []),
             "",
             "Press Ctrl-C to stop.",
             "",
@@ -822,9 +1236,8 @@ def _probe_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _bring_up(children: Children, data_dir: Path, host: str, port: int) -> str:
+def _bring_up(children: Children, data_dir: Path, host: str, port: int, model: ModelPlan) -> str:
     """Servers, schema, bucket, demo data, then the platform; returns the banner."""
-    _check_port_free(host, port)
     embedded = _embedded_forced()
     if embedded:
         overridden = [v for v in (*DATABASE_ENV, "HM_REDIS_URL", S3_ENV) if v in os.environ]
@@ -846,16 +1259,20 @@ def _bring_up(children: Children, data_dir: Path, host: str, port: int) -> str:
     print("database migrated", flush=True)
     print(_ensure_bucket(), flush=True)
     key = asyncio.run(_demo_data())
+    model.finish(children)
 
-    for child in _platform_processes(host, port, data_dir / "log"):
+    for child in _platform_processes(host, port, data_dir / "log", model):
         children.start(child)
-    print("waiting for the worker, the dispatcher and the API", flush=True)
-    _wait_for_worker(children)
+    print("waiting for the workers, the dispatcher and the API", flush=True)
+    _wait_for_workers(children)
+    photo_path = data_dir / GHOST_PHOTO_FILE
     # trust_env=False: a proxy from the environment must not intercept loopback calls.
     with httpx.Client(base_url=base, timeout=5, trust_env=False) as client:
         ready, me = _prove_ready(client, key, children)
         job_lines = _prove_jobs(client, key, children)
-    return _banner(base, key, ready, me, job_lines, children)
+        if model.path is not None:
+            job_lines += _prove_ghost(client, key, children, photo_path)
+    return _banner(base, key, ready, me, job_lines, children, model, photo_path)
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> int:
@@ -882,13 +1299,18 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> int:
         try:
             # The lock outlives the children, so a new run never meets a server still stopping.
             with _data_dir_lock(data_dir):
+                _check_port_free(host, port)
+                # Before any server starts: a model the GPU worker would refuse stops up at
+                # once, and the tiny model, when needed, is made while the servers start.
+                model = _plan_model(data_dir)
                 try:
-                    print(_bring_up(children, data_dir, host, port), flush=True)
+                    print(_bring_up(children, data_dir, host, port, model), flush=True)
                     while (exited := children.first_exited()) is None:
                         time.sleep(0.5)
                     raise UpError(exited.failure())
                 finally:
                     signals.ignore_further()
+                    model.abandon()
                     children.stop_all()
         except _Stop:
             print("stopped", flush=True)
