@@ -189,3 +189,18 @@ async def test_caller_masks_are_taken_and_checked(
     files["body_mask"] = ("body.png", small.getvalue(), "image/png")
     r = await submit(client, headers, operation="ghost_mannequin", files=files, params=ghost())
     assert r.status_code == 422 and r.json()["input"] == "body_mask"
+
+
+async def test_a_photo_without_a_garment_fails_clearly_and_is_not_billed(
+    client: httpx.AsyncClient, gpu_worker: Process
+) -> None:
+    _, headers = await keyed_org(client)
+    gradient = Image.linear_gradient("L").resize((256, 320)).convert("RGB")
+    buf = io.BytesIO()
+    gradient.save(buf, "PNG")
+    r = await submit(
+        client, headers, operation="ghost_mannequin", image=buf.getvalue(), params=ghost()
+    )
+    done = await wait_job(client, headers, r.json()["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "no-garment-found", done
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=done["id"]) == 0

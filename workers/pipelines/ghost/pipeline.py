@@ -126,6 +126,14 @@ class GhostParams:
             raise ValueError("strength must be in (0, 1]")
 
 
+# Below this share of the frame there is no garment to work on, only noise or a backdrop.
+MIN_GARMENT_FRACTION = 0.005
+
+
+class NoGarmentFound(ValueError):
+    """Segmentation found nothing that could be the garment."""
+
+
 @dataclass
 class GhostResult:
     """The finished image (RGB on white, RGBA when transparent), its alpha and diagnostics.
@@ -262,6 +270,11 @@ def prepare_ghost(
         body_mask=_resize_mask(body_mask, size),
         segmenter=segmenter,
     )
+    if seg.garment.mean() < MIN_GARMENT_FRACTION:
+        raise NoGarmentFound(
+            f"No garment was found: it covers {seg.garment.mean():.2%} of the photo. Send a "
+            "photo of a garment on a mannequin or model, or a garment mask."
+        )
     regions = reconstruct_regions(seg.garment, seg.body, garment_type=params.garment_type)
     info: dict[str, object] = {
         "working_size": list(size),
