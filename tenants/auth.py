@@ -59,6 +59,8 @@ class Principal:
 
     user: User | None = None
     api_key: ApiKey | None = None
+    # An API key's organization, read with the key (one query fewer per request).
+    key_org: Organization | None = None
 
     @property
     def user_id(self) -> uuid.UUID | None:
@@ -131,17 +133,18 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-async def authenticate_api_key(token: str) -> ApiKey:
-    """Find a live key inside its own organization's RLS context."""
+async def authenticate_api_key(token: str) -> tuple[ApiKey, Organization]:
+    """Find a live key, and its organization, inside that organization's RLS context."""
     try:
         parsed = parse_token(token, API_KEY_PREFIX)
     except InvalidToken as exc:
         raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
     now = datetime.now(UTC)
     async with async_tenant_session(parsed.org_id) as session, session.begin():
-        key = await repository.get_api_key_by_hash(session, keyed_hash(token))
-        if key is None:
+        found = await repository.get_api_key_with_org(session, keyed_hash(token))
+        if found is None:
             raise Unauthorized("Unknown API key.", kind="invalid-api-key")
+        key, org = found
         if key.revoked_at is not None:
             raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
         if key.expires_at is not None and key.expires_at <= now:
@@ -151,8 +154,8 @@ async def authenticate_api_key(token: str) -> ApiKey:
         if key.last_used_at is None or now - key.last_used_at >= resolution:
             await repository.touch_api_key(session, key.id, now)
             key.last_used_at = now
-        session.expunge(key)
-    return key
+        session.expunge_all()
+    return key, org
 
 
 async def current_principal(
@@ -165,10 +168,10 @@ async def current_principal(
     if token is None:
         raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
     if token.startswith(API_KEY_PREFIX + "_"):
-        key = await authenticate_api_key(token)
+        key, org = await authenticate_api_key(token)
         for hook in API_KEY_HOOKS:
             await hook(key)
-        return Principal(api_key=key)
+        return Principal(api_key=key, key_org=org)
     user = await strategy.read_token(token, user_manager)
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
@@ -199,7 +202,7 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
     token = current_org_id.set(org_id)
     try:
         async with async_tenant_session(org_id) as session:
-            org = await repository.get_organization(session, org_id)
+            org = principal.key_org or await repository.get_organization(session, org_id)
             if org is None:
                 raise NotFound("No such organization.")
             role: Role | None = None

@@ -128,8 +128,17 @@ async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None
     return await session.get(ApiKey, key_id)
 
 
-async def get_api_key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
-    return (await session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash))).one_or_none()
+async def get_api_key_with_org(
+    session: AsyncSession, key_hash: str
+) -> tuple[ApiKey, Organization] | None:
+    row = (
+        await session.execute(
+            select(ApiKey, Organization)
+            .join(Organization, Organization.id == ApiKey.organization_id)
+            .where(ApiKey.key_hash == key_hash)
+        )
+    ).one_or_none()
+    return (row[0], row[1]) if row is not None else None
 
 
 async def touch_api_key(session: AsyncSession, key_id: uuid.UUID, now: datetime) -> None:

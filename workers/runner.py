@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from hiddenmodel import storage
 from hiddenmodel.db import tenant_session
@@ -36,6 +36,9 @@ from workers.pipelines.contracts import JobCancelled
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL_S = 0.1
+FINISH_TRIES = 3
+# deadlock_detected, serialization_failure
+RETRYABLE_SQLSTATES = {"40P01", "40001"}
 
 
 class TransientError(Exception):
@@ -162,13 +165,29 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
 def _finish(
     job: Job, status: JobStatus, metered: lifecycle.Metered | None = None, **values: Any
 ) -> bool:
-    """Finish as the owning attempt, with its usage and webhooks, in one transaction."""
+    """Finish as the owning attempt, with its usage and webhooks, in one transaction.
+
+    A deadlock or serialization failure rolls the whole transaction back, so it is simply
+    tried again; anything else the database says makes the attempt transient (the job is
+    returned to the queue, never failed for our database's sake).
+    """
     ended: list[lifecycle.Ended] = []
-    with tenant_session(job.organization_id) as session:
-        if repository.finish_sync(session, job.id, job.attempts, status, **values):
-            ended.append(
-                lifecycle.record_end_sync(session, job.organization_id, job.id, status, metered)
-            )
+    for attempt in range(1, FINISH_TRIES + 1):
+        try:
+            with tenant_session(job.organization_id) as session:
+                if repository.finish_sync(session, job.id, job.attempts, status, **values):
+                    ended = [
+                        lifecycle.record_end_sync(
+                            session, job.organization_id, job.id, status, metered
+                        )
+                    ]
+            break
+        except DBAPIError as exc:
+            retryable = getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+            if retryable and attempt < FINISH_TRIES:
+                time.sleep(0.05 * attempt)
+                continue
+            raise TransientError(f"finishing job {job.id}: {exc}") from exc
     lifecycle.announce(ended)
     if not ended:
         log.warning("job %s attempt %s lost ownership before finishing", job.id, job.attempts)

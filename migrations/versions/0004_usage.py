@@ -30,7 +30,9 @@ ORG_TABLES = ("org_billing", "quota_limits", "quota_counters", "quota_reservatio
 
 def _org() -> sa.Column[object]:
     return sa.Column(
-        "organization_id", UUID(as_uuid=True), sa.ForeignKey("organizations.id", ondelete="CASCADE"),
+        "organization_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("organizations.id", ondelete="CASCADE"),
         nullable=False,
     )
 
@@ -61,24 +63,47 @@ def upgrade() -> None:
         sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
         _now(),
     )
-    op.create_index("uq_plans_single_default", "plans", ["is_default"], unique=True,
-                    postgresql_where=sa.text("is_default"))
+    op.create_index(
+        "uq_plans_single_default",
+        "plans",
+        ["is_default"],
+        unique=True,
+        postgresql_where=sa.text("is_default"),
+    )
     op.bulk_insert(
         plans,
         [
             {
-                "id": uuid.UUID("00000000-0000-4000-8000-000000000001"), "code": "free",
-                "name": "Free", "price_per_gpu_second": 0, "included_gpu_seconds": 300,
-                "included_images": 200, "monthly_gpu_seconds": 300, "monthly_images": 200,
-                "max_running_jobs": 2, "max_queued_jobs": 100, "storage_bytes": 2 * 1024**3,
-                "requests_per_minute": 120, "org_requests_per_minute": 300, "is_default": True,
+                "id": uuid.UUID("00000000-0000-4000-8000-000000000001"),
+                "code": "free",
+                "name": "Free",
+                "price_per_gpu_second": 0,
+                "included_gpu_seconds": 300,
+                "included_images": 200,
+                "monthly_gpu_seconds": 300,
+                "monthly_images": 200,
+                "max_running_jobs": 2,
+                "max_queued_jobs": 100,
+                "storage_bytes": 2 * 1024**3,
+                "requests_per_minute": 120,
+                "org_requests_per_minute": 300,
+                "is_default": True,
             },
             {
-                "id": uuid.UUID("00000000-0000-4000-8000-000000000002"), "code": "pro",
-                "name": "Pro", "price_per_gpu_second": 0.004, "included_gpu_seconds": 3600,
-                "included_images": 5000, "monthly_gpu_seconds": 100000, "monthly_images": 200000,
-                "max_running_jobs": 16, "max_queued_jobs": 10000, "storage_bytes": 500 * 1024**3,
-                "requests_per_minute": 1200, "org_requests_per_minute": 6000, "is_default": False,
+                "id": uuid.UUID("00000000-0000-4000-8000-000000000002"),
+                "code": "pro",
+                "name": "Pro",
+                "price_per_gpu_second": 0.004,
+                "included_gpu_seconds": 3600,
+                "included_images": 5000,
+                "monthly_gpu_seconds": 100000,
+                "monthly_images": 200000,
+                "max_running_jobs": 16,
+                "max_queued_jobs": 10000,
+                "storage_bytes": 500 * 1024**3,
+                "requests_per_minute": 1200,
+                "org_requests_per_minute": 6000,
+                "is_default": False,
             },
         ],
     )
@@ -87,7 +112,12 @@ def upgrade() -> None:
 
     op.create_table(
         "org_billing",
-        sa.Column("organization_id", UUID(as_uuid=True), sa.ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "organization_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("organizations.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
         sa.Column("plan_id", UUID(as_uuid=True), sa.ForeignKey("plans.id"), nullable=False),
         sa.Column("overrides", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("stripe_customer_id", sa.String(255)),
@@ -97,7 +127,9 @@ def upgrade() -> None:
         _now(),
         _now("updated_at"),
     )
-    op.create_index("ix_org_billing_org_customer", "org_billing", ["organization_id", "stripe_customer_id"])
+    op.create_index(
+        "ix_org_billing_org_customer", "org_billing", ["organization_id", "stripe_customer_id"]
+    )
 
     op.create_table(
         "quota_limits",
@@ -108,7 +140,9 @@ def upgrade() -> None:
         sa.Column("limits", JSONB, nullable=False),
         _now(),
         _now("updated_at"),
-        sa.UniqueConstraint("organization_id", "subject_type", "subject_id", name="uq_quota_limits_subject"),
+        sa.UniqueConstraint(
+            "organization_id", "subject_type", "subject_id", name="uq_quota_limits_subject"
+        ),
         sa.CheckConstraint("subject_type IN ('member', 'api_key')", name="ck_quota_limits_subject"),
     )
 
@@ -125,14 +159,21 @@ def upgrade() -> None:
         sa.Column("images_reserved", sa.Integer, nullable=False, server_default="0"),
         sa.Column("bytes_used", sa.BigInteger, nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("organization_id", "subject_type", "subject_id", "period"),
-        sa.CheckConstraint("subject_type IN ('org', 'member', 'api_key')", name="ck_quota_counters_subject"),
+        sa.CheckConstraint(
+            "subject_type IN ('org', 'member', 'api_key')", name="ck_quota_counters_subject"
+        ),
     )
 
     op.create_table(
         "quota_reservations",
         sa.Column("id", UUID(as_uuid=True), primary_key=True),
         _org(),
-        sa.Column("job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "job_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("period", sa.Date, nullable=False),
         sa.Column("user_id", UUID(as_uuid=True)),
         sa.Column("api_key_id", UUID(as_uuid=True)),
@@ -142,14 +183,21 @@ def upgrade() -> None:
         _now(),
         sa.Column("settled_at", sa.DateTime(timezone=True)),
         sa.UniqueConstraint("organization_id", "job_id", name="uq_quota_reservations_job"),
-        sa.CheckConstraint("status IN ('held', 'settled', 'released')", name="ck_quota_reservations_status"),
+        sa.CheckConstraint(
+            "status IN ('held', 'settled', 'released')", name="ck_quota_reservations_status"
+        ),
     )
 
     op.create_table(
         "usage_events",
         sa.Column("id", UUID(as_uuid=True), primary_key=True),
         _org(),
-        sa.Column("job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "job_id",
+            UUID(as_uuid=True),
+            sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("user_id", UUID(as_uuid=True)),
         sa.Column("api_key_id", UUID(as_uuid=True)),
         sa.Column("operation", sa.String(64), nullable=False),
@@ -160,14 +208,25 @@ def upgrade() -> None:
         _now(),
         sa.Column("stripe_status", sa.String(16), nullable=False, server_default="pending"),
         sa.Column("stripe_attempts", sa.Integer, nullable=False, server_default="0"),
-        sa.Column("stripe_next_attempt_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column(
+            "stripe_next_attempt_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        ),
         sa.Column("stripe_last_error", sa.Text),
         sa.Column("stripe_sent_at", sa.DateTime(timezone=True)),
         sa.UniqueConstraint("organization_id", "job_id", name="uq_usage_events_job"),
     )
-    op.create_index("ix_usage_events_org_created", "usage_events", ["organization_id", "created_at", "id"])
-    op.create_index("ix_usage_events_org_stripe_pending", "usage_events", ["organization_id", "stripe_next_attempt_at"],
-                    postgresql_where=sa.text("stripe_status = 'pending'"))
+    op.create_index(
+        "ix_usage_events_org_created", "usage_events", ["organization_id", "created_at", "id"]
+    )
+    op.create_index(
+        "ix_usage_events_org_stripe_pending",
+        "usage_events",
+        ["organization_id", "stripe_next_attempt_at"],
+        postgresql_where=sa.text("stripe_status = 'pending'"),
+    )
 
     for table in ORG_TABLES:
         enable_tenant_rls(table)
@@ -227,7 +286,9 @@ def upgrade() -> None:
         $$
         """
     )
-    op.execute(f"GRANT EXECUTE ON FUNCTION hm_settle_job(uuid, varchar, double precision, integer, double precision, bigint) TO {APP_ROLE}, {OPS_ROLE}")
+    op.execute(
+        f"GRANT EXECUTE ON FUNCTION hm_settle_job(uuid, varchar, double precision, integer, double precision, bigint) TO {APP_ROLE}, {OPS_ROLE}"
+    )
 
     # The dispatcher's per-organization cap also honours the plan's concurrent-job limit.
     op.execute(
@@ -293,8 +354,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION IF EXISTS hm_settle_job(uuid, varchar, double precision, integer, double precision, bigint)")
+    op.execute(
+        "DROP FUNCTION IF EXISTS hm_settle_job(uuid, varchar, double precision, integer, double precision, bigint)"
+    )
     for table in ORG_TABLES:
         disable_tenant_rls(table)
-    for table in ("usage_events", "quota_reservations", "quota_counters", "quota_limits", "org_billing", "plans"):
+    for table in (
+        "usage_events",
+        "quota_reservations",
+        "quota_counters",
+        "quota_limits",
+        "org_billing",
+        "plans",
+    ):
         op.drop_table(table)

@@ -12,8 +12,10 @@ import math
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hiddenmodel.errors import Problem
@@ -55,6 +57,12 @@ return out
 """
 
 
+@lru_cache
+def _script() -> AsyncScript:
+    # EVALSHA: the script travels to Redis once, not with every request.
+    return async_redis().register_script(_GCRA)
+
+
 @dataclass(frozen=True)
 class Decision:
     name: str
@@ -82,8 +90,8 @@ async def enforce(checks: list[tuple[str, str, int | None]]) -> None:
     args: list[float] = []
     for _, _, limit in active:
         args += [WINDOW_SECONDS * 1000 / limit, limit]
-    raw = await async_redis().eval(
-        _GCRA, len(active), *[f"hm:rl:{key}" for _, key, _ in active], *args
+    raw = await _script()(
+        keys=[f"hm:rl:{key}" for _, key, _ in active], args=args, client=async_redis()
     )
     decisions = [
         Decision(name, limit, bool(r[0]), int(r[1]), int(r[2]), int(r[3]))

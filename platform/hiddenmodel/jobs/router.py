@@ -167,14 +167,15 @@ async def submit_job(
         headers["Idempotent-Replayed"] = "true"
     wait = _prefer_wait(prefer)
     code = status.HTTP_202_ACCEPTED
+    position = submitted.queue_position
     if wait:
         finished = await _wait_terminal(scope.org_id, job.id, wait)
         headers["Preference-Applied"] = f"wait={wait}"
         if finished is not None:
-            job, code = finished, status.HTTP_200_OK
+            job, code, position = finished, status.HTTP_200_OK, None
     elif submitted.replayed and JobStatus(job.status).terminal:
         code = status.HTTP_200_OK
-    body = await service.view(scope, job)
+    body = await service.view(scope, job, position)
     return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
 
 

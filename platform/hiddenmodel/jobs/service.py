@@ -57,6 +57,8 @@ class Submission:
 class Submitted:
     job: Job
     replayed: bool
+    # Counted inside the submit transaction, so answering needs no second one.
+    queue_position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,10 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
     input_bytes = sum(len(u.data) for u in sub.uploads)
     now = datetime.now(UTC)
     if sub.dry_run:
-        plan = (await quotas.org_plan(scope.session)).plan
-        await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
+        admission = await _check_quota(
+            scope, estimate.gpu_seconds, estimate.images, input_bytes, now
+        )
+        plan = admission.org.plan
         return Quote(
             operation=op.name,
             operation_version=op.version,
@@ -174,7 +178,7 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
             return Submitted(replay, replayed=True)
 
     # Refuse early what certainly does not fit, before uploading anything.
-    await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
+    admission = await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
     job_id = uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
@@ -233,10 +237,10 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         await quotas.reserve(
             scope.session,
             job,
+            admission,
             gpu_seconds=estimate.gpu_seconds,
             images=estimate.images,
             input_bytes=input_bytes,
-            now=now,
         )
     except IntegrityError:
         await rollback(scope.session)
@@ -253,18 +257,19 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         raise
     after_commit(scope.session, events.wake_dispatcher)
     try:
+        position = await repository.queue_position(scope.session, job)
         await commit(scope.session)
     except BaseException:
         await rollback(scope.session)
         await run_in_threadpool(storage.delete_objects, keys)
         raise
-    return Submitted(job, replayed=False)
+    return Submitted(job, replayed=False, queue_position=position)
 
 
 async def _check_quota(
     scope: OrgScope, gpu_seconds: float, images: int, input_bytes: int, now: datetime
-) -> None:
-    await quotas.check(
+) -> quotas.Admission:
+    return await quotas.check(
         scope.session,
         org_id=scope.org_id,
         user_id=scope.principal.member_id,
@@ -311,11 +316,15 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
     return round((b - a).total_seconds(), 4) if a and b else None
 
 
-async def view(scope: OrgScope, job: Job) -> JobRead:
+async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> JobRead:
     """The job resource, with presigned output URLs (issued after this RLS-scoped read)."""
     position = None
     if job.status == JobStatus.QUEUED.value:
-        position = await repository.queue_position(scope.session, job)
+        position = (
+            queue_position
+            if queue_position is not None
+            else await repository.queue_position(scope.session, job)
+        )
     ttl = get_settings().presigned_url_ttl_seconds
     expires = datetime.now(UTC) + timedelta(seconds=ttl)
     outputs = [

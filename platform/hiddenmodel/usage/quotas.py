@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.errors import Problem
@@ -114,11 +114,19 @@ async def _subjects(
     user_id: uuid.UUID | None,
     key_id: uuid.UUID | None,
 ) -> list[Subject]:
+    """The organization, then the member, then the API key: also the order their counter
+    rows are locked in, here and when a job settles (``hm_settle_job``)."""
+    wanted = [(t, i) for t, i in (("member", user_id), ("api_key", key_id)) if i is not None]
+    found: dict[tuple[str, uuid.UUID], dict[str, Any]] = {}
+    if wanted:
+        rows = await session.scalars(
+            select(QuotaLimit).where(
+                tuple_(QuotaLimit.subject_type, QuotaLimit.subject_id).in_(wanted)
+            )
+        )
+        found = {(r.subject_type, r.subject_id): dict(r.limits) for r in rows}
     subjects = [Subject("org", org_id, org.limits)]
-    if user_id is not None:
-        subjects.append(Subject("member", user_id, await sub_limits(session, "member", user_id)))
-    if key_id is not None:
-        subjects.append(Subject("api_key", key_id, await sub_limits(session, "api_key", key_id)))
+    subjects += [Subject(t, i, found.get((t, i), {})) for t, i in wanted if i is not None]
     return subjects
 
 
@@ -165,6 +173,15 @@ def _refusal(
     )
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What :func:`check` read, handed to :func:`reserve` so it is not read twice."""
+
+    org: OrgPlan
+    subjects: list[Subject]
+    period: date
+
+
 async def check(
     session: AsyncSession,
     *,
@@ -175,14 +192,24 @@ async def check(
     images: int,
     input_bytes: int,
     now: datetime,
-) -> None:
+) -> Admission:
     """A read-only look before uploading anything: refuse what certainly does not fit.
     The binding decision is :func:`reserve`'s, inside the submit transaction."""
     org = await org_plan(session)
     ensure_not_past_due(org.billing, now)
     period = period_of(now)
-    for subject in await _subjects(session, org, org_id, user_id, key_id):
-        counter = await _counter(session, subject, period)
+    subjects = await _subjects(session, org, org_id, user_id, key_id)
+    rows = await session.scalars(
+        select(QuotaCounter).where(
+            QuotaCounter.period == period,
+            tuple_(QuotaCounter.subject_type, QuotaCounter.subject_id).in_(
+                [(s.type, s.id) for s in subjects]
+            ),
+        )
+    )
+    counters = {(c.subject_type, c.subject_id): c for c in rows}
+    for subject in subjects:
+        counter = counters.get((subject.type, subject.id))
         for limit, asked, used, reserved in (
             (
                 "monthly_gpu_seconds",
@@ -200,9 +227,10 @@ async def check(
             value = subject.limits.get(limit)
             if value is not None and used + reserved + asked > value:
                 raise _refusal(subject, limit, value, used, reserved, asked, period)
+    return Admission(org=org, subjects=subjects, period=period)
 
 
-_ENSURE_COUNTER = text(
+_ENSURE_COUNTERS = text(
     "INSERT INTO quota_counters (organization_id, subject_type, subject_id, period) "
     "VALUES (:org, :type, :id, :period) ON CONFLICT DO NOTHING"
 )
@@ -226,27 +254,27 @@ _STORE = text(
 async def reserve(
     session: AsyncSession,
     job: Job,
+    admission: Admission,
     *,
     gpu_seconds: float,
     images: int,
     input_bytes: int,
-    now: datetime,
 ) -> None:
     """Reserve the job's estimated cost for every subject it counts against, or refuse.
 
     Runs in the submit transaction after the job row is flushed; a refusal propagates and the
     caller rolls everything back.
     """
-    org = await org_plan(session)
-    ensure_not_past_due(org.billing, now)
-    period = period_of(now)
-    subjects = await _subjects(session, org, job.organization_id, job.user_id, job.api_key_id)
+    org, subjects, period = admission.org, admission.subjects, admission.period
+    await session.execute(
+        _ENSURE_COUNTERS,
+        [
+            {"org": job.organization_id, "type": s.type, "id": s.id, "period": p}
+            for s in subjects
+            for p in ((period, LIFETIME) if s.type == "org" else (period,))
+        ],
+    )
     for subject in subjects:
-        for p in (period, LIFETIME) if subject.type == "org" else (period,):
-            await session.execute(
-                _ENSURE_COUNTER,
-                {"org": job.organization_id, "type": subject.type, "id": subject.id, "period": p},
-            )
         admitted = await session.execute(
             _RESERVE,
             {
