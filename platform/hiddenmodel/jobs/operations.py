@@ -94,7 +94,7 @@ def _ghost_estimate(params: BaseModel, width: int, height: int) -> CostEstimate:
     steps = max(1, int(params.steps * params.strength))
     scale = (params.size / 1024) ** 2
     return CostEstimate(
-        gpu_seconds=GPU_OVERHEAD_SECONDS + GPU_SECONDS_PER_STEP_1024 * steps * scale
+        gpu_seconds=round(GPU_OVERHEAD_SECONDS + GPU_SECONDS_PER_STEP_1024 * steps * scale, 3)
     )
 
 
