@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
-from fastapi_users.authentication.strategy.db import DatabaseStrategy
+from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.db import async_tenant_session, commit, rollback
@@ -20,7 +20,12 @@ from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import current_org_id
 from tenants import repository
 from tenants.models import ApiKey, Organization, Role, Scope, User
-from tenants.users import UserManager, get_database_strategy, get_user_manager
+from tenants.users import (
+    GlobalSessionDep,
+    HashedAccessTokenDatabase,
+    UserManager,
+    get_database_strategy,
+)
 
 API_KEY_PREFIX = "hmk"
 
@@ -158,11 +163,7 @@ async def authenticate_api_key(token: str) -> tuple[ApiKey, Organization]:
     return key, org
 
 
-async def current_principal(
-    request: Request,
-    strategy: Annotated[DatabaseStrategy[User, uuid.UUID, Any], Depends(get_database_strategy)],
-    user_manager: Annotated[UserManager, Depends(get_user_manager)],
-) -> Principal:
+async def current_principal(request: Request, session: GlobalSessionDep) -> Principal:
     """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise."""
     token = _bearer_token(request)
     if token is None:
@@ -172,7 +173,9 @@ async def current_principal(
         for hook in API_KEY_HOOKS:
             await hook(key)
         return Principal(api_key=key, key_org=org)
-    user = await strategy.read_token(token, user_manager)
+    # Session tokens only: API-key requests never build the account machinery.
+    strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+    user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
     return Principal(user=user)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.pagination import paginate
@@ -159,10 +159,6 @@ async def list_audit_events(
         cursor=cursor,
         limit=limit,
     )
-
-
-async def count_members(session: AsyncSession) -> int:
-    return int((await session.scalar(select(func.count()).select_from(Membership))) or 0)
 
 
 def add_audit_event(session: AsyncSession, event: AuditEvent) -> None:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -57,6 +58,7 @@ async def get_user_db(session: GlobalSessionDep) -> SQLAlchemyUserDatabase[User,
     return SQLAlchemyUserDatabase(session, User)
 
 
+@lru_cache
 def password_helper() -> PasswordHelper:
     settings = get_settings()
     hasher = Argon2Hasher(

@@ -14,13 +14,6 @@ class TenantContextMissing(RuntimeError):
     """A tenant-scoped session was used with no organization bound: fail closed."""
 
 
-def require_org_id() -> uuid.UUID:
-    org_id = current_org_id.get()
-    if org_id is None:
-        raise TenantContextMissing("no organization is bound to this unit of work")
-    return org_id
-
-
 @contextmanager
 def org_context(org_id: uuid.UUID) -> Iterator[uuid.UUID]:
     """Bind ``org_id`` for the duration of the block (workers re-enter it per task)."""

@@ -26,10 +26,6 @@ async def get_plan(session: AsyncSession, code: str, *, for_update: bool = False
     return (await session.scalars(stmt)).one_or_none()
 
 
-async def get_plan_by_id(session: AsyncSession, plan_id: uuid.UUID) -> Plan | None:
-    return await session.get(Plan, plan_id)
-
-
 async def default_plan(session: AsyncSession, *, for_update: bool = False) -> Plan | None:
     stmt = select(Plan).where(Plan.is_default)
     if for_update:

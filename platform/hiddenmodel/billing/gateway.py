@@ -45,14 +45,6 @@ def is_configured() -> bool:
     return get_settings().stripe_api_key is not None
 
 
-def is_transient(exc: stripe.StripeError) -> bool:
-    """Worth trying again later: Stripe unreachable, rate limited, or failing on its side."""
-    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError):
-        return True
-    status = exc.http_status
-    return status is not None and (status >= 500 or status in (409, 429))
-
-
 def describe(exc: stripe.StripeError) -> str:
     """A short, secret-free line for logs and ``stripe_last_error``."""
     status = f" (HTTP {exc.http_status})" if exc.http_status else ""
