@@ -26,7 +26,7 @@ from hiddenmodel.images import (
 )
 from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
-from hiddenmodel.jobs.operations import Operation, get_operation
+from hiddenmodel.jobs.operations import CostEstimate, Operation, get_operation
 from hiddenmodel.jobs.schemas import InputRead, JobError, JobRead, OutputRead, Timings
 from hiddenmodel.settings import get_settings
 from hiddenmodel.usage import quotas
@@ -143,7 +143,7 @@ async def _replay(scope: OrgScope, key: str, request_hash: str) -> Job | None:
 
 
 async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
-    """Validate, store inputs in S3, then insert the job and its outbox row in one transaction.
+    """Validate, store inputs in S3, then admit the job in one statement and commit.
 
     The caller owns the session; this commits it itself because the job must be durable
     before anything waits on it. Anything rejected leaves no object and no row.
@@ -154,31 +154,12 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
     infos = await run_in_threadpool(_validate_uploads, op, sub.uploads)
     estimate = op.estimate(params_model, infos["image"].width, infos["image"].height)
     input_bytes = sum(len(u.data) for u in sub.uploads)
-    now = datetime.now(UTC)
-    if sub.dry_run:
-        admission = await _check_quota(
-            scope, estimate.gpu_seconds, estimate.images, input_bytes, now
-        )
-        plan = admission.org.plan
-        return Quote(
-            operation=op.name,
-            operation_version=op.version,
-            gpu_seconds=estimate.gpu_seconds,
-            images=estimate.images,
-            amount=(Decimal(str(estimate.gpu_seconds)) * plan.price_per_gpu_second).quantize(
-                Decimal("0.000001")
-            ),
-            currency=plan.currency,
-            plan=plan.code,
-        )
     request_hash = _request_hash(sub, op, params)
-    if sub.idempotency_key:
+    if sub.idempotency_key and not sub.dry_run:
         replay = await _replay(scope, sub.idempotency_key, request_hash)
         if replay is not None:
             return Submitted(replay, replayed=True)
 
-    # Refuse early what certainly does not fit, before uploading anything.
-    admission = await _check_quota(scope, estimate.gpu_seconds, estimate.images, input_bytes, now)
     job_id = uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
@@ -195,24 +176,6 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
             "content_type": content_type(info.format),
         }
         keys.append(key)
-
-    def _store() -> None:
-        for upload in sub.uploads:
-            meta = inputs[upload.name]
-            storage.put_object(
-                meta["key"],
-                upload.data,
-                meta["content_type"],
-                org_id=org_id,
-                job_id=job_id,
-                kind=upload.name,
-            )
-
-    cancel_after = (
-        datetime.now(UTC) + timedelta(seconds=sub.cancel_after_seconds)
-        if sub.cancel_after_seconds
-        else None
-    )
     job = Job(
         id=job_id,
         organization_id=org_id,
@@ -226,22 +189,44 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         progress=0.0,
         inputs=inputs,
         outputs=[],
-        idempotency_key=sub.idempotency_key,
+        attempts=0,
+        idempotency_key=None if sub.dry_run else sub.idempotency_key,
         request_hash=request_hash,
-        cancel_after=cancel_after,
+        cancel_after=(
+            datetime.now(UTC) + timedelta(seconds=sub.cancel_after_seconds)
+            if sub.cancel_after_seconds
+            else None
+        ),
     )
+    if sub.dry_run:
+        return await _quote(scope, op, job, estimate, input_bytes)
+
+    def _store() -> None:
+        for upload in sub.uploads:
+            meta = inputs[upload.name]
+            storage.put_object(
+                meta["key"],
+                upload.data,
+                meta["content_type"],
+                org_id=org_id,
+                job_id=job_id,
+                kind=upload.name,
+            )
+
+    # Inputs first, then the job: a job never points at an object that is not there, and a
+    # refused or failed admission deletes what was stored.
     try:
         await run_in_threadpool(_store)
-        repository.add_job(scope.session, job)
-        await scope.session.flush()
-        await quotas.reserve(
+        admitted = await quotas.admit(
             scope.session,
             job,
-            admission,
             gpu_seconds=estimate.gpu_seconds,
             images=estimate.images,
             input_bytes=input_bytes,
         )
+        job.created_at = admitted.created_at
+        after_commit(scope.session, events.wake_dispatcher)
+        await commit(scope.session)
     except IntegrityError:
         await rollback(scope.session)
         await run_in_threadpool(storage.delete_objects, keys)
@@ -255,29 +240,35 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         await rollback(scope.session)
         await run_in_threadpool(storage.delete_objects, keys)
         raise
-    after_commit(scope.session, events.wake_dispatcher)
+    return Submitted(job, replayed=False, queue_position=admitted.queue_position)
+
+
+async def _quote(
+    scope: OrgScope, op: Operation, job: Job, estimate: CostEstimate, input_bytes: int
+) -> Quote:
+    """Price the job: the real admission, in a savepoint that is always rolled back, so a
+    quote says exactly what a submit would (including a refusal) and leaves nothing."""
+    savepoint = await scope.session.begin_nested()
     try:
-        position = await repository.queue_position(scope.session, job)
-        await commit(scope.session)
-    except BaseException:
-        await rollback(scope.session)
-        await run_in_threadpool(storage.delete_objects, keys)
-        raise
-    return Submitted(job, replayed=False, queue_position=position)
-
-
-async def _check_quota(
-    scope: OrgScope, gpu_seconds: float, images: int, input_bytes: int, now: datetime
-) -> quotas.Admission:
-    return await quotas.check(
-        scope.session,
-        org_id=scope.org_id,
-        user_id=scope.principal.member_id,
-        key_id=scope.principal.api_key_id,
-        gpu_seconds=gpu_seconds,
-        images=images,
-        input_bytes=input_bytes,
-        now=now,
+        admitted = await quotas.admit(
+            scope.session,
+            job,
+            gpu_seconds=estimate.gpu_seconds,
+            images=estimate.images,
+            input_bytes=input_bytes,
+        )
+    finally:
+        await savepoint.rollback()
+    return Quote(
+        operation=op.name,
+        operation_version=op.version,
+        gpu_seconds=estimate.gpu_seconds,
+        images=estimate.images,
+        amount=(Decimal(str(estimate.gpu_seconds)) * admitted.price_per_gpu_second).quantize(
+            Decimal("0.000001")
+        ),
+        currency=admitted.currency,
+        plan=admitted.plan_code,
     )
 
 

@@ -2,24 +2,29 @@
 
 A reservation is a conditional ``UPDATE … WHERE used + reserved + asked <= limit`` on the
 subject's counter row, so concurrent submits serialise on that row and exactly as many are
-admitted as fit. The estimate is settled against the measured cost when the job finishes
-(``hm_settle_job``), or released when it fails or never starts.
+admitted as fit. It is made by ``hm_submit_job`` in the database, in one call with the job's
+insert (:func:`admit`). The estimate is settled against the measured cost when the job
+finishes (``hm_settle_job``), or released when it fails or never starts.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import DateTime, String, bindparam, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.errors import Problem
-from hiddenmodel.jobs.models import Job, JobStatus
+from hiddenmodel.jobs.models import Job
 from hiddenmodel.settings import get_settings
-from hiddenmodel.usage.models import OrgBilling, Plan, QuotaCounter, QuotaLimit, QuotaReservation
+from hiddenmodel.usage.models import OrgBilling, Plan, QuotaLimit
 
 LIFETIME = date(1970, 1, 1)
 ORG_LIMITS = (
@@ -88,62 +93,8 @@ async def sub_limits(
     return dict(row.limits) if row else {}
 
 
-def ensure_not_past_due(billing: OrgBilling | None, now: datetime) -> None:
-    if billing is None or billing.past_due_since is None:
-        return
-    grace = get_settings().billing_past_due_grace_days
-    if (now - billing.past_due_since).total_seconds() > grace * 86400:
-        raise PaymentPastDue(
-            "A payment failed and the grace period is over: update the payment method in the "
-            "billing portal to submit jobs again.",
-            past_due_since=billing.past_due_since.isoformat(),
-        )
-
-
-@dataclass(frozen=True)
-class Subject:
-    type: SubjectType
-    id: uuid.UUID
-    limits: dict[str, float | None]
-
-
-async def _subjects(
-    session: AsyncSession,
-    org: OrgPlan,
-    org_id: uuid.UUID,
-    user_id: uuid.UUID | None,
-    key_id: uuid.UUID | None,
-) -> list[Subject]:
-    """The organization, then the member, then the API key: also the order their counter
-    rows are locked in, here and when a job settles (``hm_settle_job``)."""
-    wanted = [(t, i) for t, i in (("member", user_id), ("api_key", key_id)) if i is not None]
-    found: dict[tuple[str, uuid.UUID], dict[str, Any]] = {}
-    if wanted:
-        rows = await session.scalars(
-            select(QuotaLimit).where(
-                tuple_(QuotaLimit.subject_type, QuotaLimit.subject_id).in_(wanted)
-            )
-        )
-        found = {(r.subject_type, r.subject_id): dict(r.limits) for r in rows}
-    subjects = [Subject("org", org_id, org.limits)]
-    subjects += [Subject(t, i, found.get((t, i), {})) for t, i in wanted if i is not None]
-    return subjects
-
-
-async def _counter(session: AsyncSession, subject: Subject, period: date) -> QuotaCounter | None:
-    return (
-        await session.scalars(
-            select(QuotaCounter).where(
-                QuotaCounter.subject_type == subject.type,
-                QuotaCounter.subject_id == subject.id,
-                QuotaCounter.period == period,
-            )
-        )
-    ).one_or_none()
-
-
 def _refusal(
-    subject: Subject,
+    subject: SubjectType,
     limit: str,
     value: float,
     used: float,
@@ -153,7 +104,7 @@ def _refusal(
 ) -> QuotaExceeded:
     extra: dict[str, Any] = {
         "limit": limit,
-        "subject": subject.type,
+        "subject": subject,
         "limit_value": value,
         "used": used,
         "reserved": reserved,
@@ -166,199 +117,110 @@ def _refusal(
         headers["Retry-After"] = str(max(1, int((reset - datetime.now(UTC)).total_seconds())))
     who = {"org": "the organization", "member": "your member", "api_key": "this API key"}
     return QuotaExceeded(
-        f"The {limit.replace('_', ' ')} limit of {who[subject.type]} is {value:g}; "
+        f"The {limit.replace('_', ' ')} limit of {who[subject]} is {value:g}; "
         f"{used:g} used and {reserved:g} reserved leave no room for {asked:g} more.",
         headers=headers,
         **extra,
     )
 
 
+_SUBMIT = text(
+    "SELECT * FROM hm_submit_job(:job, :org, :api_key, :user, :operation, :version, :queue, "
+    ":params, :inputs, :idempotency_key, :request_hash, :cancel_after, "
+    "CAST(:gpu AS double precision), CAST(:images AS integer), CAST(:input_bytes AS bigint), "
+    "CAST(:grace AS double precision))"
+).bindparams(
+    bindparam("params", type_=JSONB),
+    bindparam("inputs", type_=JSONB),
+    bindparam("operation", type_=String),
+    bindparam("version", type_=String),
+    bindparam("queue", type_=String),
+    bindparam("idempotency_key", type_=String),
+    bindparam("request_hash", type_=String),
+    bindparam("cancel_after", type_=DateTime(timezone=True)),
+)
+
+
 @dataclass(frozen=True)
-class Admission:
-    """What :func:`check` read, handed to :func:`reserve` so it is not read twice."""
+class Admitted:
+    """A job admitted by :func:`admit`, with what its answer needs."""
 
-    org: OrgPlan
-    subjects: list[Subject]
-    period: date
-
-
-async def check(
-    session: AsyncSession,
-    *,
-    org_id: uuid.UUID,
-    user_id: uuid.UUID | None,
-    key_id: uuid.UUID | None,
-    gpu_seconds: float,
-    images: int,
-    input_bytes: int,
-    now: datetime,
-) -> Admission:
-    """A read-only look before uploading anything: refuse what certainly does not fit.
-    The binding decision is :func:`reserve`'s, inside the submit transaction."""
-    org = await org_plan(session)
-    ensure_not_past_due(org.billing, now)
-    period = period_of(now)
-    subjects = await _subjects(session, org, org_id, user_id, key_id)
-    rows = await session.scalars(
-        select(QuotaCounter).where(
-            QuotaCounter.period == period,
-            tuple_(QuotaCounter.subject_type, QuotaCounter.subject_id).in_(
-                [(s.type, s.id) for s in subjects]
-            ),
-        )
-    )
-    counters = {(c.subject_type, c.subject_id): c for c in rows}
-    for subject in subjects:
-        counter = counters.get((subject.type, subject.id))
-        for limit, asked, used, reserved in (
-            (
-                "monthly_gpu_seconds",
-                gpu_seconds,
-                counter.gpu_seconds_used if counter else 0.0,
-                counter.gpu_seconds_reserved if counter else 0.0,
-            ),
-            (
-                "monthly_images",
-                images,
-                counter.images_used if counter else 0,
-                counter.images_reserved if counter else 0,
-            ),
-        ):
-            value = subject.limits.get(limit)
-            if value is not None and used + reserved + asked > value:
-                raise _refusal(subject, limit, value, used, reserved, asked, period)
-    return Admission(org=org, subjects=subjects, period=period)
+    created_at: datetime
+    queue_position: int
+    plan_code: str
+    price_per_gpu_second: Decimal
+    currency: str
 
 
-_ENSURE_COUNTERS = text(
-    "INSERT INTO quota_counters (organization_id, subject_type, subject_id, period) "
-    "VALUES (:org, :type, :id, :period) ON CONFLICT DO NOTHING"
-)
-_RESERVE = text(
-    "UPDATE quota_counters SET gpu_seconds_reserved = gpu_seconds_reserved + :gpu, "
-    "images_reserved = images_reserved + :images "
-    "WHERE subject_type = :type AND subject_id = :id AND period = :period "
-    "AND (CAST(:gpu_limit AS double precision) IS NULL "
-    "     OR gpu_seconds_used + gpu_seconds_reserved + :gpu <= :gpu_limit) "
-    "AND (CAST(:image_limit AS double precision) IS NULL "
-    "     OR images_used + images_reserved + :images <= :image_limit) "
-    "RETURNING 1"
-)
-_STORE = text(
-    "UPDATE quota_counters SET bytes_used = bytes_used + :bytes "
-    "WHERE subject_type = 'org' AND subject_id = :id AND period = :period "
-    "AND (CAST(:limit AS bigint) IS NULL OR bytes_used + :bytes <= :limit) RETURNING 1"
-)
+async def admit(
+    session: AsyncSession, job: Job, *, gpu_seconds: float, images: int, input_bytes: int
+) -> Admitted:
+    """Insert ``job`` (queued) with its outbox row and reserve its estimated cost, or refuse.
 
-
-async def reserve(
-    session: AsyncSession,
-    job: Job,
-    admission: Admission,
-    *,
-    gpu_seconds: float,
-    images: int,
-    input_bytes: int,
-) -> None:
-    """Reserve the job's estimated cost for every subject it counts against, or refuse.
-
-    Runs in the submit transaction after the job row is flushed; a refusal propagates and the
-    caller rolls everything back.
+    One call of ``hm_submit_job`` (migration 0007) in the caller's transaction: effective
+    limits (plan, overrides, member and API-key sub-limits), payment state, queue limits,
+    the month's GPU-second and image counters of every subject (organization, member, API
+    key: the row order ``hm_settle_job`` uses), stored bytes, the reservation. A refusal
+    raises :class:`QuotaExceeded` or :class:`PaymentPastDue`; the function's writes are
+    undone with it. The reservation is settled when the job finishes (``hm_settle_job``) or
+    released when it fails or never starts.
     """
-    org, subjects, period = admission.org, admission.subjects, admission.period
-    await session.execute(
-        _ENSURE_COUNTERS,
-        [
-            {"org": job.organization_id, "type": s.type, "id": s.id, "period": p}
-            for s in subjects
-            for p in ((period, LIFETIME) if s.type == "org" else (period,))
-        ],
-    )
-    for subject in subjects:
-        admitted = await session.execute(
-            _RESERVE,
-            {
-                "gpu": gpu_seconds,
-                "images": images,
-                "type": subject.type,
-                "id": subject.id,
-                "period": period,
-                "gpu_limit": subject.limits.get("monthly_gpu_seconds"),
-                "image_limit": subject.limits.get("monthly_images"),
-            },
-        )
-        if admitted.scalar_one_or_none() is None:
-            counter = await _counter(session, subject, period)
-            assert counter is not None
-            if (limit := subject.limits.get("monthly_gpu_seconds")) is not None and (
-                counter.gpu_seconds_used + counter.gpu_seconds_reserved + gpu_seconds > limit
-            ):
-                raise _refusal(
-                    subject,
-                    "monthly_gpu_seconds",
-                    limit,
-                    counter.gpu_seconds_used,
-                    counter.gpu_seconds_reserved,
-                    gpu_seconds,
-                    period,
-                )
-            raise _refusal(
-                subject,
-                "monthly_images",
-                subject.limits["monthly_images"] or 0,
-                counter.images_used,
-                counter.images_reserved,
-                images,
-                period,
+    grace = get_settings().billing_past_due_grace_days * 86400.0
+    try:
+        row = (
+            await session.execute(
+                _SUBMIT,
+                {
+                    "job": job.id,
+                    "org": job.organization_id,
+                    "api_key": job.api_key_id,
+                    "user": job.user_id,
+                    "operation": job.operation,
+                    "version": job.operation_version,
+                    "queue": job.queue,
+                    "params": job.params,
+                    "inputs": job.inputs,
+                    "idempotency_key": job.idempotency_key,
+                    "request_hash": job.request_hash,
+                    "cancel_after": job.cancel_after,
+                    "gpu": gpu_seconds,
+                    "images": images,
+                    "input_bytes": input_bytes,
+                    "grace": grace,
+                },
             )
-        queued_limit = subject.limits.get("max_queued_jobs")
-        if queued_limit is not None:
-            queued = await _queued(session, subject)
-            if queued > queued_limit:
-                raise _refusal(subject, "max_queued_jobs", queued_limit, queued - 1, 0, 1, None)
-    stored = await session.execute(
-        _STORE,
-        {
-            "bytes": input_bytes,
-            "id": job.organization_id,
-            "period": LIFETIME,
-            "limit": org.limits.get("storage_bytes"),
-        },
+        ).one()
+    except DBAPIError as exc:
+        raise _translated(exc) from exc
+    return Admitted(
+        created_at=row.created_at,
+        queue_position=row.queue_position,
+        plan_code=row.plan_code,
+        price_per_gpu_second=row.price_per_gpu_second,
+        currency=row.currency,
     )
-    if stored.scalar_one_or_none() is None:
-        used = await session.scalar(
-            select(QuotaCounter.bytes_used).where(
-                QuotaCounter.subject_type == "org", QuotaCounter.period == LIFETIME
-            )
-        )
-        raise _refusal(
-            subjects[0],
-            "storage_bytes",
-            org.limits["storage_bytes"] or 0,
-            float(used or 0),
-            0,
-            input_bytes,
-            None,
-        )
-    session.add(
-        QuotaReservation(
-            organization_id=job.organization_id,
-            job_id=job.id,
-            period=period,
-            user_id=job.user_id,
-            api_key_id=job.api_key_id,
-            gpu_seconds=gpu_seconds,
-            images=images,
-            status="held",
-        )
-    )
-    await session.flush()
 
 
-async def _queued(session: AsyncSession, subject: Subject) -> int:
-    stmt = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED.value)
-    if subject.type == "member":
-        stmt = stmt.where(Job.user_id == subject.id)
-    elif subject.type == "api_key":
-        stmt = stmt.where(Job.api_key_id == subject.id)
-    return int(await session.scalar(stmt) or 0)
+def _translated(exc: DBAPIError) -> Exception:
+    """The quota or payment problem a refusal from ``hm_submit_job`` stands for."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    diag = getattr(exc.orig, "diag", None)
+    if sqlstate not in ("HM429", "HM402") or diag is None:
+        return exc
+    detail = json.loads(diag.message_detail or "{}")
+    if sqlstate == "HM402":
+        return PaymentPastDue(
+            "A payment failed and the grace period is over: update the payment method in the "
+            "billing portal to submit jobs again.",
+            past_due_since=datetime.fromisoformat(detail["past_due_since"]).isoformat(),
+        )
+    period = detail.get("period")
+    return _refusal(
+        detail["subject"],
+        detail["limit"],
+        float(detail["limit_value"]),
+        float(detail["used"]),
+        float(detail["reserved"]),
+        float(detail["requested"]),
+        date.fromisoformat(period) if period else None,
+    )
