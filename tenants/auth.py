@@ -13,7 +13,7 @@ from fastapi import Depends, Path, Request
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hiddenmodel.db import async_tenant_session, commit, rollback
+from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
 from hiddenmodel.errors import Forbidden, NotFound, Unauthorized
 from hiddenmodel.security import InvalidToken, keyed_hash, parse_token
 from hiddenmodel.settings import get_settings
@@ -21,7 +21,6 @@ from hiddenmodel.tenancy import current_org_id
 from tenants import repository
 from tenants.models import ApiKey, Organization, Role, Scope, User
 from tenants.users import (
-    GlobalSessionDep,
     HashedAccessTokenDatabase,
     UserManager,
     get_database_strategy,
@@ -29,9 +28,11 @@ from tenants.users import (
 
 API_KEY_PREFIX = "hmk"
 
-# Run for every request authenticated by an API key (rate limits). Registered by the app
-# factory, so identity stays below the domains that define those limits.
-API_KEY_HOOKS: list[Callable[[ApiKey], Awaitable[None]]] = []
+# Run for every request authenticated by an API key (rate limits), with the key's session:
+# a hook must not open a session of its own (a request holding one connection while waiting
+# for a second can starve the pool). Registered by the app factory, so identity stays below
+# the domains that define those limits.
+API_KEY_HOOKS: list[Callable[[ApiKey, AsyncSession], Awaitable[None]]] = []
 
 
 class Permission:
@@ -66,6 +67,8 @@ class Principal:
     api_key: ApiKey | None = None
     # An API key's organization, read with the key (one query fewer per request).
     key_org: Organization | None = None
+    # The session the key was found in, bound to its organization; the request goes on in it.
+    session: AsyncSession | None = None
 
     @property
     def user_id(self) -> uuid.UUID | None:
@@ -138,50 +141,67 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-async def authenticate_api_key(token: str) -> tuple[ApiKey, Organization]:
-    """Find a live key, and its organization, inside that organization's RLS context."""
-    try:
-        parsed = parse_token(token, API_KEY_PREFIX)
-    except InvalidToken as exc:
-        raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
+async def authenticate_api_key(session: AsyncSession, token: str) -> tuple[ApiKey, Organization]:
+    """Find a live key, and its organization, in ``session`` (bound to the key's org)."""
+    found = await repository.get_api_key_with_org(session, keyed_hash(token))
+    if found is None:
+        raise Unauthorized("Unknown API key.", kind="invalid-api-key")
+    key, org = found
     now = datetime.now(UTC)
-    async with async_tenant_session(parsed.org_id) as session, session.begin():
-        found = await repository.get_api_key_with_org(session, keyed_hash(token))
-        if found is None:
-            raise Unauthorized("Unknown API key.", kind="invalid-api-key")
-        key, org = found
-        if key.revoked_at is not None:
-            raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
-        if key.expires_at is not None and key.expires_at <= now:
-            raise Unauthorized("This API key has expired.", kind="api-key-expired")
-        # last_used_at at a coarse resolution: not one write per request.
-        resolution = timedelta(seconds=get_settings().api_key_last_used_resolution_seconds)
-        if key.last_used_at is None or now - key.last_used_at >= resolution:
-            await repository.touch_api_key(session, key.id, now)
-            key.last_used_at = now
-        session.expunge_all()
+    if key.revoked_at is not None:
+        raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
+    if key.expires_at is not None and key.expires_at <= now:
+        raise Unauthorized("This API key has expired.", kind="api-key-expired")
+    # last_used_at at a coarse resolution: not one write per request. Skipped while another
+    # request holds the row for the same purpose, so requests never queue on it.
+    resolution = timedelta(seconds=get_settings().api_key_last_used_resolution_seconds)
+    stale = key.last_used_at is None or now - key.last_used_at >= resolution
+    if stale and await repository.touch_api_key(session, key.id, now):
+        key.last_used_at = now
     return key, org
 
 
-async def current_principal(request: Request, session: GlobalSessionDep) -> Principal:
-    """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise."""
+async def current_principal(request: Request) -> AsyncIterator[Principal]:
+    """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise.
+
+    An API key is looked up in a session bound to the organization its token names, and that
+    session, with its open transaction, serves the rest of the request (see
+    :func:`open_org_scope`): one transaction per request, committed before the response.
+    """
     token = _bearer_token(request)
     if token is None:
         raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
     if token.startswith(API_KEY_PREFIX + "_"):
-        key, org = await authenticate_api_key(token)
-        for hook in API_KEY_HOOKS:
-            await hook(key)
-        return Principal(api_key=key, key_org=org)
-    # Session tokens only: API-key requests never build the account machinery.
-    strategy = get_database_strategy(HashedAccessTokenDatabase(session))
-    user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
+        try:
+            parsed = parse_token(token, API_KEY_PREFIX)
+        except InvalidToken as exc:
+            raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
+        async with async_tenant_session(parsed.org_id) as key_session:
+            try:
+                key, org = await authenticate_api_key(key_session, token)
+                for hook in API_KEY_HOOKS:
+                    await hook(key, key_session)
+                yield Principal(api_key=key, key_org=org, session=key_session)
+                # Already committed by the org scope when the route had one.
+                await commit(key_session)
+            except BaseException:
+                await rollback(key_session)
+                raise
+        return
+    # Session tokens only: API-key requests never build the account machinery. The read has
+    # its own short transaction: its connection goes back to the pool at once instead of
+    # waiting beside the organization's session for the rest of the request.
+    async with async_global_session() as session:
+        strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+        user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
+        await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
-    return Principal(user=user)
+    yield Principal(user=user)
 
 
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+# scope="function": the API key's transaction ends before the response is sent.
+CurrentPrincipal = Annotated[Principal, Depends(current_principal, scope="function")]
 
 
 async def require_user(principal: CurrentPrincipal) -> User:
@@ -191,6 +211,16 @@ async def require_user(principal: CurrentPrincipal) -> User:
 
 
 CurrentUser = Annotated[User, Depends(require_user)]
+
+
+@asynccontextmanager
+async def _org_session(org_id: uuid.UUID, principal: Principal) -> AsyncIterator[AsyncSession]:
+    """The API key's own session (already in this org's transaction), or a new one."""
+    if principal.session is not None:
+        yield principal.session
+        return
+    async with async_tenant_session(org_id) as session:
+        yield session
 
 
 @asynccontextmanager
@@ -204,7 +234,7 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
         raise NotFound("No such organization.")
     token = current_org_id.set(org_id)
     try:
-        async with async_tenant_session(org_id) as session:
+        async with _org_session(org_id, principal) as session:
             org = principal.key_org or await repository.get_organization(session, org_id)
             if org is None:
                 raise NotFound("No such organization.")

@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from hiddenmodel.db import async_tenant_session, commit, rollback
-from hiddenmodel.errors import NotFound
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from tenants import repository, service
 from tenants.auth import (
@@ -52,15 +51,11 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 async def get_me(principal: CurrentPrincipal, session: GlobalSessionDep) -> MeRead:
     """The caller: a user with their organizations, or an API key with its organization."""
     if principal.api_key is not None:
-        key = principal.api_key
-        async with async_tenant_session(key.organization_id) as session:
-            org = await repository.get_organization(session, key.organization_id)
-        if org is None:
-            raise NotFound("No such organization.")
+        assert principal.key_org is not None  # read with the key
         return MeRead(
             kind="api_key",
-            api_key=ApiKeyRead.model_validate(key),
-            organization=OrganizationRead.model_validate(org),
+            api_key=ApiKeyRead.model_validate(principal.api_key),
+            organization=OrganizationRead.model_validate(principal.key_org),
         )
     assert principal.user is not None
     rows = await repository.user_organizations(session, principal.user.id)

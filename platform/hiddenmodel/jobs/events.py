@@ -6,11 +6,16 @@ notification, never changes an outcome (readers fall back to the database).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
+import weakref
 from typing import Any
 
 from hiddenmodel.redis import async_redis, sync_redis
+
+log = logging.getLogger(__name__)
 
 DISPATCH_WAKE = "hm:dispatch:wake"
 CANCEL_TTL_SECONDS = 24 * 3600
@@ -40,12 +45,53 @@ def wake_dispatcher_sync() -> None:
     pipe.execute()
 
 
-async def wake_dispatcher() -> None:
-    client = async_redis()
-    pipe = client.pipeline(transaction=False)
+async def _push_wake() -> None:
+    pipe = async_redis().pipeline(transaction=False)
     pipe.lpush(DISPATCH_WAKE, 1)
     pipe.ltrim(DISPATCH_WAKE, 0, 0)
     await pipe.execute()
+
+
+class _Waker:
+    """At most one wake in flight per event loop, sent from a background task. Callers that
+    arrive while one is in flight are covered by a single wake sent after it: that one
+    leaves after their commits, so the dispatcher still sees their jobs, and a burst of
+    submits costs a few round trips, not one each, and no request waits on Redis for it."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def wake(self) -> None:
+        if self.task is not None:
+            self.again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self.again = False
+                await _push_wake()
+                if not self.again:
+                    return
+        except Exception:
+            # The dispatcher also polls: a lost wake delays a job by at most one poll.
+            log.warning("could not wake the dispatcher", exc_info=True)
+        finally:
+            self.task = None
+
+
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker] = weakref.WeakKeyDictionary()
+
+
+async def wake_dispatcher() -> None:
+    """Tell the dispatcher that jobs were committed (call after the commit)."""
+    loop = asyncio.get_running_loop()
+    waker = _wakers.get(loop)
+    if waker is None:
+        waker = _wakers[loop] = _Waker()
+    waker.wake()
 
 
 async def request_cancel(job_id: uuid.UUID) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 import uuid
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from hiddenmodel import ratelimit
-from hiddenmodel.db import async_tenant_session
 from hiddenmodel.usage import quotas
 from tenants.models import ApiKey
 
@@ -14,15 +15,14 @@ CACHE_SECONDS = 30.0
 _cache: dict[tuple[uuid.UUID, uuid.UUID], tuple[float, int | None, int | None]] = {}
 
 
-async def _limits(key: ApiKey) -> tuple[int | None, int | None]:
+async def _limits(key: ApiKey, session: AsyncSession) -> tuple[int | None, int | None]:
     cache_key = (key.organization_id, key.id)
     cached = _cache.get(cache_key)
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1], cached[2]
-    async with async_tenant_session(key.organization_id) as session:
-        org = await quotas.org_plan(session)
-        own = await quotas.sub_limits(session, "api_key", key.id)
+    org = await quotas.org_plan(session)
+    own = await quotas.sub_limits(session, "api_key", key.id)
     key_rpm = own.get("requests_per_minute") or org.limits.get("requests_per_minute")
     org_rpm = org.limits.get("org_requests_per_minute")
     result = (
@@ -44,9 +44,11 @@ def forget(org_id: uuid.UUID) -> None:
         _cache.pop(cached, None)
 
 
-async def enforce_for_key(key: ApiKey) -> None:
-    """Count the request against the key's and the organization's per-minute limits."""
-    key_rpm, org_rpm = await _limits(key)
+async def enforce_for_key(key: ApiKey, session: AsyncSession) -> None:
+    """Count the request against the key's and the organization's per-minute limits.
+
+    ``session`` is the request's, bound to the key's organization."""
+    key_rpm, org_rpm = await _limits(key, session)
     await ratelimit.enforce(
         [("api_key", f"key:{key.id}", key_rpm), ("org", f"org:{key.organization_id}", org_rpm)]
     )
