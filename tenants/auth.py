@@ -13,7 +13,13 @@ from fastapi import Depends, Path, Request
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
+from hiddenmodel.db import (
+    async_global_session,
+    async_tenant_session,
+    bind_org_with_first_statement,
+    commit,
+    rollback,
+)
 from hiddenmodel.errors import Forbidden, NotFound, Unauthorized
 from hiddenmodel.security import InvalidToken, keyed_hash, parse_token
 from hiddenmodel.settings import get_settings
@@ -141,9 +147,13 @@ def _bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-async def authenticate_api_key(session: AsyncSession, token: str) -> tuple[ApiKey, Organization]:
-    """Find a live key, and its organization, in ``session`` (bound to the key's org)."""
-    found = await repository.get_api_key_with_org(session, keyed_hash(token))
+async def authenticate_api_key(
+    session: AsyncSession, org_id: uuid.UUID, token: str
+) -> tuple[ApiKey, Organization]:
+    """Find a live key, and its organization, as the first statement of ``session``'s
+    transaction, which binds it to ``org_id`` (the organization the token names)."""
+    bind_org_with_first_statement(session)
+    found = await repository.get_api_key_with_org(session, org_id, keyed_hash(token))
     if found is None:
         raise Unauthorized("Unknown API key.", kind="invalid-api-key")
     key, org = found
@@ -161,7 +171,8 @@ async def authenticate_api_key(session: AsyncSession, token: str) -> tuple[ApiKe
     return key, org
 
 
-async def current_principal(request: Request) -> AsyncIterator[Principal]:
+@asynccontextmanager
+async def authenticated(request: Request) -> AsyncIterator[Principal]:
     """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise.
 
     An API key is looked up in a session bound to the organization its token names, and that
@@ -178,7 +189,7 @@ async def current_principal(request: Request) -> AsyncIterator[Principal]:
             raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
         async with async_tenant_session(parsed.org_id) as key_session:
             try:
-                key, org = await authenticate_api_key(key_session, token)
+                key, org = await authenticate_api_key(key_session, parsed.org_id, token)
                 for hook in API_KEY_HOOKS:
                     await hook(key, key_session)
                 yield Principal(api_key=key, key_org=org, session=key_session)
@@ -198,6 +209,11 @@ async def current_principal(request: Request) -> AsyncIterator[Principal]:
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
     yield Principal(user=user)
+
+
+async def current_principal(request: Request) -> AsyncIterator[Principal]:
+    async with authenticated(request) as principal:
+        yield principal
 
 
 # scope="function": the API key's transaction ends before the response is sent.
@@ -254,23 +270,28 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
         current_org_id.reset(token)
 
 
+# The org scopes authenticate by themselves rather than depend on CurrentPrincipal: one
+# dependency layer fewer on every request (a route takes an org scope or a principal).
+
+
 async def org_scope_from_path(
-    principal: CurrentPrincipal,
+    request: Request,
     org_id: Annotated[uuid.UUID, Path(description="Organization id")],
 ) -> AsyncIterator[OrgScope]:
-    async with open_org_scope(org_id, principal) as scope:
+    async with authenticated(request) as principal, open_org_scope(org_id, principal) as scope:
         yield scope
 
 
-async def org_scope_from_key(principal: CurrentPrincipal) -> AsyncIterator[OrgScope]:
+async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
     """Routes without an org in the path act in the API key's organization."""
-    if principal.api_key is None:
-        raise Forbidden(
-            "This endpoint acts in an API key's organization: authenticate with an API key.",
-            kind="api-key-required",
-        )
-    async with open_org_scope(principal.api_key.organization_id, principal) as scope:
-        yield scope
+    async with authenticated(request) as principal:
+        if principal.api_key is None:
+            raise Forbidden(
+                "This endpoint acts in an API key's organization: authenticate with an API key.",
+                kind="api-key-required",
+            )
+        async with open_org_scope(principal.api_key.organization_id, principal) as scope:
+            yield scope
 
 
 # scope="function": commit before the response is sent (see GlobalSessionDep).

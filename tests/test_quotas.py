@@ -243,6 +243,29 @@ async def test_dry_run_prices_and_creates_nothing(client: httpx.AsyncClient) -> 
     )
 
 
+async def test_a_dry_run_applies_the_submit_rules_and_changes_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    org, headers = await keyed_org(client)
+    set_overrides(org, monthly_images=1)
+    assert (await submit(client, headers)).status_code == 202
+    before = counters(org)
+    r = await submit(client, headers, data={"dry_run": "true"})
+    assert_problem(r, 429, "quota-exceeded")
+    body = r.json()
+    assert body["limit"] == "monthly_images" and body["subject"] == "org"
+    assert body["limit_value"] == 1 and body["requested"] == 1
+    assert body["used"] + body["reserved"] == 1
+    assert "resets_at" in body and int(r.headers["Retry-After"]) > 0
+    assert counters(org) == before
+    assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 1
+    assert db_scalar("SELECT count(*) FROM job_outbox WHERE organization_id = :o", o=org.id) <= 1
+    assert (
+        db_scalar("SELECT count(*) FROM quota_reservations WHERE organization_id = :o", o=org.id)
+        == 1
+    )
+
+
 async def test_past_due_refuses_after_grace(client: httpx.AsyncClient) -> None:
     org, headers = await keyed_org(client)
     set_overrides(org)

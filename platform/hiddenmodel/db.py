@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -51,6 +53,20 @@ class GlobalSession(Session):
     """A session for tables that belong to no organization."""
 
 
+_BOUND_BY_FIRST_STATEMENT = "hm_bound_by_first_statement"
+
+
+def bind_org_with_first_statement(session: AsyncSession) -> None:
+    """Send no separate ``set_config`` for the session's next transaction: its first
+    statement binds the organization itself (``hm_api_key_for_request``), which saves a
+    round trip on every API-key request.
+
+    Safe by construction: if the first statement binds nothing, ``hm_current_org_id()`` is
+    NULL, so row-level security shows no row and refuses every write.
+    """
+    session.sync_session.info[_BOUND_BY_FIRST_STATEMENT] = True
+
+
 @event.listens_for(TenantSession, "after_begin")
 def _bind_org_to_transaction(
     session: Session, transaction: SessionTransaction, connection: Connection
@@ -59,6 +75,8 @@ def _bind_org_to_transaction(
     if org_id is None:
         raise TenantContextMissing("tenant session used with no organization bound")
     session.info["org_id"] = org_id
+    if session.info.pop(_BOUND_BY_FIRST_STATEMENT, False):
+        return
     connection.exec_driver_sql(
         "SELECT set_config(%(name)s, %(value)s, true)",
         {"name": ORG_SETTING, "value": str(org_id)},
@@ -69,9 +87,36 @@ def _engine_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "pool_size": settings.database_pool_size,
         "max_overflow": settings.database_max_overflow,
-        "pool_pre_ping": True,
+        # Pinged on checkout only after idling (see _ping_idle_connections).
+        "pool_pre_ping": False,
         "pool_recycle": 1800,
     }
+
+
+# A connection back from a transaction moments ago is alive; one that sat in the pool may
+# have been closed by a server restart or a firewall. SQLAlchemy's pool_pre_ping pings on
+# every checkout, a round trip per request under load; this pings only after idling.
+PING_AFTER_IDLE_SECONDS = 5.0
+_IDLE_SINCE = "hm_idle_since"
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # just connected, or busy a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool replaces the connection and tries again.
+            raise DisconnectionError("ping on checkout failed") from exc
 
 
 _async_engines: dict[str, AsyncEngine] = {}
@@ -84,6 +129,7 @@ def async_engine(url: str | None = None) -> AsyncEngine:
     engine = _async_engines.get(url)
     if engine is None:
         engine = _async_engines[url] = create_async_engine(url, **_engine_kwargs(settings))
+        _ping_idle_connections(engine.sync_engine)
     return engine
 
 
@@ -93,6 +139,7 @@ def sync_engine(url: str | None = None) -> Engine:
     engine = _sync_engines.get(url)
     if engine is None:
         engine = _sync_engines[url] = create_engine(url, **_engine_kwargs(settings))
+        _ping_idle_connections(engine)
     return engine
 
 

@@ -77,6 +77,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
 
+    # Routes are matched in order: the busiest endpoint (job submit and polling) first.
+    app.include_router(jobs_router)
     auth_tags: list[str | Enum] = ["auth"]
     app.include_router(
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
@@ -93,7 +95,6 @@ def create_app() -> FastAPI:
         fastapi_users.get_users_router(UserRead, UserUpdate), prefix="/v1/users", tags=["users"]
     )
     app.include_router(tenants_router)
-    app.include_router(jobs_router)
     app.include_router(usage_router)
     app.include_router(billing_router)
     app.include_router(usage_reports_router)

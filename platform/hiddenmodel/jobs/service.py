@@ -142,24 +142,22 @@ async def _replay(scope: OrgScope, key: str, request_hash: str) -> Job | None:
     return existing
 
 
-async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
-    """Validate, store inputs in S3, then admit the job in one statement and commit.
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated submission, ready to store: the job to insert and what it will cost."""
 
-    The caller owns the session; this commits it itself because the job must be durable
-    before anything waits on it. Anything rejected leaves no object and no row.
-    """
-    op = get_operation(sub.operation)
-    params_model = op.validate_params(sub.params)
-    params = params_model.model_dump(mode="json")
-    infos = await run_in_threadpool(_validate_uploads, op, sub.uploads)
+    job: Job
+    estimate: CostEstimate
+    input_bytes: int
+    keys: list[str]
+
+
+def _prepare(
+    scope: OrgScope, sub: Submission, op: Operation, params_model: Any, params: dict[str, Any]
+) -> _Prepared:
+    """Validate the uploads and build the job (CPU work: runs in a worker thread)."""
+    infos = _validate_uploads(op, sub.uploads)
     estimate = op.estimate(params_model, infos["image"].width, infos["image"].height)
-    input_bytes = sum(len(u.data) for u in sub.uploads)
-    request_hash = _request_hash(sub, op, params)
-    if sub.idempotency_key and not sub.dry_run:
-        replay = await _replay(scope, sub.idempotency_key, request_hash)
-        if replay is not None:
-            return Submitted(replay, replayed=True)
-
     job_id = uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
@@ -191,71 +189,105 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         outputs=[],
         attempts=0,
         idempotency_key=None if sub.dry_run else sub.idempotency_key,
-        request_hash=request_hash,
+        request_hash=_request_hash(sub, op, params),
         cancel_after=(
             datetime.now(UTC) + timedelta(seconds=sub.cancel_after_seconds)
             if sub.cancel_after_seconds
             else None
         ),
     )
-    if sub.dry_run:
-        return await _quote(scope, op, job, estimate, input_bytes)
+    return _Prepared(job, estimate, sum(len(u.data) for u in sub.uploads), keys)
 
-    def _store() -> None:
-        for upload in sub.uploads:
-            meta = inputs[upload.name]
+
+def _store(prepared: _Prepared, uploads: list[Upload]) -> None:
+    """Put every input in S3 (blocking: runs in a worker thread); on failure delete what
+    was put, so nothing is left behind."""
+    job = prepared.job
+    try:
+        for upload in uploads:
+            meta = job.inputs[upload.name]
             storage.put_object(
                 meta["key"],
                 upload.data,
                 meta["content_type"],
-                org_id=org_id,
-                job_id=job_id,
+                org_id=job.organization_id,
+                job_id=job.id,
                 kind=upload.name,
             )
+    except BaseException:
+        storage.delete_objects(prepared.keys)
+        raise
 
+
+async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
+    """Validate, store inputs in S3, then admit the job in one statement and commit.
+
+    The caller owns the session; this commits it itself because the job must be durable
+    before anything waits on it. Anything rejected leaves no object and no row.
+    """
+    op = get_operation(sub.operation)
+    params_model = op.validate_params(sub.params)
+    params = params_model.model_dump(mode="json")
+    if sub.dry_run:
+        prepared = await run_in_threadpool(_prepare, scope, sub, op, params_model, params)
+        return await _quote(scope, op, prepared)
     # Inputs first, then the job: a job never points at an object that is not there, and a
     # refused or failed admission deletes what was stored.
+    if sub.idempotency_key:
+        prepared = await run_in_threadpool(_prepare, scope, sub, op, params_model, params)
+        replay = await _replay(scope, sub.idempotency_key, prepared.job.request_hash)
+        if replay is not None:
+            return Submitted(replay, replayed=True)
+        await run_in_threadpool(_store, prepared, sub.uploads)
+    else:
+
+        def prepare_and_store() -> _Prepared:
+            # One trip to a worker thread instead of two.
+            ready = _prepare(scope, sub, op, params_model, params)
+            _store(ready, sub.uploads)
+            return ready
+
+        prepared = await run_in_threadpool(prepare_and_store)
+    job = prepared.job
     try:
-        await run_in_threadpool(_store)
         admitted = await quotas.admit(
             scope.session,
             job,
-            gpu_seconds=estimate.gpu_seconds,
-            images=estimate.images,
-            input_bytes=input_bytes,
+            gpu_seconds=prepared.estimate.gpu_seconds,
+            images=prepared.estimate.images,
+            input_bytes=prepared.input_bytes,
         )
         job.created_at = admitted.created_at
         after_commit(scope.session, events.wake_dispatcher)
         await commit(scope.session)
     except IntegrityError:
         await rollback(scope.session)
-        await run_in_threadpool(storage.delete_objects, keys)
+        await run_in_threadpool(storage.delete_objects, prepared.keys)
         # A concurrent request with the same Idempotency-Key won the insert.
         if sub.idempotency_key:
-            replay = await _replay(scope, sub.idempotency_key, request_hash)
+            replay = await _replay(scope, sub.idempotency_key, job.request_hash)
             if replay is not None:
                 return Submitted(replay, replayed=True)
         raise
     except BaseException:
         await rollback(scope.session)
-        await run_in_threadpool(storage.delete_objects, keys)
+        await run_in_threadpool(storage.delete_objects, prepared.keys)
         raise
     return Submitted(job, replayed=False, queue_position=admitted.queue_position)
 
 
-async def _quote(
-    scope: OrgScope, op: Operation, job: Job, estimate: CostEstimate, input_bytes: int
-) -> Quote:
+async def _quote(scope: OrgScope, op: Operation, prepared: _Prepared) -> Quote:
     """Price the job: the real admission, in a savepoint that is always rolled back, so a
     quote says exactly what a submit would (including a refusal) and leaves nothing."""
+    estimate = prepared.estimate
     savepoint = await scope.session.begin_nested()
     try:
         admitted = await quotas.admit(
             scope.session,
-            job,
+            prepared.job,
             gpu_seconds=estimate.gpu_seconds,
             images=estimate.images,
-            input_bytes=input_bytes,
+            input_bytes=prepared.input_bytes,
         )
     finally:
         await savepoint.rollback()
