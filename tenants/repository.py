@@ -134,18 +134,29 @@ async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None
 _API_KEY_FOR_REQUEST = text("SELECT api_key, organization FROM hm_api_key_for_request(:org, :hash)")
 
 
+def _column_kinds(model: type[Base]) -> list[tuple[str, str, type | None]]:
+    """(JSON name, attribute, Python type to convert to) for each column of ``model``."""
+    kinds = []
+    for column in model.__table__.c:
+        kind = column.type.python_type
+        kinds.append((column.name, column.key, kind if kind in (uuid.UUID, datetime) else None))
+    return kinds
+
+
+_KINDS: dict[type[Base], list[tuple[str, str, type | None]]] = {}
+
+
 def _from_json(model: type[_M], data: dict[str, Any]) -> _M:
     """A detached instance from a row sent as JSON (``to_jsonb``): every column, typed."""
+    kinds = _KINDS.get(model)
+    if kinds is None:
+        kinds = _KINDS[model] = _column_kinds(model)
     values: dict[str, Any] = {}
-    for column in model.__table__.c:
-        value = data.get(column.name)
-        if value is not None:
-            kind = column.type.python_type
-            if kind is uuid.UUID:
-                value = uuid.UUID(value)
-            elif kind is datetime:
-                value = datetime.fromisoformat(value)
-        values[column.key] = value
+    for name, key, kind in kinds:
+        value = data.get(name)
+        if value is not None and kind is not None:
+            value = uuid.UUID(value) if kind is uuid.UUID else datetime.fromisoformat(value)
+        values[key] = value
     return model(**values)
 
 

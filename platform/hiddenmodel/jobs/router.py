@@ -176,7 +176,9 @@ async def submit_job(
     elif submitted.replayed and JobStatus(job.status).terminal:
         code = status.HTTP_200_OK
     body = await service.view(scope, job, position)
-    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
+    return Response(
+        body.model_dump_json(), status_code=code, headers=headers, media_type="application/json"
+    )
 
 
 @router.get("/jobs/{job_id}", operation_id="getJob", response_model=JobRead)
