@@ -253,6 +253,69 @@ def test_png_with_valid_crcs_but_broken_compressed_data() -> None:
     assert rejected(data).kind == "corrupt-image"
 
 
+def _filtered_png(width: int, height: int, filters: list[int]) -> bytes:
+    """A non-interlaced RGB PNG whose rows carry these filter types (CRCs and zlib valid)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = b"".join(bytes([f]) + bytes(3 * width) for f in filters)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("row", [0, 17, 39])
+def test_png_row_with_an_unknown_filter_is_refused(row: int) -> None:
+    filters = [1] * 40
+    filters[row] = 9
+    assert rejected(_filtered_png(30, 40, filters)).kind == "corrupt-image"
+    filters[row] = 4  # Paeth, the last defined filter
+    assert inspect_image(_filtered_png(30, 40, filters)).height == 40
+
+
+def test_plain_png_is_validated_without_a_second_decode(no_decoding: None) -> None:
+    # The chunk walk inflated every row and read its filter: a decode would add nothing.
+    info = inspect_image(encode(photo(), "PNG"))
+    assert (info.format, info.width, info.height, info.orientation) == ("png", 96, 64, 1)
+
+
+def test_png_with_exif_is_still_decoded_to_read_its_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo(), "PNG", exif=exif.tobytes())
+    assert inspect_image(data).orientation == 6
+
+
+def test_worker_skips_the_walk_only_for_the_bytes_that_were_validated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+
+    from hiddenmodel import images
+
+    data = encode(photo(), "PNG")
+    digest = hashlib.sha256(data).hexdigest()
+    walks: list[int] = []
+    original = images._check_png_structure
+
+    def counting(*args: object) -> object:
+        walks.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "_check_png_structure", counting)
+    assert decode_image(data, validated_sha256=digest).size == (96, 64)
+    assert walks == []
+    assert decode_image(data).size == (96, 64)
+    assert walks == [1]
+    # Other bytes than the validated ones are walked (and a damaged copy refused).
+    damaged = bytearray(data)
+    damaged[data.index(b"IDAT") + 10] ^= 0xFF
+    with pytest.raises(ImageRejected):
+        decode_image(bytes(damaged), validated_sha256=digest)
+    assert walks == [1, 1]
+
+
 # --- animation ---------------------------------------------------------------------------
 
 

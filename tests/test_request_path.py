@@ -220,3 +220,18 @@ async def test_wakes_sent_while_one_is_in_flight_collapse_into_one_more(
     for _ in range(5):
         await asyncio.sleep(0)
     assert len(sent) == 3
+
+
+async def test_inputs_record_the_digest_of_the_validated_bytes(
+    client: httpx.AsyncClient,
+) -> None:
+    import hashlib
+
+    from tests.test_jobs import png
+
+    _, key = await _keyed(client)
+    r = await submit(client, bearer(key["key"]), image=png(40, 30))
+    assert r.status_code == 202, r.text
+    stored = db_scalar("SELECT inputs FROM jobs WHERE id = :j", j=r.json()["id"])
+    assert stored["image"]["sha256"] == hashlib.sha256(png(40, 30)).hexdigest()
+    assert "sha256" not in r.json()["inputs"]["image"]

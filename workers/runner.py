@@ -111,7 +111,7 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
             data = storage.get_object(meta["key"])
         except Exception as exc:
             raise TransientError(f"reading input {name}: {exc}") from exc
-        images[name] = decode_image(data, configured_limits())
+        images[name] = decode_image(data, configured_limits(), validated_sha256=meta.get("sha256"))
     return images
 
 

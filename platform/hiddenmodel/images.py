@@ -14,6 +14,8 @@ as a second guard behind the explicit limits here. Nothing in this module import
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import zlib
 from dataclasses import dataclass, field
@@ -184,18 +186,41 @@ def _png_raw_size(width: int, height: int, ihdr: bytes) -> int:
     )
 
 
-def _check_png_structure(data: bytes, width: int, height: int) -> None:
+@dataclass(frozen=True)
+class _PngWalk:
+    """What walking a PNG's chunks proved."""
+
+    # Every row's filter type was read and is one of the five PNG defines (non-interlaced
+    # images): with the CRCs, a complete inflate and the size check, nothing is left that a
+    # pixel decode would find wrong.
+    rows_checked: bool
+    has_exif: bool
+
+
+def _check_png_structure(data: bytes, width: int, height: int) -> _PngWalk:
     """Walk the chunks: CRCs, the IEND marker, and enough image data for the header.
 
     Pillow fills rows missing from a short but well-formed zlib stream with zeros and
     reports success, so a file whose header promises more than its data holds would pass
-    a plain decode. The stream is inflated in bounded steps and only counted, never kept,
-    and the count stops once the header's size is reached.
+    a plain decode. The stream is inflated in bounded steps, never kept, and the walk stops
+    once the header's size is reached. Of a non-interlaced image it also reads each row's
+    filter byte on the way (an unknown filter is what a decode would still refuse).
     """
     view = memoryview(data)
-    pos, ihdr, ended = 8, b"", False
+    pos, ihdr, ended, has_exif = 8, b"", False, False
     inflater = zlib.decompressobj()
-    expected, produced = -1, 0
+    expected, produced, stride = -1, 0, 0
+
+    def take(out: bytes) -> None:
+        nonlocal produced
+        if stride and produced < expected:
+            filters = out[(-produced) % stride : expected - produced : stride]
+            if filters and max(filters) > 4:
+                raise ImageRejected(
+                    "corrupt-image", "The PNG image data has a row with an unknown filter."
+                )
+        produced += len(out)
+
     try:
         while pos + 8 <= len(data):
             length = int.from_bytes(view[pos : pos + 4], "big")
@@ -209,17 +234,21 @@ def _check_png_structure(data: bytes, width: int, height: int) -> None:
             if kind == b"IHDR":
                 ihdr = bytes(view[pos + 8 : end])
                 expected = _png_raw_size(width, height, ihdr)
+                if ihdr[12] == 0:  # not interlaced: rows of one size
+                    stride = expected // height if height else 0
             elif kind == b"IDAT" and produced <= expected:
                 pending: bytes | memoryview = view[pos + 8 : end]
                 while pending and produced <= expected:
-                    produced += len(inflater.decompress(pending, _INFLATE_STEP))
+                    take(inflater.decompress(pending, _INFLATE_STEP))
                     pending = inflater.unconsumed_tail
+            elif kind == b"eXIf":
+                has_exif = True
             elif kind == b"IEND":
                 ended = True
                 break
             pos = end + 4
         if produced < expected:
-            produced += len(inflater.flush())
+            take(inflater.flush())
     except zlib.error as exc:
         raise _corrupt("png", exc) from exc
     if not ended or not ihdr:
@@ -229,6 +258,7 @@ def _check_png_structure(data: bytes, width: int, height: int) -> None:
             "corrupt-image",
             f"The PNG image data holds {produced:,} of the {expected:,} bytes its header promises.",
         )
+    return _PngWalk(rows_checked=bool(stride), has_exif=has_exif)
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -246,7 +276,9 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _load_verified(data: bytes, limits: ImageLimits) -> tuple[ImageFile.ImageFile, ImageInfo]:
+def _load_verified(
+    data: bytes, limits: ImageLimits, *, decode: bool = True, walked: bool = False
+) -> tuple[ImageFile.ImageFile, ImageInfo]:
     if len(data) == 0:
         raise ImageRejected("empty-file", "The uploaded file is empty.")
     if len(data) > limits.max_bytes:
@@ -275,17 +307,21 @@ def _load_verified(data: bytes, limits: ImageLimits) -> tuple[ImageFile.ImageFil
             f"The {fmt.upper()} file is animated ({frames} frames); send a single still image.",
         )
 
-    if fmt == "png":
-        _check_png_structure(data, width, height)
-
-    try:
-        header.load()
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _corrupt(fmt, exc) from exc
-    if header.size != (width, height):
-        raise ImageRejected("corrupt-image", "The decoded size differs from the header.")
+    walk = _check_png_structure(data, width, height) if fmt == "png" and not walked else None
+    # A plain PNG whose walk read every row is fully checked: decoding it a second time
+    # would find nothing new (and EXIF, when there is some, is only read by a decode).
+    if decode or walk is None or not walk.rows_checked or walk.has_exif:
+        try:
+            header.load()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise _corrupt(fmt, exc) from exc
+        if header.size != (width, height):
+            raise ImageRejected("corrupt-image", "The decoded size differs from the header.")
+        orientation = _orientation(header)
+    else:
+        orientation = 1
 
     info = ImageInfo(
         format=fmt,
@@ -293,7 +329,7 @@ def _load_verified(data: bytes, limits: ImageLimits) -> tuple[ImageFile.ImageFil
         height=height,
         mode=header.mode,
         has_alpha=_has_alpha(header),
-        orientation=_orientation(header),
+        orientation=orientation,
     )
     return header, info
 
@@ -302,11 +338,13 @@ def inspect_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageInf
     """Fully validate an uploaded image and describe it, or raise :class:`ImageRejected`.
 
     Checks, in order: empty file, byte size, format sniffed from the content (the file
-    name is never consulted), header dimensions against the limits, animation, and a
-    complete decode. CMYK, 16-bit, palette and greyscale images and any EXIF orientation
-    are accepted; :func:`decode_image` normalises them.
+    name is never consulted), header dimensions against the limits, animation, and all of
+    the image data (a decode; for a non-interlaced PNG without EXIF, the chunk walk, which
+    inflates every row and reads its filter, says all a decode would). CMYK, 16-bit,
+    palette and greyscale images and any EXIF orientation are accepted;
+    :func:`decode_image` normalises them.
     """
-    image, info = _load_verified(data, limits)
+    image, info = _load_verified(data, limits, decode=False)
     image.close()
     return info
 
@@ -353,15 +391,24 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGBA" if _has_alpha(image) else "RGB")
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def decode_image(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, validated_sha256: str | None = None
+) -> Image.Image:
     """Validate and decode an upload into an upright 8-bit RGB or RGBA image.
 
     Runs every check of :func:`inspect_image`, then applies the EXIF orientation, converts
     CMYK to RGB (through the embedded ICC profile when there is one), scales 16-bit samples
     to 8 bits and expands palettes. Images with any transparency come back RGBA, all others
     RGB. An embedded RGB ICC profile is kept in ``image.info`` so encoding can carry it.
+
+    ``validated_sha256``: the SHA-256 (hex) of bytes :func:`inspect_image` accepted. When
+    ``data`` has that digest, the PNG chunk walk is not repeated (it takes about as long
+    as the decode); the decode itself, and every header check, still run.
     """
-    image, _ = _load_verified(data, limits)
+    walked = validated_sha256 is not None and hmac.compare_digest(
+        hashlib.sha256(data).hexdigest(), validated_sha256
+    )
+    image, _ = _load_verified(data, limits, walked=walked)
     icc = image.info.get("icc_profile")
     source_mode = image.mode
     # In place: a 40-megapixel image is not copied just to be turned.

@@ -84,11 +84,13 @@ def _rejected(name: str, exc: ImageRejected) -> Problem:
     )
 
 
-def _request_hash(sub: Submission, op: Operation, params: dict[str, Any]) -> str:
+def _request_hash(
+    sub: Submission, op: Operation, params: dict[str, Any], digests: dict[str, bytes]
+) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([op.name, params, sub.cancel_after_seconds], sort_keys=True).encode())
-    for upload in sorted(sub.uploads, key=lambda u: u.name):
-        digest.update(upload.name.encode() + b"\0" + hashlib.sha256(upload.data).digest())
+    for name in sorted(digests):
+        digest.update(name.encode() + b"\0" + digests[name])
     return digest.hexdigest()
 
 
@@ -158,6 +160,7 @@ def _prepare(
     """Validate the uploads and build the job (CPU work: runs in a worker thread)."""
     infos = _validate_uploads(op, sub.uploads)
     estimate = op.estimate(params_model, infos["image"].width, infos["image"].height)
+    digests = {u.name: hashlib.sha256(u.data).digest() for u in sub.uploads}
     job_id = uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
@@ -172,6 +175,9 @@ def _prepare(
             "height": info.height,
             "bytes": len(upload.data),
             "content_type": content_type(info.format),
+            # What was validated here: a worker reading these exact bytes back need not
+            # walk them again (see images.decode_image).
+            "sha256": digests[upload.name].hex(),
         }
         keys.append(key)
     job = Job(
@@ -189,7 +195,7 @@ def _prepare(
         outputs=[],
         attempts=0,
         idempotency_key=None if sub.dry_run else sub.idempotency_key,
-        request_hash=_request_hash(sub, op, params),
+        request_hash=_request_hash(sub, op, params, digests),
         cancel_after=(
             datetime.now(UTC) + timedelta(seconds=sub.cancel_after_seconds)
             if sub.cancel_after_seconds
