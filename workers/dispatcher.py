@@ -186,7 +186,9 @@ def run_forever(stop: threading.Event | None = None) -> None:
     while not stop.is_set():
         try:
             client.blpop([events.DISPATCH_WAKE], timeout=settings.dispatch_poll_seconds)
-            while dispatch_once():
+            # A short batch took all that could go: asking again would find nothing (what
+            # commits meanwhile sends a wake of its own).
+            while dispatch_once() >= settings.dispatch_batch_size:
                 pass
             now = time.monotonic()
             if reconcile.due(now):
