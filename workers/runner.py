@@ -60,7 +60,8 @@ class ProgressReporter:
     ) -> None:
         self.org_id, self.job_id, self.attempt, self.ownership = org_id, job_id, attempt, ownership
         self._last_publish = 0.0
-        self._last_db = 0.0
+        # The claim has just written the job's heartbeat: the first progress row can wait.
+        self._last_db = time.monotonic()
         self._db_interval = get_settings().progress_db_interval_seconds
 
     def __call__(self, stage: str, fraction: float) -> None:
