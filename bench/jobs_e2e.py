@@ -599,7 +599,12 @@ def main() -> int:
     parser.add_argument("--no-poll", action="store_true", help="(a) skip the polling mode")
     parser.add_argument("--conc-jobs", type=int, default=100, help="(b) jobs")
     parser.add_argument("--clients", type=int, default=8, help="(b) concurrent clients")
-    parser.add_argument("--workers", type=int, default=1, help="Celery worker processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Celery worker processes for the cpu queue (default: one per core)",
+    )
     parser.add_argument("--connections", type=int, default=32, help="(c) connections")
     parser.add_argument("--duration-s", type=float, default=8.0, help="(c) seconds per round")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="(c) warm-up per endpoint")
