@@ -87,7 +87,13 @@ async def create_organization(
 
 
 async def update_organization(scope: OrgScope, data: OrganizationUpdate) -> Organization:
-    scope.org.name = data.name
+    # An API key's organization was read with the key, outside this session's identity map:
+    # change the session's own copy, or the change would not be written.
+    org = scope.org
+    if org not in scope.session:
+        org = await repository.get_organization(scope.session, scope.org_id) or org
+        scope.org = org
+    org.name = data.name
     audit(
         scope.session,
         scope.org_id,

@@ -53,6 +53,15 @@ async def test_create_get_update_list(client: httpx.AsyncClient) -> None:
     assert [(o["id"], o["role"]) for o in r.json()] == [(org.id, "owner")]
 
 
+async def test_an_admin_api_key_renames_its_organization(client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    key = await make_key(client, org, ["admin"])
+    headers = bearer(key["key"])
+    r = await client.patch(f"/v1/orgs/{org.id}", json={"name": "By key"}, headers=headers)
+    assert r.status_code == 200 and r.json()["name"] == "By key", r.text
+    assert db_scalar("SELECT name FROM organizations WHERE id = :o", o=org.id) == "By key"
+
+
 async def test_create_refusals_write_nothing(client: httpx.AsyncClient) -> None:
     org = await make_org(client)
     other = await register(client)
