@@ -191,7 +191,10 @@ async def admit(
             )
         ).one()
     except DBAPIError as exc:
-        raise _translated(exc) from exc
+        refusal = _refusal_from(exc)
+        if refusal is None:
+            raise  # not a refusal: an Idempotency-Key taken meanwhile, or a real error
+        raise refusal from exc
     return Admitted(
         created_at=row.created_at,
         queue_position=row.queue_position,
@@ -201,12 +204,13 @@ async def admit(
     )
 
 
-def _translated(exc: DBAPIError) -> Exception:
-    """The quota or payment problem a refusal from ``hm_submit_job`` stands for."""
+def _refusal_from(exc: DBAPIError) -> Problem | None:
+    """The quota or payment problem a refusal from ``hm_submit_job`` stands for, if it is
+    one (SQLSTATE HM429 or HM402, details as JSON)."""
     sqlstate = getattr(exc.orig, "sqlstate", None)
     diag = getattr(exc.orig, "diag", None)
     if sqlstate not in ("HM429", "HM402") or diag is None:
-        return exc
+        return None
     detail = json.loads(diag.message_detail or "{}")
     if sqlstate == "HM402":
         return PaymentPastDue(
