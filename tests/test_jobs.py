@@ -7,6 +7,7 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -296,3 +297,56 @@ async def test_other_orgs_see_nothing(client: httpx.AsyncClient) -> None:
     # The storage layer refuses to sign another tenant's key even if asked.
     with pytest.raises(PermissionError):
         storage.presigned_get_url(f"orgs/{org_a.id}/jobs/{job_id}/output.png", uuid.uuid4())
+
+
+@pytest.fixture(scope="module")
+def live_api() -> Iterator[str]:
+    """The API as its own process on a real socket (the ASGI test transport buffers a
+    streamed body until it ends, so it cannot show that events arrive as they happen)."""
+    from tests.conftest import _free_port
+    from tests.services import hiddenmodel, wait_port
+
+    port = _free_port()
+    server = hiddenmodel("api-live", "api", "--port", str(port), "--workers", "1")
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+async def test_server_sent_events_arrive_while_the_job_waits(
+    client: httpx.AsyncClient, services: Any, live_api: str
+) -> None:
+    _, headers = await keyed_org(client)
+    services.stop_workers()  # the job stays queued until a worker comes back
+    try:
+        job_id = (await submit(client, headers)).json()["id"]
+        seen: list[tuple[str, dict[str, Any]]] = []
+        async with (
+            httpx.AsyncClient(base_url=live_api, timeout=30) as real,
+            real.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as stream,
+        ):
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            event = None
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    seen.append((event, json.loads(line[6:])))
+                    if event == "status":
+                        break
+            # Delivered over the socket while the job is still queued.
+            assert seen == [("status", {"status": "queued", "stage": None, "progress": 0.0})]
+            assert db_scalar("SELECT status FROM jobs WHERE id = :j", j=job_id) == "queued"
+            services.start_worker()
+            async for line in lines:
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event:
+                    seen.append((event, json.loads(line[6:])))
+        assert [s["status"] for e, s in seen if e == "status"][-1] == "succeeded"
+        assert seen[-1][0] == "job" and seen[-1][1]["status"] == "succeeded"
+    finally:
+        services.ensure_worker()
