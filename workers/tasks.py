@@ -6,6 +6,8 @@ import logging
 import uuid
 from typing import Any
 
+from hiddenmodel.jobs import orphans
+from hiddenmodel.settings import get_settings
 from workers.celery_app import app
 from workers.runner import TransientError, requeue_after_transient, run_job
 
@@ -25,3 +27,15 @@ def run(self: Any, org_id: str, job_id: str) -> str:
             countdown = min(RETRY_BACKOFF_CAP_S, 2**self.request.retries)
             raise self.retry(countdown=countdown) from None
         return "failed"
+
+
+@app.task(name="maintenance.sweep_orphans", acks_late=True)  # type: ignore[untyped-decorator]
+def sweep_orphans() -> dict[str, Any]:
+    """Delete input objects whose submit never committed (see hiddenmodel.jobs.orphans)."""
+    settings = get_settings()
+    done = orphans.sweep_orphans(
+        grace_seconds=settings.orphan_grace_seconds,
+        # Within one interval: a run never overlaps the next.
+        budget_seconds=settings.orphan_sweep_interval_seconds / 2,
+    )
+    return {"listed": done.listed, "deleted": done.deleted, "finished": done.finished}

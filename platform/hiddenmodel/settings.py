@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     dispatch_batch_size: int = 200
     dispatch_poll_seconds: float = 0.5
     reconcile_interval_seconds: float = 5.0
+    # Inputs stored by a submit that never committed (the API died between the S3 put and
+    # the commit): looked for this often, and deleted once this old.
+    orphan_sweep_interval_seconds: float = 900.0
+    orphan_grace_seconds: float = 3600.0
     # A running job whose heartbeat is older than this is presumed lost with its worker.
     job_lease_seconds: float = 60.0
     # A dispatched job whose message is in no queue after this long is dispatched again.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode
@@ -70,10 +72,10 @@ def get_object(key: str) -> bytes:
 
 
 def delete_objects(keys: list[str]) -> None:
-    if keys:
+    for start in range(0, len(keys), 1000):  # S3 takes at most 1000 keys a request
         s3_client().delete_objects(
             Bucket=get_settings().s3_bucket,
-            Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True},
+            Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
         )
 
 
@@ -89,6 +91,28 @@ def list_keys(prefix: str) -> list[str]:
     for page in paginator.paginate(Bucket=get_settings().s3_bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return keys
+
+
+@dataclass(frozen=True)
+class ListedPage:
+    """One page of a listing: (key, last modified) pairs, in key order."""
+
+    objects: list[tuple[str, datetime]]
+    truncated: bool
+
+
+def list_page(prefix: str, *, start_after: str | None, max_keys: int) -> ListedPage:
+    """Up to ``max_keys`` objects under ``prefix`` that sort after ``start_after``."""
+    params: dict[str, Any] = {
+        "Bucket": get_settings().s3_bucket,
+        "Prefix": prefix,
+        "MaxKeys": max_keys,
+    }
+    if start_after:
+        params["StartAfter"] = start_after
+    response = s3_client().list_objects_v2(**params)
+    objects = [(o["Key"], o["LastModified"]) for o in response.get("Contents", [])]
+    return ListedPage(objects=objects, truncated=bool(response.get("IsTruncated")))
 
 
 def presigned_get_url(key: str, org_id: uuid.UUID, *, filename: str | None = None) -> str:

@@ -273,3 +273,9 @@ def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int) ->
         return False
     session.execute(insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1]))
     return True
+
+
+def existing_job_ids_sync(session: Session, job_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``job_ids`` are jobs of the session's organization."""
+    rows = session.scalars(select(Job.id).where(Job.id.in_(list(job_ids))))
+    return set(rows)
