@@ -108,11 +108,18 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         if not user.is_verified:
             await self.request_verify(user, request)
 
+    async def _send(self, mail: Mail) -> None:
+        # Nothing is pending here (the token is signed, not stored): end the request's read
+        # transaction first, so its connection is back in the pool before the sender takes
+        # one (holding one while waiting for a second can starve a busy pool).
+        await commit(self.session)
+        await send_mail(mail)
+
     async def on_after_request_verify(
         self, user: User, token: str, request: Request | None = None
     ) -> None:
         base = get_settings().public_base_url
-        await send_mail(
+        await self._send(
             Mail(
                 to=user.email,
                 subject="Verify your Hidden Model e-mail address",
@@ -128,7 +135,7 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         self, user: User, token: str, request: Request | None = None
     ) -> None:
         base = get_settings().public_base_url
-        await send_mail(
+        await self._send(
             Mail(
                 to=user.email,
                 subject="Reset your Hidden Model password",

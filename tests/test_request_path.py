@@ -235,3 +235,31 @@ async def test_inputs_record_the_digest_of_the_validated_bytes(
     stored = db_scalar("SELECT inputs FROM jobs WHERE id = :j", j=r.json()["id"])
     assert stored["image"]["sha256"] == hashlib.sha256(png(40, 30)).hexdigest()
     assert "sha256" not in r.json()["inputs"]["image"]
+
+
+async def test_account_mail_never_needs_a_second_connection(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Registration and password resets record their mail in a session of their own: the
+    # request's connection must be back in the pool by then.
+    original = db._engine_kwargs
+
+    def one_connection(settings: Any) -> dict[str, Any]:
+        return {**original(settings), "pool_size": 1, "max_overflow": 0, "pool_timeout": 3}
+
+    await db.dispose_engines()
+    monkeypatch.setattr(db, "_engine_kwargs", one_connection)
+    try:
+        email = f"solo{uuid.uuid4().hex[:8]}@example.com"
+        r = await client.post(
+            "/v1/auth/register", json={"email": email, "password": "Studio-lights-42"}
+        )
+        assert r.status_code == 201, r.text
+        r = await client.post("/v1/auth/forgot-password", json={"email": email})
+        assert r.status_code == 202, r.text
+    finally:
+        await db.dispose_engines()
+    kinds = db_rows(
+        "SELECT kind FROM email_messages WHERE to_address = :e ORDER BY created_at", e=email
+    )
+    assert [k for (k,) in kinds] == ["verify", "reset_password"]
