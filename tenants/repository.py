@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import select, text, update
@@ -134,6 +135,7 @@ async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None
 _API_KEY_FOR_REQUEST = text("SELECT api_key, organization FROM hm_api_key_for_request(:org, :hash)")
 
 
+@cache
 def _column_kinds(model: type[Base]) -> list[tuple[str, str, type | None]]:
     """(JSON name, attribute, Python type to convert to) for each column of ``model``."""
     kinds = []
@@ -143,16 +145,10 @@ def _column_kinds(model: type[Base]) -> list[tuple[str, str, type | None]]:
     return kinds
 
 
-_KINDS: dict[type[Base], list[tuple[str, str, type | None]]] = {}
-
-
 def _from_json(model: type[_M], data: dict[str, Any]) -> _M:
     """A detached instance from a row sent as JSON (``to_jsonb``): every column, typed."""
-    kinds = _KINDS.get(model)
-    if kinds is None:
-        kinds = _KINDS[model] = _column_kinds(model)
     values: dict[str, Any] = {}
-    for name, key, kind in kinds:
+    for name, key, kind in _column_kinds(model):
         value = data.get(name)
         if value is not None and kind is not None:
             value = uuid.UUID(value) if kind is uuid.UUID else datetime.fromisoformat(value)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -144,6 +145,25 @@ async def test_key_and_organization_come_back_with_every_column(
         await session.rollback()
 
 
+@asynccontextmanager
+async def _pool_of_one(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """The app's pool shrunk to one connection that cannot be waited for long: a request
+    that holds one connection while waiting for a second fails at once instead of, in a busy
+    pool, deadlocking with others doing the same."""
+    original = db._engine_kwargs
+
+    def one_connection(settings: Any) -> dict[str, Any]:
+        return {**original(settings), "pool_size": 1, "max_overflow": 0, "pool_timeout": 3}
+
+    await db.dispose_engines()
+    monkeypatch.setattr(db, "_engine_kwargs", one_connection)
+    try:
+        yield
+    finally:
+        await db.dispose_engines()
+        monkeypatch.setattr(db, "_engine_kwargs", original)
+
+
 async def test_an_api_key_request_never_needs_a_second_connection(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -155,21 +175,12 @@ async def test_an_api_key_request_never_needs_a_second_connection(
     org, key = await _keyed(client)
     ratelimits.forget(uuid.UUID(org.id))
     headers = bearer(key["key"])
-    original = db._engine_kwargs
-
-    def one_connection(settings: Any) -> dict[str, Any]:
-        return {**original(settings), "pool_size": 1, "max_overflow": 0, "pool_timeout": 3}
-
-    await db.dispose_engines()
-    monkeypatch.setattr(db, "_engine_kwargs", one_connection)
-    try:
+    async with _pool_of_one(monkeypatch):
         r = await submit(client, headers)
         assert r.status_code == 202, r.text
         assert (await client.get(f"/v1/jobs/{r.json()['id']}", headers=headers)).status_code == 200
         assert (await client.get("/v1/jobs", headers=headers)).status_code == 200
         assert (await client.get("/v1/me", headers=headers)).status_code == 200
-    finally:
-        await db.dispose_engines()
 
 
 async def test_the_last_used_touch_never_waits_for_another_request(
@@ -242,23 +253,14 @@ async def test_account_mail_never_needs_a_second_connection(
 ) -> None:
     # Registration and password resets record their mail in a session of their own: the
     # request's connection must be back in the pool by then.
-    original = db._engine_kwargs
-
-    def one_connection(settings: Any) -> dict[str, Any]:
-        return {**original(settings), "pool_size": 1, "max_overflow": 0, "pool_timeout": 3}
-
-    await db.dispose_engines()
-    monkeypatch.setattr(db, "_engine_kwargs", one_connection)
-    try:
-        email = f"solo{uuid.uuid4().hex[:8]}@example.com"
+    email = f"solo{uuid.uuid4().hex[:8]}@example.com"
+    async with _pool_of_one(monkeypatch):
         r = await client.post(
             "/v1/auth/register", json={"email": email, "password": "Studio-lights-42"}
         )
         assert r.status_code == 201, r.text
         r = await client.post("/v1/auth/forgot-password", json={"email": email})
         assert r.status_code == 202, r.text
-    finally:
-        await db.dispose_engines()
     kinds = db_rows(
         "SELECT kind FROM email_messages WHERE to_address = :e ORDER BY created_at", e=email
     )

@@ -36,7 +36,6 @@ ORG_LIMITS = (
     "requests_per_minute",
     "org_requests_per_minute",
 )
-SUB_LIMITS = ("monthly_gpu_seconds", "monthly_images", "max_queued_jobs", "requests_per_minute")
 SubjectType = str  # "org" | "member" | "api_key"
 
 
