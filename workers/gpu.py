@@ -1,14 +1,17 @@
-"""The GPU side of a worker process: the resident model behind a dynamic batcher.
+"""The GPU side of a worker process: the resident model behind a dynamic batcher, and the
+optional learned segmenters.
 
 Loaded once per process (after any fork) and shared by every job thread of the process.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hiddenmodel.settings import get_settings
 from workers.batching import InpaintBatcher
@@ -21,15 +24,28 @@ from workers.pipelines.contracts import (
     ProgressCallback,
 )
 
+if TYPE_CHECKING:
+    from workers.pipelines.ghost.learned import CombinedSegmenter
+
 _lock = threading.Lock()
 _batcher: InpaintBatcher | None = None
+_segmenter_lock = threading.Lock()
+_segmenter: CombinedSegmenter | None = None
+_segmenter_loaded = False
 
 
 def check_models(model_dir: Path | None = None) -> Path:
-    """Fail at worker start, naming what is missing, rather than at the first job."""
-    from workers.models import check_model_dir
+    """Fail at worker start, naming what is missing, rather than at the first job.
 
-    return check_model_dir(model_dir or get_settings().model_dir)
+    Checks the SDXL checkpoint and any segmenter folder under it (a half-present one fails;
+    an absent one means classical segmentation).
+    """
+    from workers.models import check_model_dir
+    from workers.pipelines.ghost.learned import check_segmenter_dirs
+
+    root = check_model_dir(model_dir or get_settings().model_dir)
+    check_segmenter_dirs(root)
+    return root
 
 
 def inpainter() -> InpaintBatcher:
@@ -46,6 +62,29 @@ def inpainter() -> InpaintBatcher:
                 window=settings.gpu_batch_window_ms / 1000,
             )
         return _batcher
+
+
+def segmenter() -> CombinedSegmenter | None:
+    """The process's learned segmenter (loaded on first use), or ``None``: classical."""
+    global _segmenter, _segmenter_loaded
+    with _segmenter_lock:
+        if not _segmenter_loaded:
+            from workers.pipelines.ghost.learned import load_segmenter
+
+            model_dir = get_settings().model_dir
+            _segmenter = load_segmenter(model_dir) if model_dir is not None else None
+            _segmenter_loaded = True
+        return _segmenter
+
+
+def _forget_segmenter_in_child() -> None:
+    global _segmenter, _segmenter_loaded, _segmenter_lock
+    # Models on a GPU cannot cross a fork: a forked child loads its own.
+    _segmenter, _segmenter_loaded = None, False
+    _segmenter_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_segmenter_in_child)
 
 
 class MeteredInpainter:

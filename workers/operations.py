@@ -142,6 +142,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
     params = GhostMannequinParams.model_validate(ex.params)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
     metered = gpu.MeteredInpainter(gpu.inpainter(), ex.meter)
+    segmenter = gpu.segmenter()
 
     def on_step(step: int, total: int) -> None:
         ex.progress("inpainting", 0.1 + 0.8 * step / max(1, total))
@@ -166,6 +167,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
             body_mask=_mask_array(ex.images.get("body_mask")),
             interior=ex.images.get("interior"),
             progress=on_step,
+            segmenter=segmenter,
         )
     except NoGarmentFound as exc:
         raise OperationFailed("no-garment-found", str(exc)) from exc
@@ -184,6 +186,11 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
         **{k: v for k, v in result.report.items() if _jsonable(v)},
         "seed": seed,
         "batch_sizes": metered.batch_sizes,
+        # The learned segmenters that split this image ([] when the segmentation was
+        # classical or the caller's masks).
+        "segmenters": segmenter.names
+        if segmenter is not None and result.report.get("segmentation") == "model"
+        else [],
     }
     return ExecutionResult(outputs=outputs, report=report, gpu_seconds=result.gpu_seconds)
 

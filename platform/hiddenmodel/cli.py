@@ -85,8 +85,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if args.pool != "prefork":
-            # No fork ahead: load the model now so the first job does not pay for it.
+            # No fork ahead: load the models now so the first job does not pay for them.
             gpu.inpainter()
+            gpu.segmenter()
     from workers.celery_app import app
 
     argv = [
@@ -124,8 +125,10 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from workers.models.tiny import make_tiny_model
 
-    make_tiny_model(args.dir)
+    make_tiny_model(args.dir, segmenters=args.segmenters)
     print(f"wrote a randomly initialised SDXL inpainting pipeline to {args.dir}")
+    if args.segmenters:
+        print(f"wrote randomly initialised segmenters to {args.dir / 'segmentation'}")
     return 0
 
 
@@ -168,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model", help="write a tiny random SDXL inpainting model (tests, demos)"
     )
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--segmenters",
+        action="store_true",
+        help="also write a tiny random clothes parser and SAM under DIR/segmentation; their "
+        "masks are noise, so ghost_mannequin jobs on them mostly find no garment",
+    )
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
     sub.add_parser(

@@ -725,11 +725,13 @@ def _plan_model(data_dir: Path) -> ModelPlan:
     """Settle the GPU worker's model before anything starts, so a bad one costs nothing.
 
     ``HM_MODEL_DIR`` set: it must pass the check the worker itself makes at start (the same
-    function, so the same message naming what is missing). Unset: a tiny random model under
-    ``HM_DATA_DIR``, made once by ``hiddenmodel make-tiny-model`` in a subprocess, so that
-    torch is never imported here, and reused by later runs.
+    function, so the same message naming what is missing), segmenter folders included. Unset:
+    a tiny random model under ``HM_DATA_DIR``, made once by ``hiddenmodel make-tiny-model`` in
+    a subprocess, so that torch is never imported here, and reused by later runs. The tiny
+    model has no learned segmenters: random ones would find no garment in the demo photo.
     """
-    from workers.models import ModelDirError, check_model_dir
+    from workers.gpu import check_models
+    from workers.models import ModelDirError
 
     configured = os.environ.get(MODEL_ENV, "").strip()
     if configured:
@@ -740,7 +742,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
                 "installed: pip install -e '.[ai]' (scripts/up does)"
             )
         try:
-            check_model_dir(path)
+            check_models(path)
         except ModelDirError as exc:
             raise UpError(
                 f"the GPU worker would refuse to start: {exc}.\n"
@@ -759,7 +761,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
     path = data_dir / TINY_MODEL_DIR
     os.environ[MODEL_ENV] = str(path)
     try:
-        check_model_dir(path)
+        check_models(path)
         return ModelPlan(path, tiny=True)
     except ModelDirError:
         pass
