@@ -113,7 +113,9 @@ def test_same_seed_same_output_different_seed_differs(tee: Scene) -> None:
     diff = np.any(np.asarray(a.image) != np.asarray(c.image), axis=2)
     assert diff.any()
     job = prepare_ghost(tee.pil(), params=PARAMS)
-    assert not (diff & ~dilate(job.generate, 2)).any()  # only generated pixels change
+    # Only generated pixels change, and the soft outline next to them, whose colour is
+    # taken from the solid garment nearby (edge decontamination, a few pixels' reach).
+    assert not (diff & ~dilate(job.generate, 6)).any()
 
 
 def test_progress_is_reported_per_step(tee: Scene) -> None:

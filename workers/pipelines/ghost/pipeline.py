@@ -29,7 +29,7 @@ from workers.pipelines.contracts import (
 from workers.pipelines.ghost.composite import Background, ShadowStyle, composite
 from workers.pipelines.ghost.igr import GarmentType, IgrRegions, reconstruct_regions
 from workers.pipelines.ghost.neckjoint import NeckJoint, apply_neck_joint
-from workers.pipelines.ghost.quality import quality_report
+from workers.pipelines.ghost.quality import QualityContext, quality_report
 from workers.pipelines.ghost.segmentation import (
     ColourModel,
     FloatImage,
@@ -42,6 +42,7 @@ from workers.pipelines.ghost.segmentation import (
     normalized_blur,
     rgb_to_lab,
     segment,
+    studio_refusal,
 )
 
 # The hidden inside of a garment is in its own shadow: the prefill is the local garment
@@ -89,12 +90,24 @@ _PALETTE: dict[str, tuple[int, int, int]] = {
 _PALETTE_LAB = rgb_to_lab(np.asarray(list(_PALETTE.values()), np.float32))
 _PALETTE_NAMES = list(_PALETTE)
 
-_NOUNS: dict[GarmentType, str] = {"top": "top", "dress": "dress", "trousers": "trousers"}
+_NOUNS: dict[GarmentType, str] = {
+    "top": "top",
+    "sleeveless": "sleeveless top",
+    "hoodie": "hoodie",
+    "dress": "dress",
+    "skirt": "skirt",
+    "trousers": "trousers",
+}
 _HIDDEN_PARTS: dict[GarmentType, str] = {
     "top": "the inner back of the collar seen through the neck opening, the inside of the "
     "sleeves and of the hem",
+    "sleeveless": "the inner back of the neckline seen through the neck opening, the inside "
+    "of the armholes and of the hem",
+    "hoodie": "the inside of the hood and the inner back of the neck, the inside of the "
+    "sleeves and of the hem",
     "dress": "the inner back of the neckline seen through the neck opening, the inside of the "
     "sleeves and of the skirt's hem",
+    "skirt": "the inner back of the waistband, the inside of the hem",
     "trousers": "the inner back of the waistband, the inside of the leg openings",
 }
 
@@ -130,8 +143,25 @@ class GhostParams:
 MIN_GARMENT_FRACTION = 0.005
 
 
-class NoGarmentFound(ValueError):
+class NotAGhostPhoto(ValueError):
+    """The photo is not something a ghost-mannequin image can be made from.
+
+    ``code`` is the job's stable error code; nothing is charged for a refused photo.
+    """
+
+    code = "not-a-ghost-photo"
+
+
+class NoGarmentFound(NotAGhostPhoto):
     """Segmentation found nothing that could be the garment."""
+
+    code = "no-garment-found"
+
+
+class BusyScene(NotAGhostPhoto):
+    """No plain studio backdrop: a room, a shop or a street, not a product shot."""
+
+    code = "no-backdrop-found"
 
 
 @dataclass
@@ -155,6 +185,9 @@ class GhostJob:
     """Everything between preparation and finishing; ``request`` is what to inpaint."""
 
     params: GhostParams
+    source: RGBArray  # the photo at working size, as it was sent
+    interior_sent: bool
+    interior_used: bool
     work: RGBArray  # working image with the body removed and the prefill in place
     segmentation: Segmentation
     regions: IgrRegions
@@ -270,6 +303,13 @@ def prepare_ghost(
         body_mask=_resize_mask(body_mask, size),
         segmenter=segmenter,
     )
+    if garment_mask is None and body_mask is None and seg.fit is not None:
+        refusal = studio_refusal(seg.fit, seg.foreground, rgb_to_lab(work))
+        if refusal is not None:
+            raise BusyScene(
+                f"This is not a ghost-mannequin studio photo: {refusal}. Send a photo of a "
+                "garment on a mannequin or model against a plain backdrop, or a garment mask."
+            )
     if seg.garment.mean() < MIN_GARMENT_FRACTION:
         raise NoGarmentFound(
             f"No garment was found: it covers {seg.garment.mean():.2%} of the photo. Send a "
@@ -278,6 +318,7 @@ def prepare_ghost(
     regions = reconstruct_regions(seg.garment, seg.body, garment_type=params.garment_type)
     info: dict[str, object] = {
         "working_size": list(size),
+        "body_found": bool(seg.body.any()),
         "segmentation": seg.source,
         "body_kind": seg.colours.body_kind,
         "garment_type": regions.garment_type,
@@ -298,7 +339,13 @@ def prepare_ghost(
     gone = dilate(regions.remove, 2) & ~seg.garment & ~regions.hidden
     base[gone] = np.clip(seg.backdrop_rgb[gone], 0, 255).astype(np.uint8)
 
+    if not seg.body.any():
+        info["note"] = (
+            "no mannequin or model was found: the garment is cut out as it is and nothing "
+            "is reconstructed"
+        )
     covered = np.zeros_like(regions.hidden)
+    interior_used = False
     if interior is not None and regions.neck.any():
         inner = as_rgb_array(interior)
         ih, iw = inner.shape[:2]
@@ -319,6 +366,7 @@ def prepare_ghost(
         if trusted:
             base = joint.image
             covered = joint.covered
+            interior_used = bool(covered.any())
 
     remaining = regions.hidden & ~covered
     generate = remaining | (dilate(remaining, regions.seam_px) & seg.garment & ~covered)
@@ -346,6 +394,9 @@ def prepare_ghost(
     info["generated_fraction"] = round(float(generate.sum()) / (size[0] * size[1]), 6)
     return GhostJob(
         params=params,
+        source=work,
+        interior_sent=interior is not None,
+        interior_used=interior_used,
         work=base,
         segmentation=seg,
         regions=regions,
@@ -396,8 +447,23 @@ def finish_ghost(job: GhostJob, result: InpaintResult | None) -> GhostResult:
     alpha[regions.remove & ~dilate(seg.garment | job.hidden, 1)] = 0.0
     shadow = ShadowStyle() if job.params.shadow else None
     image, final_alpha, fg = composite(rgb, alpha, background=job.params.background, shadow=shadow)
+    context = QualityContext(
+        source=job.source,
+        foreground=seg.foreground if seg.foreground is not None else ~seg.backdrop,
+        backdrop_explained=seg.fit.explained if seg.fit is not None else 1.0,
+        garment_type=regions.garment_type,
+        openings=tuple(o.kind for o in regions.openings),
+        removed_body_pixels=int(regions.remove.sum()),
+        interior_sent=job.interior_sent,
+        interior_used=job.interior_used,
+    )
     report = quality_report(
-        fg, final_alpha, seg.colours, generated=job.generate, garment=seg.garment
+        fg,
+        final_alpha,
+        seg.colours,
+        generated=job.generate,
+        garment=seg.garment,
+        context=context,
     )
     gpu = float(result.gpu_seconds) if result is not None else 0.0
     full_report: dict[str, object] = {**report.as_dict(), **job.info, "prompt": job.prompt}
@@ -451,9 +517,12 @@ def ghost_mannequin(
 
 
 __all__ = [
+    "BusyScene",
     "GhostJob",
     "GhostParams",
     "GhostResult",
+    "NoGarmentFound",
+    "NotAGhostPhoto",
     "build_prompt",
     "colour_names",
     "finish_ghost",

@@ -28,11 +28,25 @@ Measures, all on the output at working resolution:
 * coverage is below :data:`MIN_COVERAGE` (2%: no garment found) or above
   :data:`MAX_COVERAGE` (90%: the backdrop was not removed);
 * the garment touches the frame (it was cut off in the photo).
+
+With a :class:`QualityContext` (what the pipeline saw and did), checks that do not trust the
+segmentation they check:
+
+* **skin** — a person's skin found afresh in the photo (:func:`detect_skin`, seeded at the
+  silhouette's extremities and told from the garment by the colours of the *output's* core)
+  and left opaque in the output, above :data:`MAX_SKIN` of it;
+* **openings** — more openings of a kind than the garment type has (two sleeves, one neck,
+  one hem; two legs for trousers), or body removed without any opening found;
+* **fragments** — the opaque output in pieces: the main piece under
+  :data:`MIN_MAIN_PIECE` of it;
+* **backdrop fit** — the fitted backdrop explains less than :data:`MIN_BACKDROP_EXPLAINED`
+  of the border band (the cut-out rests on a poor backdrop model);
+* **interior frame** — an interior shot was sent but could not be aligned and used.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -41,8 +55,11 @@ from workers.pipelines.ghost.segmentation import (
     ColourModel,
     FloatImage,
     Mask,
+    detect_skin,
     dilate,
     disk,
+    erode,
+    kmeans,
     normalized_blur,
     rgb_to_lab,
 )
@@ -55,6 +72,33 @@ MAX_SEAM_DELTA_E = 20.0
 SEAM_TEXTURE_FACTOR = 3.0
 MIN_COVERAGE = 0.02
 MAX_COVERAGE = 0.90
+MAX_SKIN = 0.005
+MIN_MAIN_PIECE = 0.97
+MIN_BACKDROP_EXPLAINED = 0.6
+# How many openings of each kind a garment type can show.
+MAX_OPENINGS: dict[str, dict[str, int]] = {
+    "top": {"neck": 1, "sleeve": 2, "armhole": 2, "hem": 1},
+    "hoodie": {"neck": 1, "sleeve": 2, "armhole": 0, "hem": 1},
+    "sleeveless": {"neck": 1, "sleeve": 0, "armhole": 2, "hem": 1},
+    "dress": {"neck": 1, "sleeve": 2, "armhole": 2, "hem": 1},
+    "skirt": {"neck": 1, "sleeve": 0, "armhole": 0, "hem": 1},
+    "trousers": {"neck": 1, "sleeve": 0, "armhole": 0, "hem": 2},
+}
+
+
+@dataclass(frozen=True)
+class QualityContext:
+    """What the pipeline saw and did, for the checks that do not trust its masks."""
+
+    source: np.ndarray  # the working photo (RGB), before anything was removed
+    foreground: Mask  # not backdrop, by the backdrop fit alone
+    backdrop_explained: float = 1.0
+    garment_type: str = "top"
+    openings: tuple[str, ...] = ()  # kinds of the openings found
+    removed_body_pixels: int = 0
+    interior_sent: bool = False
+    interior_used: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -74,6 +118,9 @@ class QualityReport:
     touches_frame: bool
     needs_review: bool
     reasons: tuple[str, ...]
+    skin_fraction: float = 0.0
+    main_piece_fraction: float = 1.0
+    backdrop_explained: float = 1.0
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -107,6 +154,50 @@ def residual_body(lab: FloatImage, opaque: Mask, colours: ColourModel) -> Mask:
     return np.asarray(cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_OPEN, disk(radius))) > 0
 
 
+def skin_left(context: QualityContext, opaque: Mask, generated: Mask | None) -> Mask:
+    """Skin of a person, found afresh in the photo, that the output keeps opaque."""
+    lab = rgb_to_lab(np.asarray(context.source, np.float32))
+    core = erode(opaque, max(2, round(0.03 * float(np.hypot(*opaque.shape)))))
+    if not core.any():
+        core = opaque
+    samples = lab[core]
+    if len(samples) > 4000:
+        samples = samples[np.random.default_rng(0).choice(len(samples), 4000, replace=False)]
+    centres, weights, _ = kmeans(samples.astype(np.float32), 4)
+    skin = detect_skin(
+        np.asarray(context.source, np.uint8), lab, context.foreground, centres[weights >= 0.05]
+    )
+    left = skin & opaque
+    if generated is not None:
+        left &= ~generated
+    h, w = opaque.shape
+    radius = max(1, round(SPECK_RADIUS * float(np.hypot(h, w))))
+    return np.asarray(cv2.morphologyEx(left.astype(np.uint8), cv2.MORPH_OPEN, disk(radius))) > 0
+
+
+def main_piece_fraction(opaque: Mask) -> float:
+    """Share of the opaque output in its largest 8-connected piece."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(opaque.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return 1.0
+    areas = np.asarray(stats)[1:, cv2.CC_STAT_AREA]
+    return float(areas.max()) / float(areas.sum())
+
+
+def _opening_reasons(context: QualityContext) -> list[str]:
+    reasons = []
+    limits = MAX_OPENINGS.get(context.garment_type, MAX_OPENINGS["top"])
+    for kind, limit in limits.items():
+        count = context.openings.count(kind)
+        if count > limit:
+            reasons.append(
+                f"{count} {kind} openings for a {context.garment_type} (at most {limit})"
+            )
+    if not context.openings and context.removed_body_pixels > 0:
+        reasons.append("body was removed but no opening was found")
+    return reasons
+
+
 def _gradient(lab: FloatImage) -> FloatImage:
     gx = np.asarray(cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3), np.float32) / 8.0
     gy = np.asarray(cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3), np.float32) / 8.0
@@ -135,6 +226,7 @@ def quality_report(
     *,
     generated: Mask | None = None,
     garment: Mask | None = None,
+    context: QualityContext | None = None,
 ) -> QualityReport:
     """Measure a result: ``rgb`` is the foreground colour, ``alpha`` its opacity.
 
@@ -188,6 +280,23 @@ def quality_report(
         reasons.append(f"foreground covers {coverage:.1%} of the frame: backdrop not removed")
     if touches:
         reasons.append("garment touches the frame")
+    skin_fraction = 0.0
+    pieces = main_piece_fraction(opaque)
+    explained = 1.0
+    if context is not None:
+        skin = skin_left(context, opaque, generated)
+        skin_fraction = int(skin.sum()) / n_opaque if n_opaque else 0.0
+        if skin_fraction > MAX_SKIN:
+            reasons.append(f"skin left in the output: {skin_fraction:.2%} of it")
+        reasons.extend(_opening_reasons(context))
+        explained = context.backdrop_explained
+        if explained < MIN_BACKDROP_EXPLAINED:
+            reasons.append(f"backdrop fit explains only {explained:.0%} of the border")
+        if context.interior_sent and not context.interior_used:
+            reasons.append("the interior shot was sent but could not be used")
+        reasons.extend(context.notes)
+    if pieces < MIN_MAIN_PIECE and n_opaque:
+        reasons.append(f"garment in pieces: the main one is {pieces:.0%} of it")
     return QualityReport(
         residual_body_fraction=round(residual_fraction, 6),
         residual_body_pixels=n_residual,
@@ -202,4 +311,7 @@ def quality_report(
         touches_frame=touches,
         needs_review=bool(reasons),
         reasons=tuple(reasons),
+        skin_fraction=round(skin_fraction, 6),
+        main_piece_fraction=round(pieces, 6),
+        backdrop_explained=round(explained, 4),
     )

@@ -38,8 +38,14 @@ BodyKind = Literal["mannequin", "skin", "supplied", "none"]
 # Minimum ΔE (CIE76) between a pixel and the fitted backdrop for it to be foreground; the
 # measured border noise can raise it, never lower it.
 MIN_BACKDROP_DELTA_E = 6.0
+# The same floor for the chroma distance alone (a backdrop's chroma varies much less).
+MIN_BACKDROP_CHROMA = 3.5
 # Two colour centres closer than this (ΔE) are treated as the same colour.
 SAME_COLOUR_DELTA_E = 14.0
+# Colours are clustered and matched with chroma weighted above lightness: shading changes
+# lightness across one material, a different material (a cool fabric on a warm white
+# mannequin) shows in its tint.
+CLUSTER_WEIGHTS = np.array([0.7, 1.6, 1.6], np.float32)
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class Segmentation:
     backdrop_rgb: FloatImage  # (H, W, 3) fitted backdrop colour, 0..255
     colours: ColourModel
     source: Literal["classical", "model", "supplied"]
+    fit: BackdropFit | None = None  # the backdrop surface the masks were cut against
+    foreground: Mask | None = None  # everything that is not backdrop, by the fit alone
 
 
 @dataclass(frozen=True)
@@ -226,65 +234,262 @@ def normalized_blur(values: FloatImage, weight: Mask | FloatImage, sigma: float)
 
 @dataclass(frozen=True)
 class BackdropFit:
-    """The fitted backdrop colour surface and the foreground threshold derived from its noise."""
+    """The fitted backdrop colour surface and the foreground threshold derived from its noise.
+
+    ``horizon`` is the row where a floor meets the wall (a two-plane studio corner), or
+    ``None`` for a single sweep. ``explained`` is the share of the border band the surface
+    explains (within the threshold) and ``residual`` the median ΔE of the explained samples:
+    a studio backdrop is explained almost everywhere, a room or a shop is not.
+    """
 
     rgb: FloatImage  # (H, W, 3)
     lab: FloatImage  # (H, W, 3)
     threshold: float  # ΔE
+    horizon: int | None = None
+    explained: float = 1.0
+    residual: float = 0.0
+    lightness_threshold: float = MIN_BACKDROP_DELTA_E
+    chroma_threshold: float = MIN_BACKDROP_CHROMA
+
+    def distance(self, lab: FloatImage) -> FloatImage:
+        """Distance from the backdrop in units of its noise threshold (1 = the threshold).
+
+        Lightness and chroma are measured apart: a backdrop varies mostly in lightness
+        (gradients, shading), so a faint tint (a pale blue garment on a white sweep) stands
+        out in chroma long before it does in ΔE.
+        """
+        d = lab - self.lab
+        light = np.abs(d[..., 0]) / self.lightness_threshold
+        chroma = np.sqrt(d[..., 1] ** 2 + d[..., 2] ** 2) / self.chroma_threshold
+        return np.asarray(np.maximum(light, chroma), np.float32)
 
 
 def _design(xs: NDArray[np.float32], ys: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
 
 
-def fit_backdrop(rgb: RGBArray, lab: FloatImage | None = None) -> BackdropFit:
-    """Fit a quadratic colour surface to the border band, ignoring objects that touch it.
+# A horizon (floor meeting wall) is accepted when splitting the fit there cuts the border's
+# cost to this share of one surface's and the two surfaces differ by this much (RGB) there.
+HORIZON_MAX_COST = 0.8
+HORIZON_MIN_STEP = 20.0
+# ... and the floor's surface explains at least this share of the bottom band.
+HORIZON_MIN_FLOOR = 0.6
+# ... and its colour covers at most this share of the rows just above the horizon.
+HORIZON_MAX_ABOVE = 0.25
+# Residual (RGB distance) above which a border sample is not backdrop, whatever the noise.
+_OUTLIER_CAP = 24.0
 
-    Iteratively reweighted: samples far from the current fit (a stand base or a head cut by
-    the frame) are dropped before refitting.
+
+def _robust_fit(
+    a: NDArray[np.float32], target: NDArray[np.float32]
+) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float32]]:
+    """Iteratively reweighted least squares: (coefficients, inliers, residuals)."""
+    keep = np.ones(len(a), bool)
+    coef = np.zeros((a.shape[1], 3), np.float32)
+    resid = np.zeros(len(a), np.float32)
+    for _ in range(4):
+        if keep.sum() < a.shape[1] * 4:
+            break
+        coef = np.linalg.lstsq(a[keep], target[keep], rcond=None)[0].astype(np.float32)
+        resid = np.linalg.norm(a @ coef - target, axis=1).astype(np.float32)
+        scale = float(np.median(resid[keep])) * 1.5 + 1.0
+        new_keep = resid < min(max(3.0 * scale, 6.0), _OUTLIER_CAP)
+        if new_keep.sum() < 50 or np.array_equal(new_keep, keep):
+            keep = new_keep if new_keep.sum() >= 50 else keep
+            break
+        keep = new_keep
+    return coef, keep, resid
+
+
+def _fit_cost(resid: NDArray[np.float32]) -> float:
+    """Truncated L1 cost: outliers (an object touching the frame) count a fixed amount."""
+    return float(np.minimum(resid, _OUTLIER_CAP).sum())
+
+
+def fit_backdrop(rgb: RGBArray, lab: FloatImage | None = None) -> BackdropFit:
+    """Fit the backdrop's colour surface to the border band, ignoring objects that touch it.
+
+    One quadratic surface for a sweep; or, when it explains the border clearly worse, two
+    surfaces split at a horizontal horizon (a studio corner: wall above, floor below), the
+    floor seen on both sides of the frame. Each fit is iteratively reweighted, so samples far
+    from it (a stand base, a head or a sleeve cut by the frame) are dropped before refitting.
     """
     h, w, _ = rgb.shape
     band = max(4, round(0.03 * min(h, w)))
     border = np.zeros((h, w), bool)
     border[:band], border[-band:], border[:, :band], border[:, -band:] = True, True, True, True
     ys, xs = np.nonzero(border)
-    step = max(1, len(xs) // 6000)
+    step = max(1, len(xs) // 8000)
     ys, xs = ys[::step], xs[::step]
     nx = (xs / max(w - 1, 1) * 2 - 1).astype(np.float32)
     ny = (ys / max(h - 1, 1) * 2 - 1).astype(np.float32)
     a = _design(nx, ny)
     target = rgb[ys, xs].astype(np.float32)
-    keep = np.ones(len(xs), bool)
-    coef = np.zeros((6, 3), np.float32)
-    for _ in range(4):
-        coef = np.linalg.lstsq(a[keep], target[keep], rcond=None)[0].astype(np.float32)
-        resid = np.linalg.norm(a @ coef - target, axis=1)
-        scale = float(np.median(resid[keep])) * 1.5 + 1.0
-        new_keep = resid < max(3.0 * scale, 6.0)
-        if new_keep.sum() < 50 or np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
+    coef, keep, resid = _robust_fit(a, target)
+    cost = _fit_cost(resid)
+
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    full = _design(gx / max(w - 1, 1) * 2 - 1, gy / max(h - 1, 1) * 2 - 1)
-    model = np.clip(full.reshape(-1, 6) @ coef, 0, 255).reshape(h, w, 3).astype(np.float32)
+    full = _design(gx / max(w - 1, 1) * 2 - 1, gy / max(h - 1, 1) * 2 - 1).reshape(-1, 6)
+    model = (full @ coef).reshape(h, w, 3)
+    horizon: int | None = None
+    best = cost
+    coefs = (coef, coef)
+    for row in range(round(0.45 * h), round(0.95 * h), max(2, h // 120)):
+        above, below = ys < row, ys >= row
+        # A floor is seen at both sides of the frame below the horizon, not only at the bottom.
+        left_floor = below & (xs < band)
+        right_floor = below & (xs >= w - band)
+        if left_floor.sum() < 8 or right_floor.sum() < 8 or above.sum() < 60:
+            continue
+        c_up, k_up, r_up = _robust_fit(a[above], target[above])
+        c_dn, k_dn, r_dn = _robust_fit(a[below], target[below])
+        split = _fit_cost(r_up) + _fit_cost(r_dn)
+        # A floor is as plain as the wall; a garment crossing the frame's lower part is not.
+        plain = float(np.median(r_dn[k_dn])) <= 2.5 * float(np.median(r_up[k_up])) + 2.0
+        if split < best and plain:
+            best, horizon, coefs = split, row, (c_up, c_dn)
+    c_up, c_dn = coefs
+    if horizon is not None:
+        # A floor meets the wall at a step in colour; a split that only bends a smooth
+        # gradient (a vignette) is no horizon.
+        row_x = np.linspace(-1, 1, 64, dtype=np.float32)
+        row_y = np.full_like(row_x, horizon / max(h - 1, 1) * 2 - 1)
+        line = _design(row_x, row_y)
+        step_rgb = float(np.median(np.linalg.norm(line @ c_up - line @ c_dn, axis=1)))
+        # And the floor is most of the bottom edge, not sleeves reaching the frame's sides.
+        bottom = ys >= h - band
+        floor_fit = np.linalg.norm(a[bottom] @ c_dn - target[bottom], axis=1)
+        floor_share = float((floor_fit < _OUTLIER_CAP / 2).mean()) if bottom.any() else 0.0
+        # A floor stops at the horizon; a garment crossing the frame's bottom goes on up.
+        y0 = max(0, horizon - round(0.15 * h))
+        band_rows = rgb[y0:horizon].astype(np.float32)
+        at_horizon = (full.reshape(h, w, 6)[horizon] @ c_dn)[None]  # no extrapolation up
+        floor_above = np.linalg.norm(at_horizon - band_rows, axis=2) < _OUTLIER_CAP
+        above_share = float(floor_above.mean()) if floor_above.size else 0.0
+        if (
+            best > HORIZON_MAX_COST * cost
+            or step_rgb < HORIZON_MIN_STEP
+            or floor_share < HORIZON_MIN_FLOOR
+            or above_share > HORIZON_MAX_ABOVE
+        ):
+            horizon = None
+    if horizon is not None:
+        model = np.where(
+            (gy >= horizon)[..., None],
+            (full @ c_dn).reshape(h, w, 3),
+            (full @ c_up).reshape(h, w, 3),
+        )
+        pred = np.where((ys >= horizon)[:, None], a @ c_dn, a @ c_up)
+        resid = np.linalg.norm(pred - target, axis=1).astype(np.float32)
+        keep = resid < _OUTLIER_CAP
+    model = np.clip(model, 0, 255).astype(np.float32)
     model_lab = rgb_to_lab(model)
     img_lab = rgb_to_lab(rgb) if lab is None else lab
-    d = np.linalg.norm(img_lab[ys, xs] - model_lab[ys, xs], axis=1)[keep]
-    noise = float(np.quantile(d, 0.995)) if len(d) else 0.0
-    return BackdropFit(model, model_lab, max(MIN_BACKDROP_DELTA_E, 1.5 * noise))
+    diff = img_lab[ys, xs] - model_lab[ys, xs]
+    d = np.linalg.norm(diff, axis=1)
+    inliers = d[keep]
+    noise = float(np.quantile(inliers, 0.995)) if len(inliers) else 0.0
+    threshold = max(MIN_BACKDROP_DELTA_E, 1.5 * noise)
+    d_light = np.abs(diff[:, 0])[keep]
+    d_chroma = np.hypot(diff[:, 1], diff[:, 2])[keep]
+    t_light = max(
+        MIN_BACKDROP_DELTA_E, 1.5 * float(np.quantile(d_light, 0.995)) if len(d_light) else 0.0
+    )
+    t_chroma = max(
+        MIN_BACKDROP_CHROMA, 1.5 * float(np.quantile(d_chroma, 0.995)) if len(d_chroma) else 0.0
+    )
+    normalized = np.maximum(
+        np.abs(diff[:, 0]) / t_light, np.hypot(diff[:, 1], diff[:, 2]) / t_chroma
+    )
+    explained = float((normalized <= 1.0).mean()) if len(d) else 0.0
+    residual = float(np.median(inliers)) if len(inliers) else 0.0
+    return BackdropFit(model, model_lab, threshold, horizon, explained, residual, t_light, t_chroma)
+
+
+def _small_size(shape: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    """The (w, h) the graph cuts run at, and its scale from the image."""
+    h, w = shape
+    scale = min(1.0, GRABCUT_SIDE / max(h, w))
+    return (max(8, round(w * scale)), max(8, round(h * scale))), scale
+
+
+def _run_grabcut(rgb: RGBArray, mask: NDArray[np.uint8], iterations: int) -> Mask:
+    bgd = np.zeros((1, 65), np.float64)
+    fgd = np.zeros((1, 65), np.float64)
+    # The colour models start from k-means on OpenCV's (per-thread) generator: seed it, so
+    # the same photo always gives the same masks.
+    cv2.setRNGSeed(0)
+    cv2.grabCut(
+        np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), np.uint8),
+        mask,
+        (0, 0, 0, 0),  # unused: initialised from the mask
+        bgd,
+        fgd,
+        iterations,
+        cv2.GC_INIT_WITH_MASK,
+    )
+    return np.asarray((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD))
+
+
+def _upsample_mask(small: Mask, shape: tuple[int, int], scale: float) -> Mask:
+    h, w = shape
+    full = cv2.resize(small.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(cv2.GaussianBlur(full, (0, 0), max(0.5, 0.5 / scale)) >= 0.5)
+
+
+def _enclosed_by(mask: Mask) -> Mask:
+    """Pixels outside ``mask`` that it encloses (not connected to the frame's border)."""
+    outside = (~mask).astype(np.uint8)
+    _, labels = cv2.connectedComponents(outside, connectivity=4)
+    lab = np.asarray(labels)
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    return np.asarray((~mask) & ~np.isin(lab, border))
+
+
+def _refine_foreground(rgb: RGBArray, dist: FloatImage, cand: Mask) -> Mask:
+    """Graph-cut object/backdrop seeded by the colour distance: a light garment on a light
+    backdrop, or a white mannequin on a white sweep, is separated by the colours of each
+    side and the edges between them, not by one ΔE threshold.
+    """
+    size, scale = _small_size(cand.shape)
+
+    def small(m: Mask) -> Mask:
+        return np.asarray(cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)) > 0
+
+    img = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), np.uint8)
+    c = small(cand)
+    strong = small(dist > 2.0) & c
+    r = max(3, round(0.04 * max(size)))
+    mask = np.full(c.shape, cv2.GC_BGD, np.uint8)
+    mask[dilate(c, r)] = cv2.GC_PR_BGD
+    # Backdrop-coloured regions the object encloses are as likely object (a white top
+    # between a model's arms, head and trousers) as backdrop seen through a gap: the
+    # colours of the open backdrop decide.
+    mask[_enclosed_by(c)] = cv2.GC_PR_FGD
+    mask[c] = cv2.GC_PR_FGD
+    mask[erode(strong, 2)] = cv2.GC_FGD
+    if not (mask == cv2.GC_FGD).any() or not (mask == cv2.GC_BGD).any():
+        return cand
+    refined = _upsample_mask(_run_grabcut(img, mask, 3), cand.shape, scale)
+    # Keep the threshold's answer where the two agree and the cut's on the boundary band.
+    return refined | (cand & erode(cand, 2))
 
 
 def _foreground(rgb: RGBArray, lab: FloatImage, fit: BackdropFit) -> tuple[Mask, FloatImage]:
     """Binary foreground and a soft matte, refined on a thin band around the silhouette."""
     h, w = rgb.shape[:2]
-    dist = np.linalg.norm(lab - fit.lab, axis=2)
-    cand = dist > fit.threshold
+    dist = fit.distance(lab)
+    cand = dist > 1.0
     cand = np.asarray(cv2.medianBlur(cand.astype(np.uint8), 3)) > 0
     area = h * w
     # Backdrop-coloured patches inside the silhouette (a light print) are not backdrop unless
     # they are big or reach the frame.
     cand = fill_small_holes(cand, max(16, area // 400))
     cand = remove_small(cand, max(16, area // 2000))
+    if cand.any() and not cand.all():
+        cand = _refine_foreground(rgb, dist, cand)
+        cand = fill_small_holes(cand, max(16, area // 400))
+        cand = remove_small(cand, max(16, area // 2000))
     sure_fg = erode(cand, 2)
     band = dilate(cand, 2) & ~sure_fg
     img = rgb.astype(np.float32)
@@ -383,7 +588,8 @@ def estimate_colours(lab: FloatImage, fg: Mask, rgb: RGBArray) -> ColourModel:
     core_samples = _subsample(lab[core], 3000)
     ext_samples = _subsample(lab[_extremities(fg)], 3000, seed=1)
     n_core, n_ext = len(core_samples), len(ext_samples)
-    centres, _, labels = kmeans(np.concatenate([core_samples, ext_samples]), 6)
+    weighted, _, labels = kmeans(np.concatenate([core_samples, ext_samples]) * CLUSTER_WEIGHTS, 6)
+    centres = (weighted / CLUSTER_WEIGHTS).astype(np.float32)
     k = len(centres)
     core_share = np.bincount(labels[:n_core], minlength=k) / max(n_core, 1)
     ext_share = np.bincount(labels[n_core:], minlength=k) / max(n_ext, 1)
@@ -443,7 +649,7 @@ def _label_body(lab: FloatImage, fg: Mask, colours: ColourModel) -> Mask:
     best = np.full(len(px), np.inf, np.float32)
     label = np.zeros(len(px), np.intp)
     for i, c in enumerate(centres):
-        d = ((px - c) ** 2).sum(1)
+        d = (((px - c) * CLUSTER_WEIGHTS) ** 2).sum(1)
         better = d < best
         best[better] = d[better]
         label[better] = i
@@ -457,6 +663,330 @@ def _label_body(lab: FloatImage, fg: Mask, colours: ColourModel) -> Mask:
     body = body_inner.copy()
     body[edge] = votes_b[edge] > votes_g[edge]
     return body
+
+
+# --- people, and the graph-cut refinement ------------------------------------------------
+
+# Zones of the silhouette where a person's skin shows (face and neck, hands, legs), as
+# fractions of the silhouette's height (top, bottom) and width (each side).
+_EXTREME_TOP, _EXTREME_BOTTOM, _EXTREME_SIDE = 0.16, 0.22, 0.12
+# A skin-coloured region of the extremities is skin when it differs at least this much (ΔE)
+# from every garment colour of the core, or is smooth where the garment is textured.
+SKIN_GARMENT_DELTA_E = 9.0
+# A hole in the garment's top NECK_ZONE (share of its height), at least NECK_HOLE_WIDTH of
+# its width across, is its neck opening seen all round, not a print.
+NECK_ZONE, NECK_HOLE_WIDTH = 0.3, 0.12
+# Textured silhouette next to a textured garment within this ΔE of its colours is garment.
+RESCUE_DELTA_E = 20.0
+# A region inside the garment within this chroma distance of a garment colour, and not
+# lighter than it, is the garment's own inside in shadow.
+INSIDE_TINT_DELTA = 8.0
+# Body thinner than this (half-width, share of the diagonal) along the garment is its edge.
+HALO_WIDTH = 0.006
+# Body this far (ΔE) from every garment colour is body, whatever the graph cut prefers.
+CERTAIN_BODY_DELTA_E = 30.0
+# Long side of the image the graph cut runs on.
+GRABCUT_SIDE = 448
+
+
+def _colour_distance(lab: FloatImage, centres: NDArray[np.float32]) -> FloatImage:
+    """ΔE from each pixel to the nearest of ``centres`` (infinite when there are none)."""
+    if len(centres) == 0:
+        return np.full(lab.shape[:2], np.inf, np.float32)
+    d2 = np.min(((lab[..., None, :] - centres) ** 2).sum(-1), axis=-1)
+    return np.asarray(np.sqrt(d2), np.float32)
+
+
+def _extreme_zones(fg: Mask) -> Mask:
+    ys, xs = np.nonzero(fg)
+    zones = np.zeros_like(fg)
+    if len(ys) == 0:
+        return zones
+    top, bottom = int(ys.min()), int(ys.max())
+    left, right = int(xs.min()), int(xs.max())
+    height, width = bottom - top + 1, right - left + 1
+    zones[top : top + max(2, round(_EXTREME_TOP * height))] = True
+    zones[bottom - max(2, round(_EXTREME_BOTTOM * height)) + 1 : bottom + 1] = True
+    zones[:, left : left + max(2, round(_EXTREME_SIDE * width))] = True
+    zones[:, right - max(2, round(_EXTREME_SIDE * width)) + 1 : right + 1] = True
+    return zones & fg
+
+
+def _local_texture(lab: FloatImage, radius: float) -> FloatImage:
+    """Local standard deviation of lightness: fabric weave and prints are rough, skin is not."""
+    lum = lab[..., 0]
+    mean = np.asarray(cv2.GaussianBlur(lum, (0, 0), radius), np.float32)
+    sq = np.asarray(cv2.GaussianBlur(lum * lum, (0, 0), radius), np.float32)
+    return np.sqrt(np.maximum(sq - mean * mean, 0.0)).astype(np.float32)
+
+
+def detect_skin(rgb: RGBArray, lab: FloatImage, fg: Mask, garment_colours: FloatImage) -> Mask:
+    """Skin of a person wearing the garment, found from the photo's own skin colour.
+
+    A colour rule (YCrCb) admits every complexion but also beige and pink fabric, so it only
+    proposes. Seeds are skin-coloured pixels in the silhouette's extremities (face and neck,
+    hands, legs) that differ from the garment's core colours, or, on a textured garment, are
+    smooth where it is not. They give this photo's skin colour; a pixel of the silhouette is
+    skin when it is close to that colour, closer to it than to any garment colour, smooth if
+    the garment is not, and joined to the seeds.
+    """
+    h, w = fg.shape
+    diag = float(np.hypot(h, w))
+    rule = skin_mask(rgb) & erode(fg, 1)
+    zones = _extreme_zones(fg)
+    min_area = max(20, round(2e-4 * h * w))
+    texture = _local_texture(lab, max(1.5, 0.004 * diag))
+    interior = erode(fg, 3) & ~zones
+    garment_texture = float(np.median(texture[interior])) if interior.any() else 0.0
+    # Skin is smooth; only a clearly textured garment (a weave, a print) can be told by it.
+    textured = garment_texture >= 2.5
+    smooth = texture < 0.6 * garment_texture if textured else np.ones_like(fg)
+    d_garment = _colour_distance(lab, garment_colours)
+    distinct = d_garment >= SKIN_GARMENT_DELTA_E
+    seeds = rule & zones & (distinct | (smooth if textured else np.zeros_like(fg)))
+    seeds = np.asarray(cv2.morphologyEx(seeds.astype(np.uint8), cv2.MORPH_OPEN, disk(1)) > 0)
+    seeds = remove_small(seeds, min_area)
+    if seeds.sum() < min_area:
+        return np.zeros_like(fg)
+    samples = _subsample(lab[seeds], 4000, seed=2)
+    mean = samples.mean(0)
+    cov = np.cov(samples.T) + np.eye(3) * 4.0
+    inv = np.linalg.inv(cov)
+    diff = lab - mean
+    maha = np.einsum("...i,ij,...j->...", diff, inv, diff)
+    d_skin = np.linalg.norm(diff, axis=-1)
+    close = rule & (maha <= 9.0) & (d_skin < d_garment) & smooth
+    # Only what is joined to the skin seen at the extremities: not a patch of pink fabric.
+    _, labels, _, _ = cv2.connectedComponentsWithStats(close.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels)
+    hit = np.unique(lab_img[seeds & close])
+    hit = hit[hit > 0]
+    skin = np.isin(lab_img, hit) | seeds
+    skin = np.asarray(cv2.morphologyEx(skin.astype(np.uint8), cv2.MORPH_CLOSE, disk(2)) > 0)
+    return remove_small(skin & fg, min_area)
+
+
+def _grabcut(
+    rgb: RGBArray, fg: Mask, garment: Mask, body: Mask, sure_body: Mask, iterations: int = 4
+) -> Mask:
+    """Graph-cut garment/not-garment inside the silhouette, seeded by the colour labelling.
+
+    The garment's core and the backdrop away from the silhouette are fixed; the body's core
+    and every skin pixel are fixed as not garment; the rest is decided by colour models of the
+    two sides and the edges between them.
+    """
+    size, scale = _small_size(fg.shape)
+
+    def small(m: Mask) -> Mask:
+        return np.asarray(cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)) > 0
+
+    img = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), np.uint8)
+    f, g, b, sb = small(fg), small(garment), small(body), small(sure_body)
+    r = max(2, round(0.02 * max(size)))
+    mask = np.full(f.shape, cv2.GC_PR_BGD, np.uint8)
+    mask[g] = cv2.GC_PR_FGD
+    mask[~dilate(f, 2)] = cv2.GC_BGD
+    mask[erode(g, r) & ~sb] = cv2.GC_FGD
+    core_body = (erode(b, r) | sb) & ~erode(g, r)
+    mask[core_body] = cv2.GC_BGD
+    if not (mask == cv2.GC_FGD).any() or not ((mask == cv2.GC_PR_BGD) | (mask == cv2.GC_BGD)).any():
+        return garment
+    return _upsample_mask(_run_grabcut(img, mask, iterations), fg.shape, scale) & fg
+
+
+def _textured_rescue(
+    lab: FloatImage, fg: Mask, garment: Mask, skin: Mask, garment_colours: NDArray[np.float32]
+) -> Mask:
+    """Silhouette next to a textured garment, as textured and of its colours, is garment.
+
+    The graph cut sees colour only: a lighter panel of a houndstooth dress between the dress
+    and an arm looks like a blend of skin and backdrop to it. Skin and mannequins are smooth.
+    """
+    # Fine texture only (the weave), so the step across an outline does not count.
+    texture = _local_texture(lab - cv2.GaussianBlur(lab, (0, 0), 2.0), 1.0)
+    inner = erode(garment, 3)
+    if not inner.any():
+        return np.zeros_like(fg)
+    garment_texture = float(np.median(texture[inner]))
+    if garment_texture < 2.0:
+        return np.zeros_like(fg)
+    candidate = fg & ~garment & ~skin & (texture >= 0.8 * garment_texture)
+    candidate &= _colour_distance(lab, garment_colours) <= RESCUE_DELTA_E
+    candidate = np.asarray(
+        cv2.morphologyEx(candidate.astype(np.uint8), cv2.MORPH_OPEN, disk(1)) > 0
+    )
+    _, labels, _, _ = cv2.connectedComponentsWithStats(candidate.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels)
+    joined = np.unique(lab_img[dilate(garment, 1) & candidate])
+    joined = joined[joined > 0]
+    return np.asarray(np.isin(lab_img, joined))
+
+
+def _drop_halos(body: Mask, garment: Mask) -> Mask:
+    """Body components thinner than :data:`HALO_WIDTH` of the diagonal that lie along the
+    garment are its edge (backdrop mixed into its outline, a shadow line), not a body part.
+    """
+    h, w = body.shape
+    limit = HALO_WIDTH * float(np.hypot(h, w))
+    n, labels, _, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return body
+    lab = np.asarray(labels, np.intp)
+    depth = np.asarray(cv2.distanceTransform(body.astype(np.uint8), cv2.DIST_L2, 3), np.float32)
+    peak = np.zeros(n, np.float32)
+    np.maximum.at(peak, lab.ravel(), depth.ravel())
+    near = np.zeros(n, bool)
+    near[np.unique(lab[dilate(garment, 2) & body])] = True
+    drop = (peak < limit) & near
+    drop[0] = False
+    return np.asarray(body & ~drop[lab])
+
+
+def _garment_inside(
+    lab: FloatImage, garment: Mask, body: Mask, garment_colours: NDArray[np.float32]
+) -> Mask:
+    """Body components that are the garment's own inside (a ghost photo's inner collar).
+
+    Such a region is mostly bordered by the garment and has a garment colour's tint, only
+    darker: it is the same fabric in shadow. A mannequin or skin differs in tint (or is
+    lighter), and a head or hair sticks out to the backdrop.
+    """
+    out = np.zeros_like(body)
+    if len(garment_colours) == 0 or not body.any():
+        return out
+    n, labels, _, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels)
+    ring_garment = dilate(garment, 1)
+    for i in range(1, n):
+        region = lab_img == i
+        ring = dilate(region, 1) & ~region
+        if not ring.any() or float(ring_garment[ring].mean()) < 0.6:
+            continue
+        colour = np.median(lab[region], axis=0)
+        tint = np.linalg.norm(garment_colours[:, 1:] - colour[1:], axis=1)
+        darker = garment_colours[:, 0] - colour[0]
+        if bool(((tint <= INSIDE_TINT_DELTA) & (darker >= -2.0)).any()):
+            out |= region
+    return out
+
+
+def _main_garment(garment: Mask, lab: FloatImage, min_share: float = 0.03) -> Mask:
+    """The garment's main piece, and other pieces of at least ``min_share`` of it, close to
+    it and of its colours (a sleeve cut off by an arm), not a stray part of the mannequin."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(garment.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return garment
+    lab_img = np.asarray(labels)
+    areas = np.asarray(stats)[1:, cv2.CC_STAT_AREA]
+    main = int(np.argmax(areas)) + 1
+    centres, weights, _ = kmeans(_subsample(lab[lab_img == main], 3000), 5)
+    centres = centres[weights >= 0.05]
+    keep = np.zeros(n, bool)
+    keep[main] = True
+    near_main = dilate(lab_img == main, max(2, round(0.02 * float(np.hypot(*garment.shape)))))
+    for i in range(1, n):
+        if i == main or areas[i - 1] < min_share * areas.max():
+            continue
+        if not (near_main & (lab_img == i)).any():
+            continue
+        colour = np.median(lab[lab_img == i], axis=0)
+        keep[i] = float(np.min(np.linalg.norm(centres - colour, axis=1))) <= SAME_COLOUR_DELTA_E
+    return np.asarray(keep[lab_img])
+
+
+def _fill_enclosed(garment: Mask, body_colour: Mask, max_share: float) -> Mask:
+    """Holes enclosed by the garment are garment (a print, a logo), unless they are open to
+    the frame, big and coloured like the body, or a wide hole in the garment's top: the neck
+    opening seen all round (the inside of a hood, stuffing in a collar).
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (~garment).astype(np.uint8), connectivity=4
+    )
+    h, w = garment.shape
+    ys, xs = np.nonzero(garment)
+    if len(ys) == 0:
+        return garment
+    top, height = int(ys.min()), int(np.ptp(ys)) + 1
+    width = int(np.ptp(xs)) + 1
+    lab_img = np.asarray(labels)
+    area_garment = max(int(garment.sum()), 1)
+    fill = np.zeros(n, bool)
+    for i in range(1, n):
+        x, y, bw, bh, area = np.asarray(stats)[i]
+        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+            continue
+        centre_y = y + bh / 2
+        if centre_y < top + NECK_ZONE * height and bw >= NECK_HOLE_WIDTH * width:
+            continue
+        region = lab_img == i
+        if area <= 0.004 * area_garment:
+            fill[i] = True
+        elif area <= max_share * area_garment:
+            fill[i] = float(body_colour[region].mean()) < 0.5
+    return np.asarray(garment | fill[lab_img])
+
+
+# --- is this a studio photo at all? ---------------------------------------------------------
+
+# Below this share of the border band explained by the backdrop fit there is no backdrop.
+MIN_STUDIO_BORDER = 0.5
+# A "subject" with this share of its outline on its bounding box and a colour entropy of at
+# least SCENE_ENTROPY bits is a framed picture of a scene.
+SCENE_BOX_SHARE = 0.5
+SCENE_ENTROPY = 3.8
+
+
+def _colour_entropy(lab: FloatImage) -> float:
+    """Entropy (bits) of a coarse Lab histogram (8 bins a channel) of the given pixels."""
+    if len(lab) == 0:
+        return 0.0
+    q = np.stack(
+        [
+            np.clip(lab[:, 0] // 12.5, 0, 7),
+            np.clip((lab[:, 1] + 64) // 16, 0, 7),
+            np.clip((lab[:, 2] + 64) // 16, 0, 7),
+        ],
+        axis=1,
+    ).astype(np.int64)
+    p = np.bincount(q[:, 0] * 64 + q[:, 1] * 8 + q[:, 2], minlength=512) / len(q)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def _box_outline_share(mask: Mask) -> float:
+    """Share of the main outline lying on its own bounding box: 1 for a rectangle."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    main = max(contours, key=cv2.contourArea).reshape(-1, 2)
+    x, y, bw, bh = cv2.boundingRect(main)
+    on = (
+        (np.abs(main[:, 0] - x) <= 2)
+        | (np.abs(main[:, 0] - (x + bw - 1)) <= 2)
+        | (np.abs(main[:, 1] - y) <= 2)
+        | (np.abs(main[:, 1] - (y + bh - 1)) <= 2)
+    )
+    return float(on.mean())
+
+
+def studio_refusal(fit: BackdropFit, foreground: Mask | None, lab: FloatImage) -> str | None:
+    """Why a photo is not a studio shot (``None`` when it is).
+
+    A studio shot has a plain backdrop around the subject: the border band fits a smooth
+    surface (a sweep, or a wall and a floor); a room, a shop or a street does not. Nor is a
+    plain frame around a picture of a whole scene a backdrop: the "subject" is then a
+    rectangle (most of its outline on its bounding box) of many colours, where a garment on
+    a mannequin or model has a shaped outline and a few colours.
+    """
+    if fit.explained < MIN_STUDIO_BORDER:
+        return (
+            f"no plain backdrop: only {fit.explained:.0%} of the photo's border fits a studio sweep"
+        )
+    if foreground is None or not foreground.any():
+        return None
+    boxy = _box_outline_share(foreground)
+    entropy = _colour_entropy(lab[foreground])
+    if boxy >= SCENE_BOX_SHARE and entropy >= SCENE_ENTROPY:
+        return "the subject is a rectangular scene of many colours inside a plain frame"
+    return None
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -503,11 +1033,29 @@ def segment(
         source = "model"
     else:
         colours = estimate_colours(lab, fg, rgb)
-        body = _label_body(lab, fg, colours)
-        body = remove_small(body, max(12, area // 4000))
-        garment = fg & ~body
-        garment = remove_small(garment, max(16, area // 1000))
-        body = fg & ~garment
+        body0 = _label_body(lab, fg, colours)
+        body0 = remove_small(body0, max(12, area // 4000))
+        garment0 = remove_small(fg & ~body0, max(16, area // 1000))
+        skin = detect_skin(rgb, lab, fg, colours.garment)
+        if skin.any():
+            # A person: skin is body whatever the garment's colour.
+            body0 = (body0 | skin) & fg
+            garment0 = garment0 & ~skin
+        # Body whose colour no garment colour comes near is fixed as body however thin
+        # (stuffing seen inside a hood); the rest of the body only at its core.
+        certain = (
+            body0 & ~garment0 & (_colour_distance(lab, colours.garment) >= CERTAIN_BODY_DELTA_E)
+        )
+        garment = _grabcut(rgb, fg, garment0, body0 & ~garment0, skin | erode(certain, 1))
+        garment |= _textured_rescue(lab, fg, garment, skin, colours.garment)
+        garment = _main_garment(remove_small(garment, max(16, area // 1000)), lab)
+        garment = _fill_enclosed(garment, (body0 & ~garment0) | skin, 0.02) & ~skin
+        body = _drop_halos(fg & ~garment, garment)
+        inside = _garment_inside(lab, garment, body, colours.garment)
+        garment, body = garment | inside, body & ~inside
+        if skin.any():
+            colours = colours_from_masks(lab, garment, body)
+            colours = ColourModel(colours.garment, colours.garment_weights, colours.body, "skin")
         return Segmentation(
             ~(garment | body),
             garment,
@@ -516,6 +1064,8 @@ def segment(
             fit.rgb,
             colours,
             source,
+            fit,
+            fg,
         )
 
     colours = colours_from_masks(lab, garment, body)
@@ -527,6 +1077,8 @@ def segment(
         fit.rgb,
         colours,
         source,
+        fit,
+        fg,
     )
 
 
