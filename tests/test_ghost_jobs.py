@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import db_rows, db_scalar
-from tests.garments import make_scene
+from tests.garments import make_hard_scene, make_scene
 from tests.services import Cluster, Process
 from tests.test_jobs import keyed_org, submit, wait_job
 
@@ -203,4 +203,22 @@ async def test_a_photo_without_a_garment_fails_clearly_and_is_not_billed(
     )
     done = await wait_job(client, headers, r.json()["id"], timeout=120)
     assert done["status"] == "failed" and done["error"]["code"] == "no-garment-found", done
+    assert done["error"]["status"] == 422
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=done["id"]) == 0
+
+
+async def test_a_shop_scene_is_refused_clearly_and_is_not_billed(
+    client: httpx.AsyncClient, gpu_worker: Process
+) -> None:
+    _, headers = await keyed_org(client)
+    buf = io.BytesIO()
+    Image.fromarray(make_hard_scene("busy-scene", seed=0).image).save(buf, "PNG")
+    r = await submit(
+        client, headers, operation="ghost_mannequin", image=buf.getvalue(), params=ghost()
+    )
+    done = await wait_job(client, headers, r.json()["id"], timeout=120)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "no-backdrop-found" and done["error"]["status"] == 422
+    assert "not a ghost-mannequin studio photo" in done["error"]["message"]
+    assert done["outputs"] == [] and done["gpu_seconds"] in (None, 0, 0.0)
     assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=done["id"]) == 0

@@ -15,10 +15,23 @@ from tests.garments import (
     DiffusionTestInpainter,
     FlatFillTestInpainter,
     Scene,
+    make_hard_scene,
     make_scene,
 )
-from workers.pipelines.ghost.pipeline import GhostParams, GhostResult, ghost_mannequin
-from workers.pipelines.ghost.quality import MAX_RESIDUAL_BODY, quality_report
+from workers.pipelines.ghost.pipeline import (
+    GhostJob,
+    GhostParams,
+    GhostResult,
+    finish_ghost,
+    ghost_mannequin,
+    prepare_ghost,
+)
+from workers.pipelines.ghost.quality import (
+    MAX_RESIDUAL_BODY,
+    QualityContext,
+    QualityReport,
+    quality_report,
+)
 from workers.pipelines.ghost.segmentation import ColourModel, erode, segment
 
 PARAMS = GhostParams(size=480, steps=12)
@@ -103,3 +116,109 @@ def test_coverage_and_frame_checks() -> None:
     assert not fine.needs_review
     assert fine.alpha_coverage == pytest.approx(0.25)
     assert fine.as_dict()["reasons"] == []
+
+
+# --- checks that do not trust the segmentation ------------------------------------------------
+
+
+def _context_case(
+    name: str = "model-skin-tones", seed: int = 0
+) -> tuple[Scene, GhostJob, GhostResult]:
+    scene = make_hard_scene(name, seed=seed)
+    job = prepare_ghost(scene.image, params=PARAMS)
+    inpainter = DiffusionTestInpainter()
+    result = inpainter.inpaint(job.request) if job.request is not None else None
+    return scene, job, finish_ghost(job, result)
+
+
+def _context(job: GhostJob, **changes: object) -> QualityContext:
+    seg = job.segmentation
+    assert seg.foreground is not None
+    fields: dict[str, object] = {
+        "source": job.source,
+        "foreground": seg.foreground,
+        "fit": seg.fit,
+        "backdrop_explained": seg.fit.explained if seg.fit is not None else 1.0,
+        "garment_type": job.regions.garment_type,
+        "openings": tuple(o.kind for o in job.regions.openings),
+        "removed_body_pixels": int(job.regions.remove.sum()),
+    }
+    fields.update(changes)
+    return QualityContext(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def model_case() -> tuple[Scene, GhostJob, GhostResult]:
+    return _context_case()
+
+
+def _measure(
+    case: tuple[Scene, GhostJob, GhostResult], alpha: NDArray[np.float32], **changes: object
+) -> QualityReport:
+    _, job, result = case
+    rgb = np.asarray(result.image.convert("RGB"))
+    return quality_report(
+        rgb,
+        alpha,
+        job.segmentation.colours,
+        generated=job.generate,
+        garment=job.segmentation.garment,
+        context=_context(job, **changes),
+    )
+
+
+def test_a_clean_result_passes_every_check(model_case: tuple[Scene, GhostJob, GhostResult]) -> None:
+    _, _, result = model_case
+    assert result.report["needs_review"] is False, result.report["reasons"]
+    assert result.report["skin_fraction"] == 0.0
+
+
+def test_skin_kept_in_the_output_is_found_afresh(
+    model_case: tuple[Scene, GhostJob, GhostResult],
+) -> None:
+    scene, _, result = model_case
+    alpha = (np.asarray(result.alpha) / 255.0).astype(np.float32)
+    skin = scene.extras["skin"]
+    assert isinstance(skin, np.ndarray)
+    alpha[skin] = 1.0  # as if the segmentation had kept the arms and the face
+    report = _measure(model_case, alpha)
+    assert report.skin_fraction > 0.05
+    assert any("skin left" in r for r in report.reasons)
+
+
+def test_openings_are_checked_against_the_garment_type(
+    model_case: tuple[Scene, GhostJob, GhostResult],
+) -> None:
+    _, _, result = model_case
+    alpha = (np.asarray(result.alpha) / 255.0).astype(np.float32)
+    three = _measure(model_case, alpha, garment_type="top", openings=("neck", *["sleeve"] * 3))
+    assert any("3 sleeve openings for a top" in r for r in three.reasons)
+    skirt = _measure(model_case, alpha, garment_type="skirt", openings=("neck", "sleeve"))
+    assert any("sleeve openings for a skirt" in r for r in skirt.reasons)
+    none = _measure(model_case, alpha, openings=())
+    assert any("no opening was found" in r for r in none.reasons)
+    fine = _measure(model_case, alpha)
+    assert not fine.needs_review, fine.reasons
+
+
+def test_pieces_threads_backdrop_and_unused_interior_are_flagged(
+    model_case: tuple[Scene, GhostJob, GhostResult],
+) -> None:
+    scene, _, result = model_case
+    alpha = (np.asarray(result.alpha) / 255.0).astype(np.float32)
+    apart = alpha.copy()
+    apart[20:60, 10:40] = 1.0  # a piece of the backdrop in the corner, away from the garment
+    pieces = _measure(model_case, apart)
+    assert pieces.main_piece_fraction < 0.97
+    assert any("in pieces" in r for r in pieces.reasons)
+    assert any("backdrop left" in r for r in pieces.reasons)
+    ys, xs = np.nonzero(alpha >= 0.5)
+    hanging = alpha.copy()
+    x = int(np.median(xs))
+    hanging[ys.max() : ys.max() + 40, x - 1 : x + 2] = 1.0  # a thread below the hem
+    assert any("hang below" in r for r in _measure(model_case, hanging).reasons)
+    interior = _measure(model_case, alpha, interior_sent=True, interior_used=False)
+    assert any("interior shot" in r for r in interior.reasons)
+    poor = _measure(model_case, alpha, backdrop_explained=0.4)
+    assert any("backdrop fit explains" in r for r in poor.reasons)
+    assert scene.garment.any()

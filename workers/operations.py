@@ -137,7 +137,7 @@ def _mask_array(image: Image.Image | None) -> Any:
 def _ghost_mannequin(ex: Execution) -> ExecutionResult:
     # Imported here: only GPU workers load OpenCV and the model runtime.
     from workers import gpu
-    from workers.pipelines.ghost.pipeline import GhostParams, NoGarmentFound, ghost_mannequin
+    from workers.pipelines.ghost.pipeline import GhostParams, NotAGhostPhoto, ghost_mannequin
 
     params = GhostMannequinParams.model_validate(ex.params)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
@@ -169,8 +169,8 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
             progress=on_step,
             segmenter=segmenter,
         )
-    except NoGarmentFound as exc:
-        raise OperationFailed("no-garment-found", str(exc)) from exc
+    except NotAGhostPhoto as exc:
+        raise OperationFailed(exc.code, str(exc)) from exc
     except ValueError as exc:
         raise OperationFailed("ghost-not-possible", str(exc)) from exc
     ex.progress("compositing", 0.92)

@@ -71,8 +71,12 @@ class GhostMannequinParams(BaseModel):
     guidance: float = Field(default=7.0, ge=0, le=30)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Random if unset")
     shadow: bool = False
-    garment_type: Literal["top", "dress", "trousers"] | None = Field(
-        default=None, description="Inferred from the silhouette when unset"
+    garment_type: Literal["top", "sleeveless", "hoodie", "dress", "skirt", "trousers"] | None = (
+        Field(
+            default=None,
+            description="What the garment is; used for its openings and in the prompt. "
+            "Inferred from the silhouette when unset",
+        )
     )
     debug_layers: bool = Field(default=False, description="Also return each mask as a layer")
 

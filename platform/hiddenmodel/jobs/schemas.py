@@ -32,6 +32,10 @@ class OutputRead(BaseModel):
 class JobError(BaseModel):
     code: str
     message: str
+    status: int = Field(
+        description="The HTTP status a synchronous call would have answered: 422 when the "
+        "input was refused (nothing is charged), 500 for a failure on our side"
+    )
 
 
 class Timings(BaseModel):

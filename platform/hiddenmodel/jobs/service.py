@@ -74,6 +74,20 @@ class Quote:
     plan: str
 
 
+# Job error codes that are not a refusal of the input, and the status each stands for.
+_ERROR_STATUS = {
+    "internal-error": 500,
+    "operation-unavailable": 503,
+    "canceled": 409,
+    "expired": 408,
+}
+
+
+def error_status(code: str) -> int:
+    """The HTTP status equivalent of a job's error code: every refusal of the input is 422."""
+    return _ERROR_STATUS.get(code, 422)
+
+
 def _rejected(name: str, exc: ImageRejected) -> Problem:
     return Problem(
         f"{name}: {exc.detail}",
@@ -388,7 +402,11 @@ async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> 
         },
         outputs=outputs,
         report=job.report,
-        error=JobError(code=job.error_code, message=job.error_message or "")
+        error=JobError(
+            code=job.error_code,
+            message=job.error_message or "",
+            status=error_status(job.error_code),
+        )
         if job.error_code
         else None,
         gpu_seconds=job.gpu_seconds,

@@ -450,6 +450,7 @@ def finish_ghost(job: GhostJob, result: InpaintResult | None) -> GhostResult:
     context = QualityContext(
         source=job.source,
         foreground=seg.foreground if seg.foreground is not None else ~seg.backdrop,
+        fit=seg.fit,
         backdrop_explained=seg.fit.explained if seg.fit is not None else 1.0,
         garment_type=regions.garment_type,
         openings=tuple(o.kind for o in regions.openings),

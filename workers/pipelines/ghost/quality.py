@@ -37,8 +37,12 @@ segmentation they check:
   and left opaque in the output, above :data:`MAX_SKIN` of it;
 * **openings** — more openings of a kind than the garment type has (two sleeves, one neck,
   one hem; two legs for trousers), or body removed without any opening found;
+* **threads** — thin pieces hanging below the garment (:func:`hanging_threads`);
 * **fragments** — the opaque output in pieces: the main piece under
   :data:`MIN_MAIN_PIECE` of it;
+* **backdrop left** — opaque output reaching its outline and coloured like the fitted
+  backdrop where it stood (a floor or a cove cut out with the garment), above
+  :data:`MAX_BACKDROP_LEFT` of it;
 * **backdrop fit** — the fitted backdrop explains less than :data:`MIN_BACKDROP_EXPLAINED`
   of the border band (the cut-out rests on a poor backdrop model);
 * **interior frame** — an interior shot was sent but could not be aligned and used.
@@ -52,6 +56,7 @@ import cv2
 import numpy as np
 
 from workers.pipelines.ghost.segmentation import (
+    BackdropFit,
     ColourModel,
     FloatImage,
     Mask,
@@ -75,6 +80,7 @@ MAX_COVERAGE = 0.90
 MAX_SKIN = 0.005
 MIN_MAIN_PIECE = 0.97
 MIN_BACKDROP_EXPLAINED = 0.6
+MAX_BACKDROP_LEFT = 0.005
 # How many openings of each kind a garment type can show.
 MAX_OPENINGS: dict[str, dict[str, int]] = {
     "top": {"neck": 1, "sleeve": 2, "armhole": 2, "hem": 1},
@@ -92,6 +98,7 @@ class QualityContext:
 
     source: np.ndarray  # the working photo (RGB), before anything was removed
     foreground: Mask  # not backdrop, by the backdrop fit alone
+    fit: BackdropFit | None = None
     backdrop_explained: float = 1.0
     garment_type: str = "top"
     openings: tuple[str, ...] = ()  # kinds of the openings found
@@ -154,8 +161,9 @@ def residual_body(lab: FloatImage, opaque: Mask, colours: ColourModel) -> Mask:
     return np.asarray(cv2.morphologyEx(out.astype(np.uint8), cv2.MORPH_OPEN, disk(radius))) > 0
 
 
-def skin_left(context: QualityContext, opaque: Mask, generated: Mask | None) -> Mask:
-    """Skin of a person, found afresh in the photo, that the output keeps opaque."""
+def find_skin(context: QualityContext, opaque: Mask) -> Mask:
+    """A person's skin in the photo, found afresh: seeded at the silhouette's extremities and
+    told from the garment by the colours of the output's core, not by the segmentation."""
     lab = rgb_to_lab(np.asarray(context.source, np.float32))
     core = erode(opaque, max(2, round(0.03 * float(np.hypot(*opaque.shape)))))
     if not core.any():
@@ -164,15 +172,62 @@ def skin_left(context: QualityContext, opaque: Mask, generated: Mask | None) -> 
     if len(samples) > 4000:
         samples = samples[np.random.default_rng(0).choice(len(samples), 4000, replace=False)]
     centres, weights, _ = kmeans(samples.astype(np.float32), 4)
-    skin = detect_skin(
+    return detect_skin(
         np.asarray(context.source, np.uint8), lab, context.foreground, centres[weights >= 0.05]
     )
+
+
+def skin_left(skin: Mask, opaque: Mask, generated: Mask | None) -> Mask:
+    """The skin the output keeps opaque, specks ignored."""
     left = skin & opaque
     if generated is not None:
         left &= ~generated
     h, w = opaque.shape
     radius = max(1, round(SPECK_RADIUS * float(np.hypot(h, w))))
     return np.asarray(cv2.morphologyEx(left.astype(np.uint8), cv2.MORPH_OPEN, disk(radius))) > 0
+
+
+def backdrop_left(context: QualityContext, opaque: Mask, generated: Mask | None) -> Mask:
+    """Opaque output coloured like the fitted backdrop where it stood, reaching the outline:
+    backdrop (a floor, a cove, a shadow) cut out with the garment. A print of the backdrop's
+    colour inside the garment does not reach the outline."""
+    if context.fit is None:
+        return np.zeros_like(opaque)
+    lab = rgb_to_lab(np.asarray(context.source, np.float32))
+    like = (context.fit.distance(lab) <= 1.0) & opaque
+    if generated is not None:
+        like &= ~generated
+    h, w = opaque.shape
+    radius = max(1, round(SPECK_RADIUS * float(np.hypot(h, w))))
+    like = np.asarray(cv2.morphologyEx(like.astype(np.uint8), cv2.MORPH_OPEN, disk(radius))) > 0
+    _, labels, _, _ = cv2.connectedComponentsWithStats(like.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels)
+    outline = dilate(~opaque, radius + 1) & like
+    hit = np.unique(lab_img[outline])
+    return np.asarray(np.isin(lab_img, hit[hit > 0]))
+
+
+def hanging_threads(opaque: Mask) -> int:
+    """Thin pieces hanging below the garment's body (seams of a cut along legs or a stand):
+    what an opening of 1% of the diagonal removes, reaching below the opened shape's bottom
+    and at least 3% of the diagonal long. Straps and drawstrings lie above or on it."""
+    h, w = opaque.shape
+    diag = float(np.hypot(h, w))
+    r = max(2, round(0.01 * diag))
+    main = np.asarray(cv2.morphologyEx(opaque.astype(np.uint8), cv2.MORPH_OPEN, disk(r)) > 0)
+    rows = np.flatnonzero(main.any(axis=1))
+    if len(rows) == 0:
+        return 0
+    bottom = int(rows[-1])
+    thin = opaque & ~dilate(main, 1)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(thin.astype(np.uint8), connectivity=8)
+    st = np.asarray(stats)
+    count = 0
+    for i in range(1, n):
+        y, bh = int(st[i, cv2.CC_STAT_TOP]), int(st[i, cv2.CC_STAT_HEIGHT])
+        if bh >= 0.03 * diag and y + bh - 1 > bottom + 0.01 * diag:
+            count += 1
+    return count
 
 
 def main_piece_fraction(opaque: Mask) -> float:
@@ -284,17 +339,25 @@ def quality_report(
     pieces = main_piece_fraction(opaque)
     explained = 1.0
     if context is not None:
-        skin = skin_left(context, opaque, generated)
-        skin_fraction = int(skin.sum()) / n_opaque if n_opaque else 0.0
+        skin = find_skin(context, opaque)
+        kept = skin_left(skin, opaque, generated)
+        skin_fraction = int(kept.sum()) / n_opaque if n_opaque else 0.0
         if skin_fraction > MAX_SKIN:
             reasons.append(f"skin left in the output: {skin_fraction:.2%} of it")
         reasons.extend(_opening_reasons(context))
+        left = backdrop_left(context, alpha >= 0.98, generated)
+        left_fraction = int(left.sum()) / n_opaque if n_opaque else 0.0
+        if left_fraction > MAX_BACKDROP_LEFT:
+            reasons.append(f"backdrop left in the output: {left_fraction:.2%} of it")
         explained = context.backdrop_explained
         if explained < MIN_BACKDROP_EXPLAINED:
             reasons.append(f"backdrop fit explains only {explained:.0%} of the border")
         if context.interior_sent and not context.interior_used:
             reasons.append("the interior shot was sent but could not be used")
         reasons.extend(context.notes)
+    threads = hanging_threads(opaque)
+    if threads:
+        reasons.append(f"{threads} thin piece(s) hang below the garment")
     if pieces < MIN_MAIN_PIECE and n_opaque:
         reasons.append(f"garment in pieces: the main one is {pieces:.0%} of it")
     return QualityReport(

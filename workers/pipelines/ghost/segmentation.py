@@ -676,11 +676,19 @@ SKIN_GARMENT_DELTA_E = 9.0
 # A hole in the garment's top NECK_ZONE (share of its height), at least NECK_HOLE_WIDTH of
 # its width across, is its neck opening seen all round, not a print.
 NECK_ZONE, NECK_HOLE_WIDTH = 0.3, 0.12
+# A garment this textured (median fine-texture deviation, L units) loses smooth pieces on its
+# edge thicker than BLOB_RADIUS of the diagonal.
+STRONG_TEXTURE = 4.0
+BLOB_RADIUS = 0.012
 # Textured silhouette next to a textured garment within this ΔE of its colours is garment.
 RESCUE_DELTA_E = 20.0
-# A region inside the garment within this chroma distance of a garment colour, and not
-# lighter than it, is the garment's own inside in shadow.
-INSIDE_TINT_DELTA = 8.0
+# A region inside the garment of a garment colour's hue (within this many degrees) but darker
+# is the garment's own inside in shadow; below NEUTRAL_CHROMA colours have no hue to compare.
+INSIDE_HUE_DEGREES = 15.0
+NEUTRAL_CHROMA = 8.0
+# Garment strips narrower than about twice this (share of the diagonal) are checked for
+# lying between skin and backdrop.
+STRIP_WIDTH = 0.006
 # Body thinner than this (half-width, share of the diagonal) along the garment is its edge.
 HALO_WIDTH = 0.006
 # Body this far (ΔE) from every garment colour is body, whatever the graph cut prefers.
@@ -742,7 +750,8 @@ def detect_skin(rgb: RGBArray, lab: FloatImage, fg: Mask, garment_colours: Float
     textured = garment_texture >= 2.5
     smooth = texture < 0.6 * garment_texture if textured else np.ones_like(fg)
     d_garment = _colour_distance(lab, garment_colours)
-    distinct = d_garment >= SKIN_GARMENT_DELTA_E
+    # Unlike the garment's own colours, and not one of them in shadow (a sleeve's end).
+    distinct = (d_garment >= SKIN_GARMENT_DELTA_E) & ~shaded_like(lab, garment_colours)
     seeds = rule & zones & (distinct | (smooth if textured else np.zeros_like(fg)))
     seeds = np.asarray(cv2.morphologyEx(seeds.astype(np.uint8), cv2.MORPH_OPEN, disk(1)) > 0)
     seeds = remove_small(seeds, min_area)
@@ -822,6 +831,53 @@ def _textured_rescue(
     return np.asarray(np.isin(lab_img, joined))
 
 
+def _smooth_blobs(lab: FloatImage, garment: Mask) -> Mask:
+    """Smooth, thick pieces on the edge of a strongly textured garment: a floor's cove or a
+    patch of wall that the colour-only cut took with a sequinned or woven garment."""
+    texture = _local_texture(lab - cv2.GaussianBlur(lab, (0, 0), 2.0), 1.0)
+    inner = erode(garment, 3)
+    if not inner.any():
+        return np.zeros_like(garment)
+    garment_texture = float(np.median(texture[inner]))
+    if garment_texture < STRONG_TEXTURE:
+        return np.zeros_like(garment)
+    smooth = garment & (cv2.GaussianBlur(texture, (0, 0), 2.0) < 0.3 * garment_texture)
+    smooth = np.asarray(cv2.morphologyEx(smooth.astype(np.uint8), cv2.MORPH_OPEN, disk(2)) > 0)
+    h, w = garment.shape
+    thick = max(2.0, BLOB_RADIUS * float(np.hypot(h, w)))
+    n, labels, _, _ = cv2.connectedComponentsWithStats(smooth.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels, np.intp)
+    depth = np.asarray(cv2.distanceTransform(smooth.astype(np.uint8), cv2.DIST_L2, 3), np.float32)
+    peak = np.zeros(n, np.float32)
+    np.maximum.at(peak, lab_img.ravel(), depth.ravel())
+    edge = np.zeros(n, bool)
+    edge[np.unique(lab_img[dilate(~garment, 1) & smooth])] = True
+    drop = (peak >= thick) & edge
+    drop[0] = False
+    return np.asarray(drop[lab_img])
+
+
+def _skin_edge_strips(garment: Mask, skin: Mask, fg: Mask) -> Mask:
+    """Thin garment strips running between skin and backdrop: the shaded edge of an arm or
+    a leg that the colour cut gave to a dark garment. A strap lies on skin on both sides."""
+    h, w = garment.shape
+    r = max(2, round(STRIP_WIDTH * float(np.hypot(h, w))))
+    core = np.asarray(cv2.morphologyEx(garment.astype(np.uint8), cv2.MORPH_OPEN, disk(r)) > 0)
+    strips = garment & ~dilate(core, 1)
+    n, labels, _, _ = cv2.connectedComponentsWithStats(strips.astype(np.uint8), connectivity=8)
+    lab_img = np.asarray(labels)
+    out = np.zeros_like(garment)
+    backdrop = ~fg
+    for i in range(1, n):
+        strip = lab_img == i
+        ring = dilate(strip, 2) & ~garment
+        if not ring.any():
+            continue
+        if float(skin[ring].mean()) >= 0.25 and float(backdrop[ring].mean()) >= 0.25:
+            out |= strip
+    return out
+
+
 def _drop_halos(body: Mask, garment: Mask) -> Mask:
     """Body components thinner than :data:`HALO_WIDTH` of the diagonal that lie along the
     garment are its edge (backdrop mixed into its outline, a shadow line), not a body part.
@@ -842,13 +898,36 @@ def _drop_halos(body: Mask, garment: Mask) -> Mask:
     return np.asarray(body & ~drop[lab])
 
 
+def shaded_like(lab: FloatImage, garment_colours: FloatImage) -> Mask:
+    """Pixels (any leading shape, Lab last) that are one of the garment's colours with less
+    light: shade lowers lightness and chroma together and keeps the hue."""
+    out = np.zeros(lab.shape[:-1], bool)
+    chroma = np.hypot(lab[..., 1], lab[..., 2])
+    hue = np.arctan2(lab[..., 2], lab[..., 1])
+    for g in garment_colours:
+        g_chroma = float(np.hypot(g[1], g[2]))
+        darker = (g[0] - lab[..., 0]) >= 3.0
+        if g_chroma < NEUTRAL_CHROMA:
+            out |= darker & (chroma < NEUTRAL_CHROMA)
+            continue
+        turn = np.abs(hue - float(np.arctan2(g[2], g[1])))
+        turn = np.minimum(turn, 2 * np.pi - turn)
+        out |= (
+            darker
+            & (chroma >= 0.3 * g_chroma)
+            & (chroma <= 1.1 * g_chroma)
+            & (turn <= np.radians(INSIDE_HUE_DEGREES))
+        )
+    return out
+
+
 def _garment_inside(
     lab: FloatImage, garment: Mask, body: Mask, garment_colours: NDArray[np.float32]
 ) -> Mask:
     """Body components that are the garment's own inside (a ghost photo's inner collar).
 
-    Such a region is mostly bordered by the garment and has a garment colour's tint, only
-    darker: it is the same fabric in shadow. A mannequin or skin differs in tint (or is
+    Such a region is mostly bordered by the garment and has a garment colour's hue, only
+    darker: it is the same fabric in shadow. A mannequin or skin differs in hue (or is
     lighter), and a head or hair sticks out to the backdrop.
     """
     out = np.zeros_like(body)
@@ -860,12 +939,9 @@ def _garment_inside(
     for i in range(1, n):
         region = lab_img == i
         ring = dilate(region, 1) & ~region
-        if not ring.any() or float(ring_garment[ring].mean()) < 0.6:
+        if not ring.any() or float(ring_garment[ring].mean()) < 0.45:
             continue
-        colour = np.median(lab[region], axis=0)
-        tint = np.linalg.norm(garment_colours[:, 1:] - colour[1:], axis=1)
-        darker = garment_colours[:, 0] - colour[0]
-        if bool(((tint <= INSIDE_TINT_DELTA) & (darker >= -2.0)).any()):
+        if bool(shaded_like(np.median(lab[region], axis=0), garment_colours)):
             out |= region
     return out
 
@@ -1048,6 +1124,16 @@ def segment(
         )
         garment = _grabcut(rgb, fg, garment0, body0 & ~garment0, skin | erode(certain, 1))
         garment |= _textured_rescue(lab, fg, garment, skin, colours.garment)
+        garment &= ~_smooth_blobs(lab, garment)
+        # Threads a few pixels wide running off along an arm or a leg are the cut's seams,
+        # not fabric: open them away, then give the kept shape its own edge back.
+        thread = max(1, round(0.0025 * float(np.hypot(h, w))))
+        opened = np.asarray(
+            cv2.morphologyEx(garment.astype(np.uint8), cv2.MORPH_OPEN, disk(thread)) > 0
+        )
+        garment = opened | (garment & dilate(opened, 1))
+        if skin.any():
+            garment &= ~_skin_edge_strips(garment, skin, fg)
         garment = _main_garment(remove_small(garment, max(16, area // 1000)), lab)
         garment = _fill_enclosed(garment, (body0 & ~garment0) | skin, 0.02) & ~skin
         body = _drop_halos(fg & ~garment, garment)
@@ -1056,6 +1142,10 @@ def segment(
         if skin.any():
             colours = colours_from_masks(lab, garment, body)
             colours = ColourModel(colours.garment, colours.garment_weights, colours.body, "skin")
+        elif not body.any():
+            # Nothing to remove (an existing ghost image): no body colours to look for.
+            none = np.zeros((0, 3), np.float32)
+            colours = ColourModel(colours.garment, colours.garment_weights, none, "none")
         return Segmentation(
             ~(garment | body),
             garment,
