@@ -473,12 +473,6 @@ def _neck_opening(
     outward = (float(outward_vec[0]), float(outward_vec[1]))
     back = half_ellipse(garment.shape, centre, along, outward, a, NECK_BACK_RATIO * a)
     enclosed = notch if notch is not None else _hull(points, garment.shape)
-    # No higher than the back of the collar above the neckline: a strand of hair lying on a
-    # shoulder must not stretch the opening up to its tip.
-    ceiling = float(contact.points[:, 1].min()) - NECK_BACK_RATIO * float(np.ptp(proj_u)) / 2
-    rows = np.arange(garment.shape[0])[:, None]
-    enclosed = enclosed & (rows >= ceiling)
-    back = back & (rows >= ceiling)
     # The inside shows only within the garment's outline: never over the head or neck.
     outline = dilate(_garment_hull(garment), max(1, round(0.004 * float(np.hypot(*garment.shape)))))
     return Opening("neck", centre, along, outward, a, (back | enclosed) & outline & ~garment)
