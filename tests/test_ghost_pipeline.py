@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from PIL import Image
 
 from tests.garments import GREEN, DiffusionTestInpainter, Scene, make_scene
@@ -14,6 +15,7 @@ from workers.pipelines.ghost.pipeline import (
     NEGATIVE_PROMPT,
     GhostParams,
     GhostResult,
+    NotAGhostPhoto,
     finish_ghost,
     ghost_mannequin,
     prepare_ghost,
@@ -218,3 +220,50 @@ def test_finish_requires_the_inpainting_result(tee: Scene) -> None:
 def test_params_are_validated(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GhostParams(**kwargs)  # type: ignore[arg-type]
+
+
+def _odd_inputs() -> dict[str, NDArray[np.uint8]]:
+    rng = np.random.default_rng(0)
+    plain = np.full((200, 150, 3), 230, np.uint8)
+    box, half, band = plain.copy(), plain.copy(), plain.copy()
+    box[50:150, 40:110] = (30, 40, 90)
+    half[:, :75] = (30, 40, 90)
+    band[90:110, :] = (200, 20, 20)
+    gradient = np.zeros((200, 150, 3), np.uint8)
+    gradient[...] = np.linspace(0, 255, 150, dtype=np.float32).astype(np.uint8)[None, :, None]
+    cases = {
+        "white": np.full((100, 80, 3), 255, np.uint8),
+        "black": np.zeros((100, 80, 3), np.uint8),
+        "noise": rng.integers(0, 256, (120, 90, 3), dtype=np.uint8),
+        "tiny": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+        "thin": rng.integers(0, 256, (300, 12, 3), dtype=np.uint8),
+        "wide": rng.integers(0, 256, (10, 400, 3), dtype=np.uint8),
+        "gradient": gradient,
+        "box": box,
+        "half": half,
+        "band": band,
+    }
+    for i in range(3):
+        h, w = (int(v) for v in rng.integers(40, 300, 2))
+        blocks = rng.integers(0, 3, (h, w, 3)) * 127
+        cases[f"blocks-{i}"] = blocks.astype(np.uint8)
+    return cases
+
+
+@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("name", list(_odd_inputs()))
+def test_odd_photos_are_refused_or_processed_never_crash(name: str, size: int) -> None:
+    image = _odd_inputs()[name]
+    refusal: NotAGhostPhoto | None = None
+    try:
+        job = prepare_ghost(image, params=GhostParams(size=size, steps=2))
+    except NotAGhostPhoto as exc:
+        refusal = exc
+    if refusal is not None:
+        assert refusal.code in {"no-garment-found", "no-backdrop-found"}
+        assert str(refusal)
+        return
+    inpainter = DiffusionTestInpainter()
+    result = finish_ghost(job, inpainter.inpaint(job.request) if job.request else None)
+    assert result.image.size == result.alpha.size
+    assert isinstance(result.report["needs_review"], bool)
