@@ -219,14 +219,38 @@ def fill_small_holes(mask: Mask, max_area: int) -> Mask:
 
 
 def normalized_blur(values: FloatImage, weight: Mask | FloatImage, sigma: float) -> FloatImage:
-    """Gaussian average of ``values`` over the pixels in ``weight`` (normalized convolution)."""
+    """Gaussian average of ``values`` over the pixels in ``weight`` (normalized convolution).
+
+    A wide blur (``sigma`` above :data:`BLUR_SMALL_SIGMA`) runs on a copy shrunk so that its
+    sigma is that size, then is enlarged back: the same smooth field, without kernels
+    hundreds of pixels wide on a 2048-pixel photo.
+    """
     wgt = np.asarray(weight, np.float32)
     vals = np.asarray(values, np.float32)
-    num = cv2.GaussianBlur(vals * (wgt[..., None] if vals.ndim == 3 else wgt), (0, 0), sigma)
-    den = cv2.GaussianBlur(wgt, (0, 0), sigma)
+    weighted = vals * (wgt[..., None] if vals.ndim == 3 else wgt)
+    h, w = wgt.shape
+    factor = sigma / BLUR_SMALL_SIGMA
+    if factor > 2.0:
+        size = (max(2, round(w / factor)), max(2, round(h / factor)))
+        num = cv2.GaussianBlur(
+            cv2.resize(weighted, size, interpolation=cv2.INTER_AREA), (0, 0), BLUR_SMALL_SIGMA
+        )
+        den = cv2.GaussianBlur(
+            cv2.resize(wgt, size, interpolation=cv2.INTER_AREA), (0, 0), BLUR_SMALL_SIGMA
+        )
+        num = cv2.resize(num, (w, h), interpolation=cv2.INTER_LINEAR)
+        den = cv2.resize(den, (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        num = cv2.GaussianBlur(weighted, (0, 0), sigma)
+        den = cv2.GaussianBlur(wgt, (0, 0), sigma)
+    num = np.asarray(num, np.float32).reshape(vals.shape)
     den = np.maximum(np.asarray(den, np.float32), 1e-6)
-    out = np.asarray(num, np.float32) / (den[..., None] if vals.ndim == 3 else den)
+    out = num / (den[..., None] if vals.ndim == 3 else den)
     return out.astype(np.float32)
+
+
+# Wide normalized blurs run at the scale where their sigma is this many pixels.
+BLUR_SMALL_SIGMA = 4.0
 
 
 # --- backdrop ------------------------------------------------------------------------------
@@ -266,6 +290,15 @@ class BackdropFit:
 
 def _design(xs: NDArray[np.float32], ys: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
+
+
+def _surface(coef: NDArray[np.float32], h: int, w: int) -> FloatImage:
+    """The quadratic colour surface of ``coef`` (see :func:`_design`) over an h x w frame."""
+    x = (np.arange(w, dtype=np.float32) / max(w - 1, 1) * 2 - 1)[None, :, None]
+    y = (np.arange(h, dtype=np.float32) / max(h - 1, 1) * 2 - 1)[:, None, None]
+    c = np.asarray(coef, np.float32)
+    out = c[0] + c[2] * y + c[5] * y * y + (c[1] + c[4] * y) * x + c[3] * x * x
+    return np.asarray(out, np.float32)
 
 
 # A horizon (floor meeting wall) is accepted when splitting the fit there cuts the border's
@@ -328,9 +361,7 @@ def fit_backdrop(rgb: RGBArray, lab: FloatImage | None = None) -> BackdropFit:
     coef, keep, resid = _robust_fit(a, target)
     cost = _fit_cost(resid)
 
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    full = _design(gx / max(w - 1, 1) * 2 - 1, gy / max(h - 1, 1) * 2 - 1).reshape(-1, 6)
-    model = (full @ coef).reshape(h, w, 3)
+    model = _surface(coef, h, w)
     horizon: int | None = None
     best = cost
     coefs = (coef, coef)
@@ -363,7 +394,7 @@ def fit_backdrop(rgb: RGBArray, lab: FloatImage | None = None) -> BackdropFit:
         # A floor stops at the horizon; a garment crossing the frame's bottom goes on up.
         y0 = max(0, horizon - round(0.15 * h))
         band_rows = rgb[y0:horizon].astype(np.float32)
-        at_horizon = (full.reshape(h, w, 6)[horizon] @ c_dn)[None]  # no extrapolation up
+        at_horizon = _surface(c_dn, h, w)[horizon][None]  # no extrapolation upwards
         floor_above = np.linalg.norm(at_horizon - band_rows, axis=2) < _OUTLIER_CAP
         above_share = float(floor_above.mean()) if floor_above.size else 0.0
         if (
@@ -375,9 +406,9 @@ def fit_backdrop(rgb: RGBArray, lab: FloatImage | None = None) -> BackdropFit:
             horizon = None
     if horizon is not None:
         model = np.where(
-            (gy >= horizon)[..., None],
-            (full @ c_dn).reshape(h, w, 3),
-            (full @ c_up).reshape(h, w, 3),
+            (np.arange(h) >= horizon)[:, None, None],
+            _surface(c_dn, h, w),
+            _surface(c_up, h, w),
         )
         pred = np.where((ys >= horizon)[:, None], a @ c_dn, a @ c_up)
         resid = np.linalg.norm(pred - target, axis=1).astype(np.float32)
@@ -699,10 +730,11 @@ GRABCUT_SIDE = 448
 
 def _colour_distance(lab: FloatImage, centres: NDArray[np.float32]) -> FloatImage:
     """ΔE from each pixel to the nearest of ``centres`` (infinite when there are none)."""
-    if len(centres) == 0:
-        return np.full(lab.shape[:2], np.inf, np.float32)
-    d2 = np.min(((lab[..., None, :] - centres) ** 2).sum(-1), axis=-1)
-    return np.asarray(np.sqrt(d2), np.float32)
+    best = np.full(lab.shape[:2], np.inf, np.float32)
+    for c in np.asarray(centres, np.float32).reshape(-1, 3):
+        d = lab - c
+        np.minimum(best, np.einsum("...i,...i->...", d, d), out=best)
+    return np.asarray(np.sqrt(best), np.float32)
 
 
 def _extreme_zones(fg: Mask) -> Mask:
