@@ -130,3 +130,14 @@ def test_light_on_light_wrong_results_are_sent_for_review(name: str) -> None:
         scene, _, result = run(name, seed)
         if alpha_iou(scene, result) < 0.9:
             assert result.report["needs_review"] is True
+
+
+def test_a_garment_filling_the_frame_is_not_taken_for_a_busy_scene() -> None:
+    # A close crop of a dress: it hides the backdrop along most of the border, but with its
+    # own few colours, unlike a shop's shelves.
+    image = make_hard_scene("model-skin-dress", seed=0).image
+    h, w = image.shape[:2]
+    crop = np.ascontiguousarray(image[h // 3 : 2 * h // 3 + 40, w // 4 : 3 * w // 4])
+    assert fit_backdrop(crop).explained < 0.5
+    job = prepare_ghost(crop, params=PARAMS)
+    assert job.segmentation.garment.any()

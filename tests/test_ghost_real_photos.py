@@ -29,6 +29,7 @@ from workers.pipelines.ghost.pipeline import (
     finish_ghost,
     prepare_ghost,
 )
+from workers.pipelines.ghost.segmentation import fit_backdrop
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "ghost-eval"
 PARAMS = GhostParams(size=768, steps=4, seed=1)
@@ -90,6 +91,17 @@ def test_no_skin_is_kept_on_models(name: str) -> None:
     assert result.report["body_kind"] == "skin"
     assert float(result.report["skin_fraction"]) <= 0.001, result.report  # type: ignore[arg-type]
     assert result.report["residual_body_fraction"] == 0.0
+
+
+def test_a_sequinned_dress_filling_the_frame_is_processed() -> None:
+    # Cropped to the dress: the backdrop shows along less than half of the border, the rest
+    # is the print; that is a garment filling the frame, not a shop.
+    image = np.asarray(Image.open(EVAL / "p05_sequin_dress_bluebg.png").convert("RGB"))
+    h, w = image.shape[:2]
+    crop = np.ascontiguousarray(image[int(0.15 * h) : int(0.55 * h), int(0.35 * w) : int(0.65 * w)])
+    assert fit_backdrop(crop).explained < 0.5
+    job = prepare_ghost(crop, params=PARAMS)
+    assert job.segmentation.garment.mean() > 0.3
 
 
 def test_a_shop_scene_is_refused() -> None:

@@ -1038,6 +1038,9 @@ def _fill_enclosed(garment: Mask, body_colour: Mask, max_share: float) -> Mask:
 
 # Below this share of the border band explained by the backdrop fit there is no backdrop.
 MIN_STUDIO_BORDER = 0.5
+# ... unless what hides the backdrop there is of few colours (entropy in bits, see
+# _colour_entropy): a garment filling the frame, not a scene.
+BUSY_BORDER_ENTROPY = 4.7
 # A "subject" with this share of its outline on its bounding box and a colour entropy of at
 # least SCENE_ENTROPY bits is a framed picture of a scene.
 SCENE_BOX_SHARE = 0.5
@@ -1079,17 +1082,33 @@ def studio_refusal(fit: BackdropFit, foreground: Mask | None, lab: FloatImage) -
     """Why a photo is not a studio shot (``None`` when it is).
 
     A studio shot has a plain backdrop around the subject: the border band fits a smooth
-    surface (a sweep, or a wall and a floor); a room, a shop or a street does not. Nor is a
+    surface (a sweep, or a wall and a floor); a room, a shop or a street does not, and shows
+    many colours where the sweep is missing (a garment filling the frame shows its own few,
+    and is processed, flagged as touching the frame). Nor is a
     plain frame around a picture of a whole scene a backdrop: the "subject" is then a
     rectangle (most of its outline on its bounding box) of many colours, where a garment on
     a mannequin or model has a shaped outline and a few colours.
     """
     if fit.explained < MIN_STUDIO_BORDER:
-        return (
-            f"no plain backdrop: only {fit.explained:.0%} of the photo's border fits a studio sweep"
-        )
+        # A garment filling the frame also hides the backdrop at the border, but with its own
+        # few colours; a room or a shop shows many.
+        h, w = fit.lab.shape[:2]
+        band = max(4, round(0.03 * min(h, w)))
+        border = np.zeros((h, w), bool)
+        border[:band], border[-band:], border[:, :band], border[:, -band:] = (True,) * 4
+        outliers = lab[border & (fit.distance(lab) > 1.0)]
+        if _colour_entropy(outliers) >= BUSY_BORDER_ENTROPY:
+            return (
+                f"no plain backdrop: only {fit.explained:.0%} of the photo's border fits a "
+                "studio sweep, and the rest is of many colours"
+            )
     if foreground is None or not foreground.any():
         return None
+    rows, cols = np.flatnonzero(foreground.any(axis=1)), np.flatnonzero(foreground.any(axis=0))
+    h, w = foreground.shape
+    framed = rows[0] > 0 and cols[0] > 0 and rows[-1] < h - 1 and cols[-1] < w - 1
+    if not framed:
+        return None  # a garment filling the frame is not a picture inside a frame
     boxy = _box_outline_share(foreground)
     entropy = _colour_entropy(lab[foreground])
     if boxy >= SCENE_BOX_SHARE and entropy >= SCENE_ENTROPY:
