@@ -24,7 +24,7 @@ from workers.pipelines.ghost.pipeline import (
     finish_ghost,
     prepare_ghost,
 )
-from workers.pipelines.ghost.segmentation import fit_backdrop
+from workers.pipelines.ghost.segmentation import SegmenterOutput, fit_backdrop
 
 PARAMS = GhostParams(size=480, steps=4, seed=3)
 SEEDS = (0, 1, 2)
@@ -141,3 +141,19 @@ def test_a_garment_filling_the_frame_is_not_taken_for_a_busy_scene() -> None:
     assert fit_backdrop(crop).explained < 0.5
     job = prepare_ghost(crop, params=PARAMS)
     assert job.segmentation.garment.any()
+
+
+def test_a_learned_segmenter_or_caller_mask_is_not_held_to_a_studio_backdrop() -> None:
+    scene = make_hard_scene("busy-scene", seed=0)
+
+    class Known:
+        def predict(self, rgb: np.ndarray) -> SegmenterOutput:
+            return SegmenterOutput(
+                garment=scene.garment.astype(np.float32), body=scene.body.astype(np.float32)
+            )
+
+    job = prepare_ghost(scene.image, params=PARAMS, segmenter=Known())
+    assert job.segmentation.source == "model"
+    assert job.segmentation.garment.any()
+    masked = prepare_ghost(scene.image, params=PARAMS, garment_mask=scene.garment)
+    assert masked.segmentation.source == "supplied"

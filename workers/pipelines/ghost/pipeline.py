@@ -303,7 +303,9 @@ def prepare_ghost(
         body_mask=_resize_mask(body_mask, size),
         segmenter=segmenter,
     )
-    if garment_mask is None and body_mask is None and seg.fit is not None:
+    # The classical analysis needs a studio backdrop; caller masks or a learned segmenter
+    # do not.
+    if seg.source == "classical" and seg.fit is not None:
         refusal = studio_refusal(seg.fit, seg.foreground, rgb_to_lab(work))
         if refusal is not None:
             raise BusyScene(
