@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 
 from hiddenmodel import storage
 from hiddenmodel.redis import sync_redis
-from tests.conftest import Org, assert_problem, bearer, db_rows, db_scalar, make_key
+from tests.conftest import Org, assert_problem, bearer, db_rows, db_scalar, make_key, make_org
 from tests.test_jobs import keyed_org, png, submit, wait_job
 
 pytestmark = pytest.mark.usefixtures("services")
@@ -325,3 +326,103 @@ async def test_member_sub_limits_follow_the_keys_they_created(client: httpx.Asyn
     assert r.json()["subject"] == "member"
     job_user = db_scalar("SELECT user_id FROM jobs WHERE organization_id = :o LIMIT 1", o=org.id)
     assert str(job_user) == org.owner.id
+
+
+def decimals(value: Any) -> int:
+    """How many decimals a JSON number was written with (parsed as a Decimal)."""
+    assert isinstance(value, int | Decimal), value
+    exponent = Decimal(value).as_tuple().exponent
+    assert isinstance(exponent, int)
+    return max(0, -exponent)
+
+
+async def test_limits_view_reads_exact_decimals_despite_float_noise(
+    client: httpx.AsyncClient,
+) -> None:
+    org = await make_org(client)
+    reader = bearer((await make_key(client, org, ["usage:read"]))["key"])
+    set_overrides(org, monthly_gpu_seconds=10, monthly_images=50)
+    # What settling three jobs and reserving then releasing two leaves in the float counters:
+    # 1.3177 + 1.3177 + 1.3178 = 3.9532000000000003 used, 2.7755575615628914e-17 reserved.
+    db_rows(
+        "INSERT INTO quota_counters (organization_id, subject_type, subject_id, period, "
+        "gpu_seconds_used, gpu_seconds_reserved, images_used, images_reserved, bytes_used) "
+        "VALUES (:o, 'org', :o, date_trunc('month', now() AT TIME ZONE 'UTC')::date, "
+        "CAST(1.3177 AS float8) + CAST(1.3177 AS float8) + CAST(1.3178 AS float8), "
+        "CAST(0.1 AS float8) + CAST(0.2 AS float8) - CAST(0.1 AS float8) - CAST(0.2 AS float8), "
+        "3, 0, 0)",
+        o=org.id,
+    )
+    assert db_rows(
+        "SELECT gpu_seconds_used::text, gpu_seconds_reserved::text FROM quota_counters "
+        "WHERE organization_id = :o",
+        o=org.id,
+    ) == [("3.9532000000000003", "2.7755575615628914e-17")]
+    r = await client.get("/v1/usage/limits", headers=reader)
+    assert r.status_code == 200, r.text
+    assert "e-" not in r.text.lower()
+    view = json.loads(r.text, parse_float=Decimal)
+    by = {(row["subject"], row["name"]): row for row in view["limits"]}
+    gpu = by[("org", "monthly_gpu_seconds")]
+    assert gpu["limit"] == 10 and gpu["used"] == Decimal("3.953")
+    assert gpu["reserved"] == 0 and gpu["remaining"] == Decimal("6.047")
+    images = by[("org", "monthly_images")]
+    assert (images["limit"], images["used"], images["reserved"], images["remaining"]) == (
+        50,
+        3,
+        0,
+        47,
+    )
+    for row in view["limits"]:
+        numbers = [row[k] for k in ("limit", "used", "reserved", "remaining") if row[k] is not None]
+        if row["name"] == "monthly_gpu_seconds":
+            assert all(decimals(n) <= 3 for n in numbers), row
+        else:
+            # Counts and bytes are whole numbers, written without a decimal point.
+            assert all(type(n) is int for n in numbers), row
+
+
+async def test_caps_cannot_exceed_the_organizations_limits(client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    key = await make_key(client, org, ["jobs:write"])
+    set_overrides(org, monthly_images=500, monthly_gpu_seconds=100.5, requests_per_minute=60)
+    key_path = f"/v1/orgs/{org.id}/quota-limits/api-keys/{key['id']}"
+    member_path = f"/v1/orgs/{org.id}/quota-limits/members/{org.owner.id}"
+
+    r = await client.put(key_path, json={"monthly_images": 501}, headers=org.owner.headers)
+    assert_problem(r, 422, "sub-limit-above-plan")
+    body = r.json()
+    assert (body["limit"], body["value"], body["organization_limit"]) == (
+        "monthly_images",
+        501,
+        500,
+    )
+    assert "monthly_images" in body["detail"] and "500" in body["detail"]
+    r = await client.put(
+        member_path,
+        json={"monthly_gpu_seconds": 100.6, "requests_per_minute": 61, "max_queued_jobs": 10**6},
+        headers=org.owner.headers,
+    )
+    assert_problem(r, 422, "sub-limit-above-plan")
+    assert [(e["limit"], e["organization_limit"]) for e in r.json()["exceeded"]] == [
+        ("monthly_gpu_seconds", 100.5),
+        ("requests_per_minute", 60),
+    ]
+    # Refused caps are not stored.
+    assert (await client.get(key_path, headers=org.owner.headers)).json()["monthly_images"] is None
+
+    # Equal to the organization's limit, or below it, is a cap; a limit the organization does
+    # not have (max_queued_jobs: unlimited) takes any cap.
+    r = await client.put(
+        key_path,
+        json={"monthly_images": 500, "monthly_gpu_seconds": 100.5, "max_queued_jobs": 10**6},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["monthly_images"], r.json()["max_queued_jobs"]) == (500, 10**6)
+    r = await client.put(
+        member_path,
+        json={"monthly_gpu_seconds": 99.25, "requests_per_minute": 60},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 200, r.text

@@ -504,3 +504,37 @@ async def test_real_jobs_end_to_end(client: httpx.AsyncClient, services: Any) ->
     statement = r.json()
     assert statement["totals"]["jobs"] == 3 and statement["final"] is False
     assert [x["key"] for x in statement["by_operation"]] == ["resize"]
+
+
+async def test_quantities_have_fixed_precision_in_json_and_csv(
+    client: httpx.AsyncClient,
+) -> None:
+    org = await make_org(client)
+    reader = bearer((await make_key(client, org, ["usage:read"]))["key"])
+    # Measured GPU-seconds with more digits than a millisecond, and sizes not round in MP.
+    add_usage(
+        org.id,
+        Event("2025-06-02T08:00:00Z", gpu=1.23456, mp=0.1234567),
+        Event("2025-06-02T09:00:00Z", gpu=0.1, mp=0.2),
+        Event("2025-06-03T09:00:00Z", gpu=0.2004999, mp=0.3),
+    )
+    june = {"from": "2025-06-01", "to": "2025-06-30"}
+    r = await client.get("/v1/usage", params={**june, "group_by": "day"}, headers=reader)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rows"] == [
+        row("2025-06-02", "2025-06-02", 2, 1.335, 2, 0.323457),
+        row("2025-06-03", "2025-06-03", 1, 0.2, 1, 0.3),
+    ]
+    assert body["totals"] == totals(3, 1.535, 3, 0.623457)
+    r = await client.get("/v1/usage.csv", params={**june, "group_by": "day"}, headers=reader)
+    assert r.status_code == 200, r.text
+    assert [line[2:] for line in csv.reader(io.StringIO(r.text))][1:] == [
+        ["2", "1.335", "2", "0.323457"],
+        ["1", "0.2", "1", "0.3"],
+    ]
+    r = await client.get("/v1/usage/statements/2025-06", headers=reader)
+    statement = r.json()
+    assert statement["totals"] == totals(3, 1.535, 3, 0.623457)
+    assert statement["charges"]["gpu_seconds"] == "1.535"
+    assert statement["charges"]["billable_gpu_seconds"] == "0"

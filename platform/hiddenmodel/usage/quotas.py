@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hiddenmodel.errors import Problem
 from hiddenmodel.jobs.models import Job
 from hiddenmodel.settings import get_settings
+from hiddenmodel.usage import quantities
 from hiddenmodel.usage.models import OrgBilling, Plan, QuotaLimit
 
 LIFETIME = date(1970, 1, 1)
@@ -101,14 +102,13 @@ def _refusal(
     asked: float,
     period: date | None,
 ) -> QuotaExceeded:
-    extra: dict[str, Any] = {
-        "limit": limit,
-        "subject": subject,
-        "limit_value": value,
-        "used": used,
-        "reserved": reserved,
-        "requested": asked,
+    amounts = {
+        "limit_value": quantities.of_limit(limit, value),
+        "used": quantities.of_limit(limit, used),
+        "reserved": quantities.of_limit(limit, reserved),
+        "requested": quantities.of_limit(limit, asked),
     }
+    extra: dict[str, Any] = {"limit": limit, "subject": subject, **amounts}
     headers: dict[str, str] = {}
     if period is not None:
         reset = resets_at(period)
@@ -116,8 +116,10 @@ def _refusal(
         headers["Retry-After"] = str(max(1, int((reset - datetime.now(UTC)).total_seconds())))
     who = {"org": "the organization", "member": "your member", "api_key": "this API key"}
     return QuotaExceeded(
-        f"The {limit.replace('_', ' ')} limit of {who[subject]} is {value:g}; "
-        f"{used:g} used and {reserved:g} reserved leave no room for {asked:g} more.",
+        f"The {limit.replace('_', ' ')} limit of {who[subject]} is "
+        f"{quantities.show(amounts['limit_value'])}; {quantities.show(amounts['used'])} used "
+        f"and {quantities.show(amounts['reserved'])} reserved leave no room for "
+        f"{quantities.show(amounts['requested'])} more.",
         headers=headers,
         **extra,
     )

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hiddenmodel.errors import Problem
 from hiddenmodel.usage import quotas
 from hiddenmodel.usage.models import UsageEvent
+from hiddenmodel.usage.quantities import GPU_SECONDS_QUANTUM, GpuSeconds, Megapixels, exact
 from tenants.models import ApiKey, Organization, User
 
 MAX_PERIOD_DAYS = 366
@@ -65,7 +66,6 @@ _ZERO_DECIMAL_CURRENCIES = frozenset(
         "xpf",
     }
 )
-GPU_SECONDS_QUANTUM = Decimal("0.000001")
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 
 
@@ -148,9 +148,9 @@ def month_period(month: str, *, today: date) -> Period:
 
 class UsageTotals(BaseModel):
     jobs: int = Field(description="Billable finished jobs")
-    gpu_seconds: float
+    gpu_seconds: GpuSeconds = Field(description="To the millisecond")
     images: int
-    megapixels: float
+    megapixels: Megapixels = Field(description="To the pixel (six decimals)")
 
 
 class UsageRow(UsageTotals):
@@ -364,8 +364,9 @@ def _minor_unit(currency: str) -> Decimal:
 
 
 def charges(sums: Sums, plan: StatementPlan) -> StatementCharges:
-    """GPU-seconds beyond the plan's included amount, priced; rounded half up to the
-    currency's minor unit once, at the end."""
+    """GPU-seconds beyond the plan's included amount, priced; GPU-seconds are rounded half
+    up to the millisecond (the unit the meter counts), the charge to the currency's minor unit
+    once, at the end."""
     gpu_seconds = sums.gpu_seconds.quantize(GPU_SECONDS_QUANTUM, ROUND_HALF_UP)
     billable = max(Decimal(0), gpu_seconds - plan.included_gpu_seconds)
     amount = (billable * plan.price_per_gpu_second).quantize(
@@ -397,8 +398,10 @@ async def statement(
         name=org_plan.plan.name,
         currency=org_plan.plan.currency,
         price_per_gpu_second=org_plan.plan.price_per_gpu_second,
-        # A float column: its shortest repr is the value an operator typed.
-        included_gpu_seconds=Decimal(repr(org_plan.plan.included_gpu_seconds)),
+        # A float column: its shortest repr is the value an operator typed, in milliseconds.
+        included_gpu_seconds=exact(org_plan.plan.included_gpu_seconds).quantize(
+            GPU_SECONDS_QUANTUM, ROUND_HALF_UP
+        ),
         included_images=org_plan.plan.included_images,
     )
     sums = await usage_sums(session, period)

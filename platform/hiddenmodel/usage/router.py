@@ -41,7 +41,8 @@ async def get_org_limits(scope: OrgScopeDep) -> LimitsRead:
 async def set_sub_limits(
     subject: SubjectPath, subject_id: uuid.UUID, limits: SubLimits, scope: OrgScopeDep
 ) -> SubLimitsRead:
-    """Cap one member or one API key below the organization's limits (replaces earlier caps)."""
+    """Cap one member or one API key at or below the organization's limits (replaces earlier
+    caps); a cap above one is refused with 422 `sub-limit-above-plan`."""
     scope.require(MANAGE_MEMBERS)
     return await service.set_sub_limits(scope, _SUBJECT[subject], subject_id, limits)
 

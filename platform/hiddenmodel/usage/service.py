@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from hiddenmodel.errors import NotFound
+from hiddenmodel.errors import NotFound, Problem
 from hiddenmodel.jobs.models import Job, JobStatus
-from hiddenmodel.usage import quotas
+from hiddenmodel.usage import quantities, quotas
 from hiddenmodel.usage.models import QuotaCounter, QuotaLimit
 from hiddenmodel.usage.schemas import LimitRead, LimitsRead, SubLimits, SubLimitsRead
 from tenants import repository as tenants_repository
@@ -38,14 +38,14 @@ def _row(
     reserved: float,
     resets: datetime | None,
 ) -> LimitRead:
-    remaining = None if limit is None else max(0.0, limit - used - reserved)
+    # LimitRead rounds the amounts and works out what remains.
     return LimitRead(
         name=name,
         subject=subject,
         limit=limit,
         used=used,
         reserved=reserved,
-        remaining=remaining,
+        remaining=None,
         resets_at=resets,
     )
 
@@ -151,11 +151,45 @@ async def _require_subject(scope: OrgScope, subject_type: str, subject_id: uuid.
         raise NotFound(f"No such {subject_type.replace('_', ' ')} in this organization.")
 
 
+class SubLimitAbovePlan(Problem):
+    status, kind, title = 422, "sub-limit-above-plan", "Sub-limit above the organization's limit"
+
+
+async def _require_within_org(scope: OrgScope, values: dict[str, Any]) -> None:
+    """Refuse caps above the organization's effective limits (plan and overrides); a limit
+    the organization does not have (unlimited) takes any cap."""
+    org = await quotas.org_plan(scope.session)
+    exceeded = [
+        {"limit": name, "value": value, "organization_limit": org_value}
+        for name, value in values.items()
+        if (org_value := org.limits.get(name)) is not None and value > org_value
+    ]
+    if not exceeded:
+        return
+    for item in exceeded:
+        for field in ("value", "organization_limit"):
+            item[field] = quantities.of_limit(item["limit"], item[field])
+    first = exceeded[0]
+    raise SubLimitAbovePlan(
+        "; ".join(
+            f"{e['limit']} {quantities.show(e['value'])} is above the organization's limit "
+            f"of {quantities.show(e['organization_limit'])}"
+            for e in exceeded
+        )
+        + ": a cap can only be equal to or below it.",
+        limit=first["limit"],
+        value=first["value"],
+        organization_limit=first["organization_limit"],
+        exceeded=exceeded,
+    )
+
+
 async def set_sub_limits(
     scope: OrgScope, subject_type: str, subject_id: uuid.UUID, limits: SubLimits
 ) -> SubLimitsRead:
     await _require_subject(scope, subject_type, subject_id)
     values = limits.model_dump(exclude_none=True)
+    await _require_within_org(scope, values)
     row = (
         await scope.session.scalars(
             select(QuotaLimit).where(
