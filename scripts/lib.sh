@@ -160,3 +160,15 @@ ensure_redis() {
         >/dev/null
     wait_for_port 127.0.0.1 6379 Redis
 }
+
+# Debian's chromium for the browser tests (Playwright drives /usr/bin/chromium; it cannot
+# download its own browsers here). As a normal user a missing browser only makes those tests
+# skip, except under CI, where they fail.
+ensure_chromium() {
+    [ -x /usr/bin/chromium ] && return 0
+    if ! is_root; then
+        log "no /usr/bin/chromium: the browser tests skip (install with: apt-get install -y chromium)"
+        return 0
+    fi
+    apt_install chromium
+}

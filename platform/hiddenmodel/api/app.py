@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from hiddenmodel import __version__
 from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
+from hiddenmodel.api.docs import install_docs
 from hiddenmodel.billing.router import router as billing_router
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
@@ -74,6 +75,9 @@ def create_app() -> FastAPI:
         generate_unique_id_function=_operation_id,
         responses={"4XX": PROBLEM_RESPONSE_SCHEMA},
         lifespan=_lifespan,
+        # Served by install_docs from local assets instead of FastAPI's CDN-backed pages.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
 
@@ -104,6 +108,7 @@ def create_app() -> FastAPI:
         API_KEY_HOOKS.append(enforce_for_key)
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    install_docs(app)
 
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))
     app.add_middleware(RateLimitHeadersMiddleware)
