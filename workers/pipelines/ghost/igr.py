@@ -6,17 +6,28 @@ collar through the neck opening, the inside of each sleeve at the cuff, the insi
 hem (or of each trouser leg). This module finds those openings from the garment and body masks
 alone and draws the region to reconstruct at each:
 
-* an opening is a stretch where a body component touches the garment; its outward direction
-  runs from the garment's pixels to the body's pixels around it;
+* an opening is a stretch where the body touches the garment, split by the direction the
+  garment's edge faces there and rejoined where it turns less than about 75 degrees; its
+  outward direction runs from the garment's pixels to the body's pixels around it. Slivers
+  are dropped unless a limb runs far out of them (a stand's pole, an ankle); body that only
+  lies along an edge (an arm beside a dress) is no opening: at a real one the body continues
+  outwards and the contact spans a good part of the edge from corner to corner;
 * classification uses that direction and the garment's geometry: an upward opening near the
-  top is the neck (the waist for trousers); a downward opening in the middle of a top or dress
-  is the hem; openings off to the sides are sleeves; each trouser leg has its own hem;
+  top is the neck (the waist for trousers and skirts), and body seen all round through a
+  hole in the garment's top is the neck too (a hood's inside); a downward opening in the
+  middle of a top or dress is the hem; openings off to the sides are sleeves (armholes for a
+  sleeveless top); each trouser leg has its own hem;
 * sleeve and hem regions are half-ellipses beyond the garment's edge line, as wide as the
   garment is across the opening, as deep as a tube seen from slightly above
   (:data:`TUBE_DEPTH_RATIO`; a torso hem is flatter, :data:`HEM_DEPTH_RATIO`);
 * the neck region is the body enclosed by the neckline plus the back of the collar: a
   half-ellipse spanning the collar tips, rising :data:`NECK_BACK_RATIO` of the half-width above
-  them (:data:`WAIST_BACK_RATIO` for a waistband).
+  them (:data:`WAIST_BACK_RATIO` for a waistband), kept within the garment's outline (its
+  convex hull): never over the head;
+* every region is at least :data:`MIN_DEPTH` of the image diagonal deep.
+
+:func:`infer_garment_type` tells tops, sleeveless tops, hoodies, dresses, skirts and trousers
+apart from the silhouette and where the body meets it; a caller's type overrides it.
 
 Body outside all regions is removed (it becomes backdrop). The inpaint mask is the regions
 dilated a few pixels into the garment, so generated content blends across the seam.

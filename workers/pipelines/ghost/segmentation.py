@@ -1,19 +1,28 @@
 """Backdrop / garment / body segmentation for studio photos.
 
 The classical default assumes what a ghost-mannequin studio provides: a plain backdrop (a
-smooth gradient and sensor noise are fine) and a mannequin of one colour, or a model. It runs
-in three steps:
+sweep with a gradient and sensor noise, or a wall meeting a floor) and a mannequin or a
+model. It runs in these steps:
 
 1. **Backdrop** — a quadratic colour surface is fitted robustly to a band along the image
-   borders; pixels within a noise-derived ΔE of it are backdrop. Edges are refined with a
-   two-colour matte so that the 50% alpha line, not the threshold, decides the boundary.
+   borders, or two of them split at a horizon when a floor shows on both sides and stops
+   there (:func:`fit_backdrop`). Lightness and chroma are thresholded apart, each from the
+   border's own noise, and a graph cut seeded by that threshold settles faint objects (a pale
+   garment on a white sweep). Edges are refined with a two-colour matte so that the 50% alpha
+   line, not the threshold, decides the boundary. :func:`studio_refusal` says when there is
+   no studio backdrop at all.
 2. **Colours** — the garment's colours come from the foreground's *core* (the region deepest
-   inside the silhouette, which is garment on a dressed mannequin); the body's from the
-   foreground's *extremities* (the top band: head/neck or the waist form; the bottom band:
-   legs, stand; the left and right extremes: hands). A colour seen at both is assigned to
-   whichever it dominates. If no body colour emerges, a skin-tone rule is the fallback.
-3. **Labels** — each clearly interior foreground pixel takes its nearest colour centre; edge
-   pixels, whose colour is mixed with the backdrop, take the majority label around them.
+   inside the silhouette); the body's from its *extremities* (head and neck or the waist
+   form, legs and stand, hands). A colour seen at both is assigned to whichever it
+   dominates.
+3. **Skin** — a person's skin, whatever the garment's colour: this photo's skin colour is
+   learnt at the extremities (:func:`detect_skin`) and every pixel joined to it that is
+   closer to it than to the garment is body.
+4. **Garment** — a graph cut inside the silhouette seeded by the colour labels (garment core
+   fixed, body core and skin fixed as not garment), then cleaned: textured panels next to a
+   textured garment kept, smooth blobs on a strongly textured edge, stray pieces and threads
+   between skin and backdrop dropped, holes kept as garment unless they are a neck seen all
+   round, and the garment's own inside (an existing ghost image's collar) kept.
 
 Caller-supplied masks override any step, and a learned :class:`Segmenter` (loaded from local
 weights) plugs into the same interface.
