@@ -25,6 +25,13 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from workers.pipelines.contracts import InpaintRequest, InpaintResult, ProgressCallback
+from workers.pipelines.ghost.pipeline import (
+    GhostJob,
+    GhostParams,
+    GhostResult,
+    finish_ghost,
+    prepare_ghost,
+)
 
 Mask = NDArray[np.bool_]
 RGB = tuple[int, int, int]
@@ -1623,3 +1630,12 @@ def make_hard_scene(name: str, *, seed: int = 0) -> Scene:
         raise ValueError(f"unknown hard scene {name!r}; choose from {HARD_SCENES}")
     rng = np.random.default_rng([seed, HARD_SCENES.index(name), 7193])
     return _HARD_BUILDERS[name](name, seed, rng)
+
+
+def run_ghost(
+    image: Image.Image | NDArray[np.uint8], params: GhostParams
+) -> tuple[GhostJob, GhostResult]:
+    """``ghost_mannequin`` with the classical test inpainter, keeping the prepared job."""
+    job = prepare_ghost(image, params=params)
+    result = DiffusionTestInpainter().inpaint(job.request) if job.request is not None else None
+    return job, finish_ghost(job, result)

@@ -15,13 +15,12 @@ from functools import cache
 import numpy as np
 import pytest
 
-from tests.garments import DiffusionTestInpainter, Scene, iou, make_hard_scene
+from tests.garments import Scene, iou, make_hard_scene, run_ghost
 from workers.pipelines.ghost.pipeline import (
     BusyScene,
     GhostJob,
     GhostParams,
     GhostResult,
-    finish_ghost,
     prepare_ghost,
 )
 from workers.pipelines.ghost.segmentation import SegmenterOutput, fit_backdrop
@@ -33,10 +32,7 @@ SEEDS = (0, 1, 2)
 @cache
 def run(name: str, seed: int) -> tuple[Scene, GhostJob, GhostResult]:
     scene = make_hard_scene(name, seed=seed)
-    job = prepare_ghost(scene.image, params=PARAMS)
-    inpainter = DiffusionTestInpainter()
-    result = inpainter.inpaint(job.request) if job.request is not None else None
-    return scene, job, finish_ghost(job, result)
+    return (scene, *run_ghost(scene.image, PARAMS))
 
 
 def alpha_iou(scene: Scene, result: GhostResult) -> float:

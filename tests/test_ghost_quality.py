@@ -17,14 +17,13 @@ from tests.garments import (
     Scene,
     make_hard_scene,
     make_scene,
+    run_ghost,
 )
 from workers.pipelines.ghost.pipeline import (
     GhostJob,
     GhostParams,
     GhostResult,
-    finish_ghost,
     ghost_mannequin,
-    prepare_ghost,
 )
 from workers.pipelines.ghost.quality import (
     MAX_RESIDUAL_BODY,
@@ -125,10 +124,7 @@ def _context_case(
     name: str = "model-skin-tones", seed: int = 0
 ) -> tuple[Scene, GhostJob, GhostResult]:
     scene = make_hard_scene(name, seed=seed)
-    job = prepare_ghost(scene.image, params=PARAMS)
-    inpainter = DiffusionTestInpainter()
-    result = inpainter.inpaint(job.request) if job.request is not None else None
-    return scene, job, finish_ghost(job, result)
+    return (scene, *run_ghost(scene.image, PARAMS))
 
 
 def _context(job: GhostJob, **changes: object) -> QualityContext:

@@ -20,13 +20,12 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from tests.garments import DiffusionTestInpainter
+from tests.garments import run_ghost
 from workers.pipelines.ghost.pipeline import (
     BusyScene,
     GhostJob,
     GhostParams,
     GhostResult,
-    finish_ghost,
     prepare_ghost,
 )
 from workers.pipelines.ghost.segmentation import fit_backdrop
@@ -48,10 +47,7 @@ WRONG = ["m04_bodysuit_paleblue", "p05_sequin_dress_bluebg"]
 
 @cache
 def run(name: str) -> tuple[GhostJob, GhostResult]:
-    job = prepare_ghost(Image.open(EVAL / f"{name}.png"), params=PARAMS)
-    inpainter = DiffusionTestInpainter()
-    result = inpainter.inpaint(job.request) if job.request is not None else None
-    return job, finish_ghost(job, result)
+    return run_ghost(Image.open(EVAL / f"{name}.png"), PARAMS)
 
 
 def retoucher_silhouette(name: str, size: tuple[int, int]) -> NDArray[np.bool_]:
