@@ -39,10 +39,17 @@ if not EVAL.is_dir():
     pytest.skip(f"no real photos at {EVAL}", allow_module_level=True)
 
 # By eye, on the contact sheets (see docs/BENCHMARKS.md for the table).
-GOOD = ["m01_hoodie_grey", "m02_hoodie_burgundy", "m08_jersey_arms", "m11_sweater_dark_mannequin",
-        "p01_collar_shirt_model", "p03_beige_dress_model"]  # fmt: skip
-# Wrong: the mannequin kept with a pale garment (m04); leg seams and hair kept (p05).
-WRONG = ["m04_bodysuit_paleblue", "p05_sequin_dress_bluebg"]
+GOOD = [
+    "m01_hoodie_grey",
+    "m02_hoodie_burgundy",
+    "m06_banana_tank",
+    "m08_jersey_arms",
+    "m11_sweater_dark_mannequin",
+    "p01_collar_shirt_model",
+    "p03_beige_dress_model",
+]
+# Wrong: seams along the legs and a strand of hair kept (p05).
+WRONG = ["p05_sequin_dress_bluebg"]
 
 
 @cache
@@ -72,11 +79,9 @@ def test_hoodie_alpha_matches_the_retoucher() -> None:
     assert alpha_iou("m01_hoodie_grey") >= 0.97
 
 
-def test_pale_bodysuit_on_a_white_mannequin_is_sent_for_review() -> None:
-    # The target is IoU 0.90 against the retoucher; the classical default reaches about 0.66
-    # (the white mannequin's legs and shoulder are kept with the pale mesh), so the result
-    # must at least not go out unreviewed.
-    assert alpha_iou("m04_bodysuit_paleblue") >= 0.6
+def test_pale_bodysuit_alpha_matches_the_retoucher() -> None:
+    assert alpha_iou("m04_bodysuit_paleblue") >= 0.90
+    # A sliver of the white mannequin stays beside the right strap: reported, not hidden.
     _, result = run("m04_bodysuit_paleblue")
     assert result.report["needs_review"] is True
 
@@ -136,7 +141,7 @@ def test_garment_type(name: str, garment_type: str) -> None:
     assert garment_type.split()[0] in result.report["prompt"]  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("name", [*GOOD, *WRONG, "m06_banana_tank"])
+@pytest.mark.parametrize("name", [*GOOD, *WRONG, "m04_bodysuit_paleblue"])
 def test_openings_are_few_and_the_neck_stays_inside_the_garment(name: str) -> None:
     job, _ = run(name)
     kinds = [o.kind for o in job.regions.openings]

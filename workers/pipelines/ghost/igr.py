@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from workers.pipelines.ghost.segmentation import Mask, dilate, remove_small
+from workers.pipelines.ghost.segmentation import Mask, dilate, disk, remove_small
 
 GarmentType = Literal["top", "sleeveless", "hoodie", "dress", "skirt", "trousers"]
 GARMENT_TYPES: tuple[GarmentType, ...] = (
@@ -484,8 +484,16 @@ def _neck_opening(
     outward = (float(outward_vec[0]), float(outward_vec[1]))
     back = half_ellipse(garment.shape, centre, along, outward, a, NECK_BACK_RATIO * a)
     enclosed = notch if notch is not None else _hull(points, garment.shape)
-    # The inside shows only within the garment's outline: never over the head or neck.
-    outline = dilate(_garment_hull(garment), max(1, round(0.004 * float(np.hypot(*garment.shape)))))
+    # The inside shows only within the garment's outline: never over the head or neck. Thin
+    # straps do not widen that outline: between them shows the backdrop, not the inside.
+    diag = float(np.hypot(*garment.shape))
+    body_part = np.asarray(
+        cv2.morphologyEx(garment.astype(np.uint8), cv2.MORPH_OPEN, disk(max(2, round(0.01 * diag))))
+        > 0
+    )
+    outline = dilate(
+        _garment_hull(body_part if body_part.any() else garment), max(1, round(0.004 * diag))
+    )
     return Opening("neck", centre, along, outward, a, (back | enclosed) & outline & ~garment)
 
 

@@ -64,6 +64,7 @@ from workers.pipelines.ghost.segmentation import (
     dilate,
     disk,
     erode,
+    hanging_pieces,
     kmeans,
     normalized_blur,
     rgb_to_lab,
@@ -208,26 +209,9 @@ def backdrop_left(context: QualityContext, opaque: Mask, generated: Mask | None)
 
 
 def hanging_threads(opaque: Mask) -> int:
-    """Thin pieces hanging below the garment's body (seams of a cut along legs or a stand):
-    what an opening of 1% of the diagonal removes, reaching below the opened shape's bottom
-    and at least 3% of the diagonal long. Straps and drawstrings lie above or on it."""
-    h, w = opaque.shape
-    diag = float(np.hypot(h, w))
-    r = max(2, round(0.01 * diag))
-    main = np.asarray(cv2.morphologyEx(opaque.astype(np.uint8), cv2.MORPH_OPEN, disk(r)) > 0)
-    rows = np.flatnonzero(main.any(axis=1))
-    if len(rows) == 0:
-        return 0
-    bottom = int(rows[-1])
-    thin = opaque & ~dilate(main, 1)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(thin.astype(np.uint8), connectivity=8)
-    st = np.asarray(stats)
-    count = 0
-    for i in range(1, n):
-        y, bh = int(st[i, cv2.CC_STAT_TOP]), int(st[i, cv2.CC_STAT_HEIGHT])
-        if bh >= 0.03 * diag and y + bh - 1 > bottom + 0.01 * diag:
-            count += 1
-    return count
+    """How many thin pieces hang below the garment (see :func:`hanging_pieces`)."""
+    n, _ = cv2.connectedComponents(hanging_pieces(opaque).astype(np.uint8), connectivity=8)
+    return int(n) - 1
 
 
 def main_piece_fraction(opaque: Mask) -> float:

@@ -716,6 +716,10 @@ SKIN_GARMENT_DELTA_E = 9.0
 # A hole in the garment's top NECK_ZONE (share of its height), at least NECK_HOLE_WIDTH of
 # its width across, is its neck opening seen all round, not a print.
 NECK_ZONE, NECK_HOLE_WIDTH = 0.3, 0.12
+# Where the silhouette ends differing from the garment's main colour by this much (weighted
+# ΔE) the form shows; garment pixels within FORM_MATCH of it that reach there are the form.
+FORM_DELTA_E = 10.0
+FORM_MATCH = 6.0
 # A garment this textured (median fine-texture deviation, L units) loses smooth pieces on its
 # edge thicker than BLOB_RADIUS of the diagonal.
 STRONG_TEXTURE = 4.0
@@ -872,6 +876,60 @@ def _textured_rescue(
     return np.asarray(np.isin(lab_img, joined))
 
 
+def hanging_pieces(mask: Mask) -> Mask:
+    """Thin pieces hanging below a garment's body: what an opening of 1% of the diagonal
+    removes, at least 3% of the diagonal long and reaching below the opened shape's bottom
+    (seams of a cut along legs or a stand). Straps and drawstrings lie above or on it."""
+    h, w = mask.shape
+    diag = float(np.hypot(h, w))
+    r = max(2, round(0.01 * diag))
+    main = np.asarray(cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk(r)) > 0)
+    rows = np.flatnonzero(main.any(axis=1))
+    out = np.zeros_like(mask)
+    if len(rows) == 0:
+        return out
+    bottom = int(rows[-1])
+    thin = mask & ~dilate(main, 1)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(thin.astype(np.uint8), connectivity=8)
+    st = np.asarray(stats)
+    keep = np.zeros(n, bool)
+    for i in range(1, n):
+        y, bh = int(st[i, cv2.CC_STAT_TOP]), int(st[i, cv2.CC_STAT_HEIGHT])
+        keep[i] = bh >= 0.03 * diag and y + bh - 1 > bottom + 0.01 * diag
+    return np.asarray(keep[np.asarray(labels)])
+
+
+def _form_at_the_ends(lab: FloatImage, fg: Mask, garment: Mask, colours: ColourModel) -> Mask:
+    """Garment pixels that are the mannequin where the silhouette leaves the frame or ends.
+
+    The rows where the silhouette ends (legs or a stand cut by the frame, a neck stub) show
+    the form's colour. When that colour differs from the garment's main colour, garment
+    pixels of the form's colour that reach those rows are the form (a white mannequin under a
+    pale mesh), while the same colour enclosed in the garment (white embroidery) stays.
+    """
+    out = np.zeros_like(garment)
+    rows = np.flatnonzero(fg.any(axis=1))
+    if len(rows) == 0 or len(colours.garment) == 0:
+        return out
+    depth = max(2, round(0.03 * (rows[-1] - rows[0] + 1)))
+    main = colours.garment[int(np.argmax(colours.garment_weights))]
+    for band in (slice(rows[0], rows[0] + depth), slice(rows[-1] - depth + 1, rows[-1] + 1)):
+        ends = np.zeros_like(fg)
+        ends[band] = fg[band]
+        if ends.sum() < 20:
+            continue
+        colour = np.median(lab[ends], axis=0)
+        if float(np.linalg.norm((colour - main) * CLUSTER_WEIGHTS)) < FORM_DELTA_E:
+            continue  # the garment itself reaches the frame there
+        like = garment & (np.linalg.norm((lab - colour) * CLUSTER_WEIGHTS, axis=-1) < FORM_MATCH)
+        like = np.asarray(cv2.morphologyEx(like.astype(np.uint8), cv2.MORPH_OPEN, disk(2)) > 0)
+        _, labels = cv2.connectedComponents(like.astype(np.uint8), connectivity=8)
+        lab_img = np.asarray(labels)
+        hit = np.unique(lab_img[ends & like])
+        out |= np.isin(lab_img, hit[hit > 0])
+    return out
+
+
 def _smooth_blobs(lab: FloatImage, garment: Mask) -> Mask:
     """Smooth, thick pieces on the edge of a strongly textured garment: a floor's cove or a
     patch of wall that the colour-only cut took with a sequinned or woven garment."""
@@ -969,15 +1027,20 @@ def _garment_inside(
 
     Such a region is mostly bordered by the garment and has a garment colour's hue, only
     darker: it is the same fabric in shadow. A mannequin or skin differs in hue (or is
-    lighter), and a head or hair sticks out to the backdrop.
+    lighter), a head or hair sticks out to the backdrop, and legs or a stand run out of the
+    frame.
     """
     out = np.zeros_like(body)
     if len(garment_colours) == 0 or not body.any():
         return out
-    n, labels, _, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(body.astype(np.uint8), connectivity=8)
     lab_img = np.asarray(labels)
     ring_garment = dilate(garment, 1)
+    h, w = body.shape
     for i in range(1, n):
+        x, y, bw, bh, _ = np.asarray(stats)[i]
+        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+            continue  # a body part cut by the frame (legs, a stand) is no inside
         region = lab_img == i
         ring = dilate(region, 1) & ~region
         if not ring.any() or float(ring_garment[ring].mean()) < 0.45:
@@ -1185,6 +1248,8 @@ def segment(
         garment = _grabcut(rgb, fg, garment0, body0 & ~garment0, skin | erode(certain, 1))
         garment |= _textured_rescue(lab, fg, garment, skin, colours.garment)
         garment &= ~_smooth_blobs(lab, garment)
+        garment &= ~_form_at_the_ends(lab, fg, garment, colours)
+        garment &= ~hanging_pieces(garment)
         # Threads a few pixels wide running off along an arm or a leg are the cut's seams,
         # not fabric: open them away, then give the kept shape its own edge back.
         thread = max(1, round(0.0025 * float(np.hypot(h, w))))
