@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Request
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
@@ -27,12 +27,33 @@ from hiddenmodel.tenancy import current_org_id
 from tenants import repository
 from tenants.models import ApiKey, Organization, Role, Scope, User
 from tenants.users import (
+    SESSION_SCHEME,
     HashedAccessTokenDatabase,
     UserManager,
     get_database_strategy,
 )
 
 API_KEY_PREFIX = "hmk"
+# The OpenAPI scheme name of organization API keys (see hiddenmodel.api.openapi).
+API_KEY_SCHEME = "apiKey"
+
+# Which credentials each authentication dependency accepts, by OpenAPI scheme name. The
+# OpenAPI document derives each operation's security from the dependencies it runs: the
+# schemes every registered dependency of the route accepts.
+ACCEPTED_CREDENTIALS: dict[Callable[..., Any], frozenset[str]] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def accepts(*schemes: str) -> Callable[[_F], _F]:
+    """Register the credentials an authentication dependency accepts (see above)."""
+
+    def register(dependency: _F) -> _F:
+        ACCEPTED_CREDENTIALS[dependency] = frozenset(schemes)
+        return dependency
+
+    return register
+
 
 # Run for every request authenticated by an API key (rate limits), with the key's session:
 # a hook must not open a session of its own (a request holding one connection while waiting
@@ -211,6 +232,7 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     yield Principal(user=user)
 
 
+@accepts(API_KEY_SCHEME, SESSION_SCHEME)
 async def current_principal(request: Request) -> AsyncIterator[Principal]:
     async with authenticated(request) as principal:
         yield principal
@@ -220,6 +242,7 @@ async def current_principal(request: Request) -> AsyncIterator[Principal]:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal, scope="function")]
 
 
+@accepts(SESSION_SCHEME)
 async def require_user(principal: CurrentPrincipal) -> User:
     if principal.user is None:
         raise Forbidden("This action needs a signed-in user, not an API key.", kind="user-required")
@@ -274,6 +297,7 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
 # dependency layer fewer on every request (a route takes an org scope or a principal).
 
 
+@accepts(API_KEY_SCHEME, SESSION_SCHEME)
 async def org_scope_from_path(
     request: Request,
     org_id: Annotated[uuid.UUID, Path(description="Organization id")],
@@ -282,6 +306,7 @@ async def org_scope_from_path(
         yield scope
 
 
+@accepts(API_KEY_SCHEME)
 async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
     """Routes without an org in the path act in the API key's organization."""
     async with authenticated(request) as principal:

@@ -162,6 +162,8 @@ async def change_member_role(
     tags=["members"],
     operation_id="removeMember",
     status_code=status.HTTP_204_NO_CONTENT,
+    # Checked in the service (leaving needs no permission): declared here for the document.
+    openapi_extra={"x-required-scopes": [MANAGE_MEMBERS.scope.value]},
 )
 async def remove_member(user_id: uuid.UUID, scope: OrgScopeDep) -> None:
     """Remove a member, or leave when ``user_id`` is your own. An org always keeps an owner."""

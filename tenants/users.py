@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyCookie, OAuth2PasswordBearer
 from fastapi_users import BaseUserManager, FastAPIUsers, InvalidPasswordException, UUIDIDMixin
 from fastapi_users.authentication import (
     AuthenticationBackend,
@@ -213,14 +214,53 @@ def get_database_strategy(
     return DatabaseStrategy(access_token_db, lifetime_seconds=get_settings().jwt_lifetime_seconds)
 
 
+# Names of the session schemes in the OpenAPI document (``components.securitySchemes``).
+SESSION_SCHEME = "session"
+SESSION_COOKIE_SCHEME = "sessionCookie"
+
+
+class SessionBearerTransport(BearerTransport):
+    """fastapi-users' bearer transport, under a stable scheme name and with a description."""
+
+    def __init__(self, tokenUrl: str) -> None:
+        super().__init__(tokenUrl)
+        self.scheme = OAuth2PasswordBearer(
+            tokenUrl,
+            auto_error=False,
+            scheme_name=SESSION_SCHEME,
+            description=(
+                "A user's session token: `POST /v1/auth/login` with the email as `username` "
+                "and the password returns `access_token`; send it as "
+                "`Authorization: Bearer <token>`. A member acts with the permissions of their "
+                "role in each organization."
+            ),
+        )
+
+
+class SessionCookieTransport(CookieTransport):
+    """fastapi-users' cookie transport, under a stable scheme name and with a description."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scheme = APIKeyCookie(
+            name=self.cookie_name,
+            auto_error=False,
+            scheme_name=SESSION_COOKIE_SCHEME,
+            description=(
+                f"The `{self.cookie_name}` cookie set by `POST /v1/auth/cookie/login`; "
+                "accepted by the `/v1/auth` and `/v1/users` endpoints only."
+            ),
+        )
+
+
 bearer_backend: AuthenticationBackend[User, uuid.UUID] = AuthenticationBackend(
     name="bearer",
-    transport=BearerTransport(tokenUrl="/v1/auth/login"),
+    transport=SessionBearerTransport(tokenUrl="/v1/auth/login"),
     get_strategy=get_database_strategy,
 )
 cookie_backend: AuthenticationBackend[User, uuid.UUID] = AuthenticationBackend(
     name="cookie",
-    transport=CookieTransport(
+    transport=SessionCookieTransport(
         cookie_name=COOKIE_NAME,
         cookie_max_age=get_settings().jwt_lifetime_seconds,
         cookie_secure=get_settings().cookie_secure,

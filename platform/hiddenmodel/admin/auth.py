@@ -9,7 +9,8 @@ from typing import Annotated
 from fastapi import Depends
 
 from hiddenmodel.errors import Forbidden
-from tenants.auth import CurrentPrincipal
+from tenants.auth import CurrentPrincipal, accepts
+from tenants.users import SESSION_SCHEME
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Operator:
     email: str
 
 
+@accepts(SESSION_SCHEME)
 async def require_operator(principal: CurrentPrincipal) -> Operator:
     """A signed-in superuser; 401 without credentials, 403 for anyone else.
 

@@ -14,6 +14,7 @@ from hiddenmodel import __version__
 from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
 from hiddenmodel.api.docs import install_docs
+from hiddenmodel.api.openapi import install_openapi_security
 from hiddenmodel.billing.router import router as billing_router
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
@@ -70,7 +71,8 @@ def create_app() -> FastAPI:
         description=(
             "Ghost-mannequin product images. Authenticate with `Authorization: Bearer <key>` "
             "(an organization API key) or a session token from `POST /v1/auth/login`. "
-            "Errors are `application/problem+json`."
+            "Each operation lists the credentials it accepts (`security`) and the API key "
+            "scopes it needs (`x-required-scopes`). Errors are `application/problem+json`."
         ),
         generate_unique_id_function=_operation_id,
         responses={"4XX": PROBLEM_RESPONSE_SCHEMA},
@@ -109,6 +111,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_docs(app)
+    install_openapi_security(app)
 
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))
     app.add_middleware(RateLimitHeadersMiddleware)
