@@ -126,6 +126,7 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "attempt": 1,
         "duration_ms": 1,
     },
+    "org_retention": lambda org, user: {"organization_id": org, "days": 7},
     # Zero concurrent jobs: a dispatcher running beside these tests must leave the seeded
     # outbox rows alone.
     "org_billing": lambda org, user: {

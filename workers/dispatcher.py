@@ -183,6 +183,7 @@ def run_forever(stop: threading.Event | None = None) -> None:
     usage_push = Every(settings.stripe_push_interval_seconds)
     billing_reconcile = Every(settings.billing_reconcile_interval_seconds)
     orphan_sweep = Every(settings.orphan_sweep_interval_seconds)
+    retention_sweep = Every(settings.retention_sweep_interval_seconds)
     log.info("dispatcher started (cap %s per organization)", settings.dispatch_org_inflight_cap)
     while not stop.is_set():
         try:
@@ -203,6 +204,11 @@ def run_forever(stop: threading.Event | None = None) -> None:
             if orphan_sweep.due(now):
                 app.send_task(
                     "maintenance.sweep_orphans", expires=settings.orphan_sweep_interval_seconds
+                )
+            if retention_sweep.due(now):
+                app.send_task(
+                    "maintenance.expire_outputs",
+                    expires=settings.retention_sweep_interval_seconds,
                 )
         except Exception:
             log.exception("dispatcher pass failed; retrying")

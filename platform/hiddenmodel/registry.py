@@ -6,6 +6,7 @@ from __future__ import annotations
 import hiddenmodel.billing.models
 import hiddenmodel.jobs.models
 import hiddenmodel.models
+import hiddenmodel.retention.models
 import hiddenmodel.usage.models
 import hiddenmodel.webhooks.models
 import tenants.models
@@ -14,6 +15,7 @@ MODEL_MODULES = (
     hiddenmodel.models,
     hiddenmodel.billing.models,
     hiddenmodel.jobs.models,
+    hiddenmodel.retention.models,
     hiddenmodel.usage.models,
     hiddenmodel.webhooks.models,
     tenants.models,

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # the commit): looked for this often, and deleted once this old.
     orphan_sweep_interval_seconds: float = 900.0
     orphan_grace_seconds: float = 3600.0
+    # How often the retention sweep deletes objects past their organization's retention and
+    # brings the bucket's lifecycle rules in step (hiddenmodel.retention).
+    retention_sweep_interval_seconds: float = 3600.0
     # A running job whose heartbeat is older than this is presumed lost with its worker.
     job_lease_seconds: float = 60.0
     # A dispatched job whose message is in no queue after this long is dispatched again.

@@ -71,12 +71,16 @@ def get_object(key: str) -> bytes:
     return body
 
 
-def delete_objects(keys: list[str]) -> None:
+def delete_objects(keys: list[str]) -> set[str]:
+    """Delete ``keys`` (missing ones count as deleted); returns the keys S3 refused."""
+    refused: set[str] = set()
     for start in range(0, len(keys), 1000):  # S3 takes at most 1000 keys a request
-        s3_client().delete_objects(
+        response = s3_client().delete_objects(
             Bucket=get_settings().s3_bucket,
             Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
         )
+        refused |= {e["Key"] for e in response.get("Errors", []) if "Key" in e}
+    return refused
 
 
 def object_tags(key: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from hiddenmodel.retention.schemas import RetentionDays
 from hiddenmodel.usage.reports import UsageTotals
 
 INT32_MAX = 2**31 - 1
@@ -93,6 +94,10 @@ class PlanCreate(PlanLimits):
     currency: Currency = "usd"
     included_gpu_seconds: Seconds = 0
     included_images: Count = 0
+    retention_days: RetentionDays | None = Field(
+        default=None,
+        description="Days a finished job's inputs and outputs are kept; null keeps them forever",
+    )
     is_default: bool = Field(
         default=False, description="Make this the plan of organizations without one"
     )
@@ -114,6 +119,7 @@ class PlanUpdate(PlanLimits):
     currency: Currency | None = None
     included_gpu_seconds: Seconds | None = None
     included_images: Count | None = None
+    retention_days: RetentionDays | None = None
     is_default: bool | None = None
 
     @model_validator(mode="after")
@@ -149,6 +155,7 @@ class PlanRead(BaseModel):
     storage_bytes: int | None
     requests_per_minute: int | None
     org_requests_per_minute: int | None
+    retention_days: int | None
     is_default: bool
     created_at: datetime
 

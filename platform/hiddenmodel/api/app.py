@@ -24,6 +24,7 @@ from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
 from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
+from hiddenmodel.retention.router import router as retention_router
 from hiddenmodel.settings import DEV_SECRET_KEY, get_settings
 from hiddenmodel.usage.ratelimits import enforce_for_key
 from hiddenmodel.usage.reports_router import router as usage_reports_router
@@ -102,6 +103,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(tenants_router)
     app.include_router(usage_router)
+    app.include_router(retention_router)
     app.include_router(billing_router)
     app.include_router(usage_reports_router)
     app.include_router(admin_router)

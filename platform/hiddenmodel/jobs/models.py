@@ -76,6 +76,8 @@ class Job(Base):
     compute_seconds: Mapped[float | None] = mapped_column(Float)
     gpu_seconds: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # When retention deleted the job's inputs and outputs (hiddenmodel.retention).
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at_column()
 
 

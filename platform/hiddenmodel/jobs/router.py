@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from hiddenmodel import storage
 from hiddenmodel.db import async_tenant_session
-from hiddenmodel.errors import NotFound, Problem
+from hiddenmodel.errors import Gone, NotFound, Problem
 from hiddenmodel.jobs import events, repository, service
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import all_operations
 from hiddenmodel.jobs.schemas import JobRead, OperationRead, QuoteRead
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.redis import async_redis
+from hiddenmodel.retention import service as retention_service
 from hiddenmodel.settings import get_settings
 from tenants.auth import JOBS_READ, JOBS_WRITE, KeyOrgScopeDep, OrgScope
 
@@ -224,7 +225,10 @@ async def cancel_job(job_id: uuid.UUID, scope: KeyOrgScopeDep, response: Respons
     "/jobs/{job_id}/outputs/{name}",
     operation_id="downloadJobOutput",
     status_code=status.HTTP_307_TEMPORARY_REDIRECT,
-    responses={307: {"description": "Redirect to a short-lived presigned URL"}},
+    responses={
+        307: {"description": "Redirect to a short-lived presigned URL"},
+        410: {"description": "Deleted under the organization's retention (`output-expired`)"},
+    },
 )
 async def download_output(job_id: uuid.UUID, name: str, scope: KeyOrgScopeDep) -> Response:
     scope.require(JOBS_READ)
@@ -232,6 +236,16 @@ async def download_output(job_id: uuid.UUID, name: str, scope: KeyOrgScopeDep) -
     output = next((o for o in job.outputs if o["name"] == name), None)
     if output is None:
         raise NotFound("The job has no such output.", kind="output-not-found")
+    if job.expired_at is not None:
+        retention = await retention_service.get_retention(scope)
+        raise Gone(
+            f"The job's outputs were deleted on {job.expired_at:%Y-%m-%d}: this organization "
+            f"keeps them {retention.effective_days} days after a job finishes.",
+            kind="output-expired",
+            title="Output expired",
+            expired_at=job.expired_at.isoformat(),
+            retention_days=retention.effective_days,
+        )
     url = storage.presigned_get_url(
         output["key"], job.organization_id, filename=f"{job.id}-{name}.{output['format']}"
     )

@@ -25,8 +25,11 @@ class OutputRead(BaseModel):
     width: int
     height: int
     bytes: int
-    url: str = Field(description="Presigned download URL; expires at `url_expires_at`.")
-    url_expires_at: datetime
+    url: str | None = Field(
+        description="Presigned download URL; expires at `url_expires_at`. Null once the job "
+        "expired under the organization's retention (see `expired_at`)."
+    )
+    url_expires_at: datetime | None
 
 
 class JobError(BaseModel):
@@ -67,6 +70,11 @@ class JobRead(BaseModel):
     cancel_after: datetime | None
     timings: Timings
     created_at: datetime
+    expired_at: datetime | None = Field(
+        default=None,
+        description="When the job's inputs and outputs were deleted under the organization's "
+        "retention (`GET /v1/orgs/{org_id}/retention`); its downloads answer 410 since.",
+    )
 
 
 class OperationRead(BaseModel):

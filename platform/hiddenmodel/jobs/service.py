@@ -378,10 +378,12 @@ async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> 
             width=o["width"],
             height=o["height"],
             bytes=o["bytes"],
-            url=storage.presigned_get_url(
+            url=None
+            if job.expired_at
+            else storage.presigned_get_url(
                 o["key"], job.organization_id, filename=f"{job.id}-{o['name']}.{o['format']}"
             ),
-            url_expires_at=expires,
+            url_expires_at=None if job.expired_at else expires,
         )
         for o in job.outputs
     ]
@@ -421,4 +423,5 @@ async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> 
             compute_seconds=job.compute_seconds,
         ),
         created_at=job.created_at,
+        expired_at=job.expired_at,
     )

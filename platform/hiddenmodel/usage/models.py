@@ -44,6 +44,8 @@ class Plan(Base):
     storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     org_requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Days a finished job's inputs and outputs are kept; null: forever (hiddenmodel.retention).
+    retention_days: Mapped[int | None] = mapped_column(Integer)
     is_default: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = created_at_column()
 
