@@ -1,0 +1,240 @@
+"""The import contract of docs/ARCHITECTURE.md, checked on the source with ``ast``.
+
+Every import counts, also those inside functions (a lazy import still makes the API process
+load the module when it runs); only the cycle check looks at module-level imports alone, as
+Python does. Each rule is also run on a small tree that breaks it, so a checker that stopped
+seeing violations would fail here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Source roots and the packages under each.
+PACKAGES = {"platform": ("hiddenmodel",), ".": ("tenants", "workers", "portal")}
+
+# Model runtimes and image execution libraries: loaded by workers only.
+EXECUTION_LIBRARIES = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "cv2"}
+# Launchers compose the whole system (they start workers): they may import anything.
+LAUNCHERS = ("hiddenmodel.cli", "hiddenmodel.up")
+COMPOSITION_ROOT = "hiddenmodel.api.app"
+# Primitives every layer builds on; they import no domain and no identity code.
+PRIMITIVES = (
+    "hiddenmodel.settings",
+    "hiddenmodel.tenancy",
+    "hiddenmodel.db",
+    "hiddenmodel.storage",
+    "hiddenmodel.redis",
+    "hiddenmodel.errors",
+    "hiddenmodel.requestid",
+    "hiddenmodel.security",
+)
+# What identity and access (``tenants``) sits below.
+CORE_DOMAINS = (
+    "hiddenmodel.jobs",
+    "hiddenmodel.usage",
+    "hiddenmodel.billing",
+    "hiddenmodel.webhooks",
+    "hiddenmodel.retention",
+    "hiddenmodel.batches",
+    "hiddenmodel.admin",
+    "hiddenmodel.api",
+)
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module
+    name: str  # what it imports (absolute)
+    line: int
+    top_level: bool
+
+
+def _within(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def modules(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for source, packages in PACKAGES.items():
+        for package in packages:
+            for path in sorted((root / source / package).rglob("*.py")):
+                parts = list(path.relative_to(root / source).with_suffix("").parts)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                found[".".join(parts)] = path
+    return found
+
+
+def _type_checking(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(module: str, path: Path) -> Iterator[Import]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top = {id(n) for n in tree.body}
+    skipped = {
+        id(inner) for n in tree.body if _type_checking(n) for inner in ast.walk(n) if inner is not n
+    }
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package[: len(package) - (node.level - 1)]
+                base = ".".join([*parent, base] if base else parent)
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        for name in names:
+            yield Import(module, name, getattr(node, "lineno", 0), id(node) in top)
+
+
+def all_imports(root: Path) -> list[Import]:
+    return [i for module, path in modules(root).items() for i in imports(module, path)]
+
+
+def violations(root: Path) -> list[str]:
+    """Every broken rule of the contract, one line each."""
+    found: list[str] = []
+    known = modules(root)
+    for i in all_imports(root):
+        where = f"{i.module}:{i.line} imports {i.name}"
+        launcher = _within(i.module, *LAUNCHERS)
+        if i.name.split(".")[0] in EXECUTION_LIBRARIES and not _within(i.module, "workers"):
+            found.append(f"{where}: model and image execution code is for workers only")
+        if _within(i.name, "workers") and not (_within(i.module, "workers") or launcher):
+            found.append(f"{where}: only workers and the launchers import workers")
+        if _within(i.name, COMPOSITION_ROOT) and not launcher:
+            found.append(f"{where}: nothing but the launchers imports the composition root")
+        if _within(i.name, "portal") and not (
+            _within(i.module, "portal", COMPOSITION_ROOT) or launcher
+        ):
+            found.append(f"{where}: the portal is mounted by the app factory, not imported")
+        if _within(i.module, "tenants") and _within(
+            i.name, *CORE_DOMAINS, *LAUNCHERS, "workers", "portal"
+        ):
+            found.append(f"{where}: identity and access sits below the core domains")
+        if _within(i.module, *PRIMITIVES) and _within(
+            i.name, "tenants", *CORE_DOMAINS, *LAUNCHERS, "workers", "portal"
+        ):
+            found.append(f"{where}: primitives import no domain")
+    found += [f"import cycle: {' -> '.join(c)}" for c in cycles(known, all_imports(root))]
+    return found
+
+
+def cycles(known: dict[str, Path], found: list[Import]) -> list[list[str]]:
+    graph: dict[str, set[str]] = {m: set() for m in known}
+    for i in found:
+        if i.top_level and i.name in known and i.name != i.module:
+            graph[i.module].add(i.name)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    loops: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                loops.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return loops
+
+
+def test_the_code_keeps_the_import_contract() -> None:
+    assert violations(ROOT) == []
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in {
+        "platform/hiddenmodel/__init__.py": "",
+        "tenants/__init__.py": "",
+        "workers/__init__.py": "",
+        "portal/__init__.py": "",
+        **files,
+    }.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (
+            {"platform/hiddenmodel/jobs.py": "def f():\n    import torch\n"},
+            "hiddenmodel.jobs:2 imports torch: model and image execution code is for workers",
+        ),
+        (
+            {"portal/views.py": "from workers.celery_app import app\n"},
+            "portal.views:1 imports workers.celery_app: only workers and the launchers",
+        ),
+        (
+            {"platform/hiddenmodel/jobs/service.py": "from hiddenmodel.api.app import x\n"},
+            "imports hiddenmodel.api.app: nothing but the launchers imports the composition",
+        ),
+        (
+            {"tenants/service.py": "from hiddenmodel.usage import quotas\n"},
+            "tenants.service:1 imports hiddenmodel.usage: identity and access sits below",
+        ),
+        (
+            {"platform/hiddenmodel/db.py": "from tenants import models\n"},
+            "hiddenmodel.db:1 imports tenants: primitives import no domain",
+        ),
+        (
+            {"workers/a.py": "import workers.b\n", "workers/b.py": "from workers import a\n"},
+            "import cycle: workers.a -> workers.b -> workers.a",
+        ),
+    ],
+)
+def test_the_checker_sees_each_kind_of_violation(
+    tmp_path: Path, files: dict[str, str], expected: str
+) -> None:
+    found = violations(_tree(tmp_path, files))
+    assert any(expected in line for line in found), found
+
+
+def test_launchers_and_type_checking_imports_are_allowed(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "platform/hiddenmodel/cli.py": "import workers.dispatcher\nimport hiddenmodel.api.app",
+            "platform/hiddenmodel/api/__init__.py": "",
+            "platform/hiddenmodel/api/app.py": "import portal\n",
+            "workers/run.py": "import torch\n",
+            "tenants/auth.py": (
+                "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n    from hiddenmodel.jobs import models\n"
+            ),
+        },
+    )
+    assert violations(root) == []
+
+
+def test_the_architecture_notes_name_files_that_exist() -> None:
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    paths = set(
+        re.findall(r"`((?:platform|tenants|workers|portal|migrations|tests|bench)/[^`*]+)`", text)
+    )
+    assert paths, "docs/ARCHITECTURE.md names no files"
+    missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
+    assert missing == [], f"docs/ARCHITECTURE.md names files that do not exist: {missing}"
