@@ -164,6 +164,22 @@ ensure_redis() {
 # Debian's chromium for the browser tests (Playwright drives /usr/bin/chromium; it cannot
 # download its own browsers here). As a normal user a missing browser only makes those tests
 # skip, except under CI, where they fail.
+# ensure_plpgsql_check: the PL/pgSQL linter extension for the server's major version, used by
+# tests/test_sql_functions.py (which skips outside CI without it).
+ensure_plpgsql_check() {
+    local url=${HM_TEST_ADMIN_URL:-postgresql://postgres@127.0.0.1:5432/postgres} major
+    major=$(psql "$url" -Atc "SHOW server_version_num" 2>/dev/null | cut -c1-2) || return 0
+    [ -n "$major" ] || return 0
+    if [ "$(psql "$url" -Atc "SELECT count(*) FROM pg_available_extensions WHERE name = 'plpgsql_check'")" = 1 ]; then
+        return 0
+    fi
+    if ! is_root; then
+        log "no plpgsql_check: the SQL lint test skips (install postgresql-$major-plpgsql-check)"
+        return 0
+    fi
+    apt_install "postgresql-$major-plpgsql-check"
+}
+
 ensure_chromium() {
     [ -x /usr/bin/chromium ] && return 0
     if ! is_root; then

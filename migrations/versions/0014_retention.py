@@ -8,6 +8,9 @@
 * ``hm_jobs_past_retention``: finished jobs whose objects are due, across organizations
   (ids only, like ``hm_usage_events_due``); the sweep deletes and marks each inside its own
   organization's tenant session. The clock is a parameter so tests can move it.
+  Each organization's effective retention is the shorter of the plan's and its own
+  (``LEAST`` ignores a null: forever only when both are); no billing row means the default
+  plan. Both functions are loaded from ``migrations/sql``.
 * ``hm_retention_by_org``: each organization's effective retention (the shorter of the
   plan's and its own), for the bucket's lifecycle rules.
 
@@ -25,6 +28,7 @@ from hiddenmodel.migration_helpers import (
     APP_ROLE,
     LOOKUP_ROLE,
     OPS_ROLE,
+    create_function,
     disable_tenant_rls,
     enable_tenant_rls,
 )
@@ -38,17 +42,6 @@ FUNCTIONS = (
     "hm_jobs_past_retention(timestamp with time zone, integer)",
     "hm_retention_by_org()",
 )
-
-# Each organization's effective retention in days (null: kept forever): its own setting
-# can only shorten the plan's; organizations without a billing row are on the default plan.
-EFFECTIVE = """
-    SELECT o.id AS org_id, LEAST(p.retention_days, r.days) AS days
-    FROM organizations o
-    LEFT JOIN org_billing b ON b.organization_id = o.id
-    LEFT JOIN plans dp ON dp.is_default
-    JOIN plans p ON p.id = COALESCE(b.plan_id, dp.id)
-    LEFT JOIN org_retention r ON r.organization_id = o.id
-"""
 
 
 def upgrade() -> None:
@@ -89,41 +82,8 @@ def upgrade() -> None:
         postgresql_where=sa.text("expired_at IS NULL AND finished_at IS NOT NULL"),
     )
 
-    op.execute(
-        f"""
-        CREATE FUNCTION hm_jobs_past_retention(p_now timestamptz, p_limit integer)
-        RETURNS TABLE (out_org uuid, out_job uuid, out_days integer)
-        LANGUAGE sql STABLE SECURITY DEFINER
-        SET search_path = public, pg_temp
-        AS $$
-            SELECT e.org_id, j.id, e.days
-            FROM ({EFFECTIVE}) e
-            CROSS JOIN LATERAL (
-                SELECT j.id FROM jobs j
-                WHERE j.organization_id = e.org_id
-                  AND j.expired_at IS NULL AND j.finished_at IS NOT NULL
-                  AND j.finished_at < p_now - make_interval(days => e.days)
-                ORDER BY j.finished_at
-                LIMIT p_limit
-            ) j
-            WHERE e.days IS NOT NULL
-            LIMIT p_limit
-        $$
-        """
-    )
-    op.execute(
-        f"""
-        CREATE FUNCTION hm_retention_by_org()
-        RETURNS TABLE (out_org uuid, out_days integer)
-        LANGUAGE sql STABLE SECURITY DEFINER
-        SET search_path = public, pg_temp
-        AS $$
-            SELECT e.org_id, e.days FROM ({EFFECTIVE}) e
-            WHERE e.days IS NOT NULL
-            ORDER BY e.org_id
-        $$
-        """
-    )
+    create_function("hm_jobs_past_retention", 1)
+    create_function("hm_retention_by_org", 1)
     for fn in FUNCTIONS:
         op.execute(f"ALTER FUNCTION {fn} OWNER TO {LOOKUP_ROLE}")
         op.execute(f"REVOKE ALL ON FUNCTION {fn} FROM PUBLIC")

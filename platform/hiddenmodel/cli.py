@@ -45,6 +45,23 @@ def _cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sql_functions(args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine, pool
+
+    from hiddenmodel import sqlfunctions
+
+    engine = create_engine(get_settings().database_owner_url, poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        if args.write:
+            for file in sqlfunctions.write_new_versions(conn):
+                print(f"wrote {file.path}")
+            return 0
+        differences = sqlfunctions.differences(conn)
+    for name, why in sorted(differences.items()):
+        print(f"{name}: {why}")
+    return 1 if differences else 0
+
+
 def _cmd_create_user(args: argparse.Namespace) -> int:
     from hiddenmodel import provisioning
 
@@ -187,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="bootstrap roles and database, then upgrade the schema"
     ).set_defaults(func=_cmd_migrate)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_cmd_openapi)
+    functions = sub.add_parser(
+        "sql-functions",
+        help="compare the database's SQL functions with migrations/sql (exit 1 on a difference)",
+    )
+    functions.add_argument(
+        "--write", action="store_true", help="write each changed definition as its next version"
+    )
+    functions.set_defaults(func=_cmd_sql_functions)
 
     user = sub.add_parser("create-user", help="create a user (operators: --superuser)")
     user.add_argument("--email", required=True)

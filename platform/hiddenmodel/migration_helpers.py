@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from hiddenmodel.sqlfunctions import function_file
+
 APP_ROLE = "hm_app"
 OPS_ROLE = "hm_ops"
 OWNER_ROLE = "hm_owner"
@@ -25,3 +27,12 @@ def disable_tenant_rls(table: str) -> None:
     op.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {table}")
     op.execute(f"ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY")
     op.execute(f"ALTER TABLE {table} DISABLE ROW LEVEL SECURITY")
+
+
+def create_function(name: str, version: int) -> None:
+    """Create or replace a function from ``migrations/sql/<name>/v<version>.sql``."""
+    # Straight to the driver with no parameters: the body is SQL, not a template (its ``%``
+    # and ``:name`` are PL/pgSQL's own).
+    op.get_bind().exec_driver_sql(
+        function_file(name, version).read(), execution_options={"no_parameters": True}
+    )
