@@ -23,7 +23,7 @@ from tests.conftest import (
     register,
     unique,
 )
-from tests.test_usage_reports import Event, add_usage
+from tests.factories import Event, add_usage
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ from tests.conftest import (
     make_org,
     register,
 )
+from tests.factories import submit, wait_job
 from tests.services import LOG_DIR, Process
 from tests.stripe_recorder import StripeRecorder
-from tests.test_jobs import submit, wait_job
 
 API_KEY = "sk_test_hm_recorder_0123456789"
 WEBHOOK_SECRET = "whsec_test_0123456789abcdef"

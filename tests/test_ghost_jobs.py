@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import db_rows, db_scalar
+from tests.factories import keyed_org, submit, wait_job
 from tests.garments import make_hard_scene, make_scene
 from tests.services import Cluster, Process
-from tests.test_jobs import keyed_org, submit, wait_job
 
 pytestmark = pytest.mark.usefixtures("services")
 

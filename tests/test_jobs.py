@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,54 +14,10 @@ import pytest
 from PIL import Image
 
 from hiddenmodel import storage
-from tests.conftest import Org, assert_problem, bearer, db_scalar, make_key, make_org
+from tests.conftest import assert_problem, bearer, db_scalar, make_key, make_org
+from tests.factories import keyed_org, png, submit, wait_job, wait_status
 
 pytestmark = pytest.mark.usefixtures("services")
-
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
-
-
-def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-async def keyed_org(client: httpx.AsyncClient) -> tuple[Org, dict[str, str]]:
-    org = await make_org(client)
-    key = await make_key(client, org, ["jobs:read", "jobs:write"])
-    return org, bearer(key["key"])
-
-
-async def submit(
-    client: httpx.AsyncClient,
-    headers: dict[str, str],
-    *,
-    operation: str = "resize",
-    params: dict[str, Any] | None = None,
-    image: bytes | None = None,
-    files: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-) -> httpx.Response:
-    if params is None:
-        params = {"width": 32}
-    form = {"operation": operation, "params": json.dumps(params), **(data or {})}
-    upload = files or {"image": ("photo.png", image or png(), "image/png")}
-    return await client.post("/v1/jobs", data=form, files=upload, headers=headers)
-
-
-async def wait_job(
-    client: httpx.AsyncClient, headers: dict[str, str], job_id: str, timeout: float = 30.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        if body["status"] in TERMINAL:
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {body}")
 
 
 async def test_operations_are_listed(client: httpx.AsyncClient) -> None:
@@ -263,8 +218,12 @@ async def test_cancel_queued_and_finished(client: httpx.AsyncClient, services: A
         await client.post(f"/v1/jobs/{job_id}/cancel", headers=headers), 409, "job-not-cancelable"
     )
     services.start_worker()
-    time.sleep(0.5)
-    assert (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()["status"] == "canceled"
+    # A job submitted after it runs once the worker is back: by then the canceled one, ahead
+    # of it in the queue, would have run too had the cancel not held.
+    later = (await submit(client, headers)).json()
+    assert (await wait_job(client, headers, later["id"]))["status"] == "succeeded"
+    body = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+    assert body["status"] == "canceled" and body["attempts"] == 0
 
 
 async def test_queue_position_and_cancel_after(client: httpx.AsyncClient, services: Any) -> None:
@@ -273,9 +232,7 @@ async def test_queue_position_and_cancel_after(client: httpx.AsyncClient, servic
     first = (await submit(client, headers)).json()
     second = (await submit(client, headers, data={"cancel_after": "1"})).json()
     assert first["queue_position"] == 0 and second["queue_position"] == 1
-    await asyncio.sleep(2.5)
-    r = await client.get(f"/v1/jobs/{second['id']}", headers=headers)
-    assert r.json()["status"] == "expired", r.json()
+    await wait_status(client, headers, second["id"], "expired", timeout=15)
     services.start_worker()
     assert (await wait_job(client, headers, first["id"]))["status"] == "succeeded"
 

@@ -16,37 +16,9 @@ from PIL import Image
 from hiddenmodel import storage
 from hiddenmodel.redis import sync_redis
 from tests.conftest import assert_problem, db_rows, db_scalar
-from tests.test_jobs import keyed_org, png, submit, wait_job
+from tests.factories import big_png, keyed_org, png, submit, wait_job, wait_status
 
 pytestmark = pytest.mark.usefixtures("services")
-
-
-def big_png(side: int = 5000) -> bytes:
-    """A large photographic-ish PNG that takes a worker seconds to resize and encode."""
-    rng = np.random.default_rng(7)
-    base = np.linspace(0, 255, side, dtype=np.float32)
-    img = (base[None, :, None] + rng.normal(0, 2, (side // 8, side, 1))).clip(0, 255)
-    tile = np.repeat(img.astype(np.uint8), 3, axis=2)
-    full = np.tile(tile, (8, 1, 1))
-    buf = io.BytesIO()
-    Image.fromarray(full).save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
-
-
-async def _wait_status(
-    client: httpx.AsyncClient,
-    headers: dict[str, str],
-    job_id: str,
-    status: str,
-    timeout: float = 30.0,
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
-        if body["status"] == status:
-            return body
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"job {job_id} never reached {status}")
 
 
 async def test_worker_killed_mid_job_completes_exactly_once(
@@ -58,7 +30,7 @@ async def test_worker_killed_mid_job_completes_exactly_once(
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    await _wait_status(client, headers, job_id, "running")
+    await wait_status(client, headers, job_id, "running")
     for worker in services.workers:
         worker.kill()
     services.workers = []

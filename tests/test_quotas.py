@@ -14,7 +14,7 @@ import pytest
 from hiddenmodel import storage
 from hiddenmodel.redis import sync_redis
 from tests.conftest import Org, assert_problem, bearer, db_rows, db_scalar, make_key, make_org
-from tests.test_jobs import keyed_org, png, submit, wait_job
+from tests.factories import big_png, keyed_org, png, submit, wait_job, wait_status
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -123,10 +123,7 @@ async def test_unbilled_outcomes_release_and_write_no_usage(
     canceled = (await submit(client, headers)).json()
     await client.post(f"/v1/jobs/{canceled['id']}/cancel", headers=headers)
     expired = (await submit(client, headers, data={"cancel_after": "1"})).json()
-    await asyncio.sleep(2.5)
-    assert (await client.get(f"/v1/jobs/{expired['id']}", headers=headers)).json()[
-        "status"
-    ] == "expired"
+    await wait_status(client, headers, expired["id"], "expired", timeout=15)
     for job_id in (failed["id"], canceled["id"], expired["id"]):
         assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id) == 0
         assert (
@@ -137,14 +134,12 @@ async def test_unbilled_outcomes_release_and_write_no_usage(
 
 
 async def test_killed_worker_leaks_no_reservation(client: httpx.AsyncClient, services: Any) -> None:
-    from tests.test_jobs_recovery import _wait_status, big_png
-
     org, headers = await keyed_org(client)
     r = await submit(
         client, headers, image=big_png(), params={"width": 4800, "height": 4800, "mode": "fit"}
     )
     job_id = r.json()["id"]
-    await _wait_status(client, headers, job_id, "running")
+    await wait_status(client, headers, job_id, "running")
     for worker in services.workers:
         worker.kill()
     services.workers = []

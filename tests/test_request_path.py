@@ -28,7 +28,7 @@ from hiddenmodel.security import keyed_hash
 from tenants import repository
 from tenants.models import ApiKey, Organization
 from tests.conftest import bearer, db_rows, db_scalar, make_key, make_org, superuser_url
-from tests.test_jobs import submit
+from tests.factories import submit
 
 pytestmark = pytest.mark.usefixtures("s3")
 
@@ -238,7 +238,7 @@ async def test_inputs_record_the_digest_of_the_validated_bytes(
 ) -> None:
     import hashlib
 
-    from tests.test_jobs import png
+    from tests.factories import png
 
     _, key = await _keyed(client)
     r = await submit(client, bearer(key["key"]), image=png(40, 30))

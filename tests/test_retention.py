@@ -25,7 +25,7 @@ from tests.conftest import (
     register,
     unique,
 )
-from tests.test_jobs import submit, wait_job
+from tests.factories import submit, wait_job
 
 FREE_PLAN_DAYS = 30
 

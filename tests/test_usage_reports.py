@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, pool, text
 
 from hiddenmodel.usage import reports
 from tests.conftest import (
@@ -24,51 +23,9 @@ from tests.conftest import (
     make_key,
     make_org,
     register,
-    superuser_url,
     unique,
 )
-
-
-@dataclass
-class Event:
-    at: str
-    operation: str = "ghost_mannequin"
-    gpu: float = 0.0
-    images: int = 1
-    mp: float = 0.0
-    user: str | None = None
-    key: str | None = None
-
-
-def add_usage(org_id: str, *events: Event) -> None:
-    """Usage events with their jobs, as the worker would have written them, at chosen times."""
-    engine = create_engine(superuser_url(), poolclass=pool.NullPool)
-    with engine.begin() as conn:
-        for e in events:
-            params = {
-                "org": org_id,
-                "op": e.operation,
-                "gpu": e.gpu,
-                "images": e.images,
-                "mp": e.mp,
-                "user": e.user,
-                "key": e.key,
-                "at": e.at,
-            }
-            conn.execute(
-                text(
-                    "WITH j AS (INSERT INTO jobs (id, organization_id, api_key_id, user_id, "
-                    "operation, operation_version, queue, params, status, inputs, request_hash, "
-                    "created_at) VALUES (gen_random_uuid(), :org, :key, :user, :op, '1', 'cpu', "
-                    "'{}', 'succeeded', '{}', 'test', CAST(:at AS timestamptz)) RETURNING id) "
-                    "INSERT INTO usage_events (id, organization_id, job_id, user_id, api_key_id, "
-                    "operation, outcome, gpu_seconds, images, megapixels, created_at) "
-                    "SELECT gen_random_uuid(), :org, j.id, :user, :key, :op, 'succeeded', :gpu, "
-                    ":images, :mp, CAST(:at AS timestamptz) FROM j"
-                ),
-                params,
-            )
-    engine.dispose()
+from tests.factories import Event, add_usage
 
 
 async def add_member(client: httpx.AsyncClient, org: Org, role: str) -> Account:
@@ -452,7 +409,7 @@ async def test_other_orgs_neither_see_nor_change_the_numbers(
 
 
 async def test_real_jobs_end_to_end(client: httpx.AsyncClient, services: Any) -> None:
-    from tests.test_jobs import png, submit, wait_job
+    from tests.factories import png, submit, wait_job
 
     org = await make_org(client)
     key = await make_key(client, org, ["jobs:read", "jobs:write", "usage:read"], name="e2e, key")

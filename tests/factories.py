@@ -1,0 +1,133 @@
+"""Builders shared by the test modules: images, jobs submitted through the API, usage
+written as the worker would. Accounts, organizations and keys come from ``tests.conftest``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from sqlalchemy import create_engine, pool, text
+
+from tests.conftest import Org, bearer, make_key, make_org, superuser_url
+
+TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+
+
+def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def keyed_org(client: httpx.AsyncClient) -> tuple[Org, dict[str, str]]:
+    org = await make_org(client)
+    key = await make_key(client, org, ["jobs:read", "jobs:write"])
+    return org, bearer(key["key"])
+
+
+async def submit(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    *,
+    operation: str = "resize",
+    params: dict[str, Any] | None = None,
+    image: bytes | None = None,
+    files: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> httpx.Response:
+    if params is None:
+        params = {"width": 32}
+    form = {"operation": operation, "params": json.dumps(params), **(data or {})}
+    upload = files or {"image": ("photo.png", image or png(), "image/png")}
+    return await client.post("/v1/jobs", data=form, files=upload, headers=headers)
+
+
+async def wait_job(
+    client: httpx.AsyncClient, headers: dict[str, str], job_id: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["status"] in TERMINAL:
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {body}")
+
+
+async def wait_status(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    job_id: str,
+    status: str,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if body["status"] == status:
+            return body
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached {status}")
+
+
+def big_png(side: int = 5000) -> bytes:
+    """A large photographic-ish PNG that takes a worker seconds to resize and encode."""
+    rng = np.random.default_rng(7)
+    base = np.linspace(0, 255, side, dtype=np.float32)
+    img = (base[None, :, None] + rng.normal(0, 2, (side // 8, side, 1))).clip(0, 255)
+    tile = np.repeat(img.astype(np.uint8), 3, axis=2)
+    full = np.tile(tile, (8, 1, 1))
+    buf = io.BytesIO()
+    Image.fromarray(full).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass
+class Event:
+    at: str
+    operation: str = "ghost_mannequin"
+    gpu: float = 0.0
+    images: int = 1
+    mp: float = 0.0
+    user: str | None = None
+    key: str | None = None
+
+
+def add_usage(org_id: str, *events: Event) -> None:
+    """Usage events with their jobs, as the worker would have written them, at chosen times."""
+    engine = create_engine(superuser_url(), poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        for e in events:
+            params = {
+                "org": org_id,
+                "op": e.operation,
+                "gpu": e.gpu,
+                "images": e.images,
+                "mp": e.mp,
+                "user": e.user,
+                "key": e.key,
+                "at": e.at,
+            }
+            conn.execute(
+                text(
+                    "WITH j AS (INSERT INTO jobs (id, organization_id, api_key_id, user_id, "
+                    "operation, operation_version, queue, params, status, inputs, request_hash, "
+                    "created_at) VALUES (gen_random_uuid(), :org, :key, :user, :op, '1', 'cpu', "
+                    "'{}', 'succeeded', '{}', 'test', CAST(:at AS timestamptz)) RETURNING id) "
+                    "INSERT INTO usage_events (id, organization_id, job_id, user_id, api_key_id, "
+                    "operation, outcome, gpu_seconds, images, megapixels, created_at) "
+                    "SELECT gen_random_uuid(), :org, j.id, :user, :key, :op, 'succeeded', :gpu, "
+                    ":images, :mp, CAST(:at AS timestamptz) FROM j"
+                ),
+                params,
+            )
+    engine.dispose()
