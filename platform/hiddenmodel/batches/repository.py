@@ -110,7 +110,19 @@ async def archive_rows(session: AsyncSession, batch_id: uuid.UUID) -> list[Archi
         .order_by(BatchItem.position)
     )
     return [
-        ArchiveRow(*r[:8], outputs=r[8] or [], report=r[9], gpu_seconds=r[10])
+        ArchiveRow(
+            position=r[0],
+            name=r[1],
+            item_error_code=r[2],
+            item_error_message=r[3],
+            job_id=r[4],
+            status=r[5],
+            error_code=r[6],
+            error_message=r[7],
+            outputs=r[8] or [],
+            report=r[9],
+            gpu_seconds=r[10],
+        )
         for r in rows.tuples()
     ]
 
