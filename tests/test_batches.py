@@ -7,9 +7,12 @@ import csv
 import io
 import json
 import stat
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -490,3 +493,35 @@ async def test_other_organizations_see_no_batch(client: httpx.AsyncClient) -> No
         "/v1/batches", json={"operation": "resize", "params": {"width": -1}}, headers=headers
     )
     assert_problem(r, 422, "invalid-params")
+
+
+async def test_zip_made_by_the_zipfile_command_line(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The README's recipe: folders as directory entries, a manifest at the top."""
+    org, headers = await keyed_org(client)
+    shoot = tmp_path / "shoot"
+    shoot.mkdir()
+    (shoot / "sku1.png").write_bytes(png())
+    (shoot / "sku2.png").write_bytes(png())
+    (tmp_path / "manifest.csv").write_text(
+        'image,params\nshoot/sku1.png,\nshoot/sku2.png,"{""width"":16}"\n'
+    )
+    subprocess.run(
+        [sys.executable, "-m", "zipfile", "-c", "shoot.zip", "shoot", "manifest.csv"],
+        cwd=tmp_path,
+        check=True,
+    )
+    batch = await create_batch(client, headers)
+    r = await add_zip(client, headers, batch["id"], (tmp_path / "shoot.zip").read_bytes())
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] == 2
+    names = db_rows(
+        "SELECT name, params FROM batch_items WHERE batch_id = :b ORDER BY position",
+        b=batch["id"],
+    )
+    assert [(n.name, n.params["width"]) for n in names] == [
+        ("shoot/sku1.png", 32),
+        ("shoot/sku2.png", 16),
+    ]
+    assert len(stored_batch_objects(org)) == 2
