@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -525,3 +526,24 @@ async def test_zip_made_by_the_zipfile_command_line(
         ("shoot/sku2.png", 16),
     ]
     assert len(stored_batch_objects(org)) == 2
+
+
+async def test_photos_of_items_that_were_never_recorded_are_swept(
+    client: httpx.AsyncClient,
+) -> None:
+    """An API that died between storing an upload and recording its items leaves photos
+    that no item owns: the orphan sweep deletes them and keeps every item's."""
+    from hiddenmodel.jobs import orphans
+
+    org, headers = await keyed_org(client)
+    batch = await _batch_of(client, headers, 2)
+    kept = stored_batch_objects(org)
+    assert len(kept) == 2
+    lost = f"orgs/{org.id}/batches/{batch['id']}/{uuid.uuid4()}/image.png"
+    storage.put_object(
+        lost, png(), "image/png", org_id=uuid.UUID(org.id), job_id=uuid.uuid4(), kind="image"
+    )
+    prefix = storage.org_prefix(uuid.UUID(org.id))
+    swept = orphans.sweep_orphans(prefix=prefix, grace_seconds=0, budget_seconds=30)
+    assert swept.finished and swept.deleted == 1
+    assert stored_batch_objects(org) == kept

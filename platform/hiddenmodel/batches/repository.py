@@ -264,6 +264,13 @@ def finish_sync(session: Session, batch_id: uuid.UUID, status: BatchStatus) -> N
     )
 
 
+def existing_item_ids_sync(session: Session, item_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``item_ids`` are batch items of the session's organization."""
+    if not item_ids:
+        return set()
+    return set(session.scalars(select(BatchItem.id).where(BatchItem.id.in_(list(item_ids)))))
+
+
 def batch_of_job_sync(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
     return session.scalar(select(Job.batch_id).where(Job.id == job_id))
 
