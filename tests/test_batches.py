@@ -547,3 +547,20 @@ async def test_photos_of_items_that_were_never_recorded_are_swept(
     swept = orphans.sweep_orphans(prefix=prefix, grace_seconds=0, budget_seconds=30)
     assert swept.finished and swept.deleted == 1
     assert stored_batch_objects(org) == kept
+
+
+async def test_a_member_whose_header_lies_about_its_size_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    """The directory claims 100 bytes for 8 MiB of zeros (a ratio the directory check would
+    pass): unpacking stops at the claim and the member is refused, nothing stored."""
+    raw = bytearray(make_zip([("ok.png", png()), ("liar.png", bytes(8 * 1024 * 1024))]))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.rindex(signature) + offset
+        raw[at : at + 4] = (100).to_bytes(4, "little")
+    org, headers = await keyed_org(client)
+    batch = await create_batch(client, headers)
+    r = await add_zip(client, headers, batch["id"], bytes(raw))
+    assert_problem(r, 422, "archive-member-corrupt")
+    assert r.json()["entry"] == "liar.png"
+    assert stored_batch_objects(org) == []
