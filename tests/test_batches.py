@@ -170,6 +170,8 @@ async def test_zip_with_manifest_runs_to_the_end_and_archives_every_output(
     page = r.json()
     assert [i["position"] for i in page["items"]] == [0, 1, 2, 3, 4]
     assert all(i["status"] == "succeeded" and i["job_id"] for i in page["items"])
+    r = await client.get(f"/v1/jobs/{page['items'][0]['job_id']}", headers=headers)
+    assert r.json()["batch_id"] == batch["id"]
     r = await client.get(f"/v1/batches/{batch['id']}/items?cursor=45&limit=10", headers=headers)
     tail = r.json()["items"]
     assert [i["status"] for i in tail] == ["succeeded"] * 3 + ["rejected"] * 2
