@@ -95,8 +95,9 @@ async def add_items(scope: OrgScope, batch_id: uuid.UUID, source: intake.Source)
     op = get_operation(batch.operation)
     existing = await repository.item_names(scope.session, batch_id)
     base_params = dict(batch.params)
-    # The upload is read and stored outside any transaction: no row stays locked meanwhile.
-    await rollback(scope.session)
+    # The upload is read and stored outside any transaction: what the request wrote so far
+    # (the key's last use) is committed and no row stays locked meanwhile.
+    await commit(scope.session)
     try:
         planned = await run_in_threadpool(intake.plan, source, op)
     except ArchiveRefused as exc:
@@ -286,11 +287,13 @@ async def cancel(scope: OrgScope, batch_id: uuid.UUID) -> Batch:
         await commit(scope.session)
         return await get(scope, batch_id)
     batch.cancel_requested = True
+    # Running jobs first: a worker finishing one holds its row and then wants the quota
+    # counters, which the cancels below take; in this order it never waits on us for them.
+    running = await repository.request_cancel_running(scope.session, batch_id)
     now = datetime.now(UTC)
     for job_id in await repository.queued_job_ids(scope.session, batch_id):
         if await jobs_repository.cancel_queued(scope.session, job_id, now):
             await lifecycle.record_end(scope.session, job_id, JobStatus.CANCELED, end_batch=False)
-    running = await repository.request_cancel_running(scope.session, batch_id)
 
     async def _flag_and_finish() -> None:
         for job_id in running:
