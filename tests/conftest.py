@@ -231,3 +231,12 @@ def services(cluster: Any) -> Any:
     cluster.start_dispatcher()
     cluster.ensure_worker()
     return cluster
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Any]:
+    """A webhook receiver on loopback (tests/webhook_receiver.py), one per test module."""
+    from tests.webhook_receiver import running_receiver
+
+    with running_receiver() as state:
+        yield state

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import create_engine, pool, text
 
-from tests.conftest import Org, bearer, make_key, make_org, superuser_url
+from tests.conftest import Org, bearer, db_rows, make_key, make_org, superuser_url
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
@@ -131,3 +132,32 @@ def add_usage(org_id: str, *events: Event) -> None:
                 params,
             )
     engine.dispose()
+
+
+def set_overrides(org: Org, **overrides: Any) -> None:
+    """What an operator does: put the org on the default plan with these limit overrides."""
+    db_rows(
+        "INSERT INTO org_billing (organization_id, plan_id, overrides) "
+        "SELECT :o, id, CAST(:ov AS jsonb) FROM plans WHERE is_default "
+        "ON CONFLICT (organization_id) DO UPDATE SET overrides = EXCLUDED.overrides",
+        o=org.id,
+        ov=json.dumps(overrides),
+    )
+    from hiddenmodel.usage import ratelimits
+
+    ratelimits.forget(uuid.UUID(org.id))
+
+
+def endpoints_path(org: Org) -> str:
+    return f"/v1/orgs/{org.id}/webhook-endpoints"
+
+
+async def create_endpoint(
+    client: httpx.AsyncClient, org: Org, url: str, **fields: Any
+) -> dict[str, Any]:
+    r = await client.post(
+        endpoints_path(org), json={"url": url, **fields}, headers=org.owner.headers
+    )
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body

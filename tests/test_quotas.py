@@ -14,23 +14,9 @@ import pytest
 from hiddenmodel import storage
 from hiddenmodel.redis import sync_redis
 from tests.conftest import Org, assert_problem, bearer, db_rows, db_scalar, make_key, make_org
-from tests.factories import big_png, keyed_org, png, submit, wait_job, wait_status
+from tests.factories import big_png, keyed_org, png, set_overrides, submit, wait_job, wait_status
 
 pytestmark = pytest.mark.usefixtures("services")
-
-
-def set_overrides(org: Org, **overrides: Any) -> None:
-    """What an operator does: put the org on the default plan with these limit overrides."""
-    db_rows(
-        "INSERT INTO org_billing (organization_id, plan_id, overrides) "
-        "SELECT :o, id, CAST(:ov AS jsonb) FROM plans WHERE is_default "
-        "ON CONFLICT (organization_id) DO UPDATE SET overrides = EXCLUDED.overrides",
-        o=org.id,
-        ov=json.dumps(overrides),
-    )
-    from hiddenmodel.usage import ratelimits
-
-    ratelimits.forget(uuid.UUID(org.id))
 
 
 def counters(org: Org) -> dict[str, Any]:

@@ -99,6 +99,23 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "inputs": {},
         "request_hash": "x",
     },
+    "batches": lambda org, user: {
+        "id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:batch:{org}"),
+        "organization_id": org,
+        "operation": "resize",
+        "params": {},
+        "status": "open",
+    },
+    "batch_items": lambda org, user: {
+        "id": uuid.uuid4(),
+        "organization_id": org,
+        "batch_id": uuid.uuid5(uuid.NAMESPACE_URL, f"rls:batch:{org}"),
+        "position": 0,
+        "name": "a.png",
+        "params": {},
+        "inputs": {},
+        "job_id": uuid.uuid4(),
+    },
     "job_outbox": lambda org, user: {
         "organization_id": org,
         "job_id": JOB_IDS[org],

@@ -15,9 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -38,6 +36,8 @@ from tests.conftest import (
     make_org,
     unique,
 )
+from tests.factories import create_endpoint, endpoints_path
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -46,89 +46,6 @@ MAX_ATTEMPTS = int(os.environ["HM_WEBHOOK_MAX_ATTEMPTS"])
 
 
 # --- a receiver --------------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.body)
-        return data
-
-
-@dataclass
-class Receiver:
-    """Records every POST; answers each path from its plan of statuses, then 200."""
-
-    port: int = 0
-    requests: list[Received] = field(default_factory=list)
-    plans: dict[str, list[int]] = field(default_factory=dict)
-    always: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
-
-    def answer(self, path: str) -> int:
-        with self.lock:
-            if path in self.always:
-                return self.always[path]
-            plan = self.plans.get(path)
-            return plan.pop(0) if plan else 200
-
-    def record(self, received: Received) -> None:
-        with self.lock:
-            self.requests.append(received)
-
-    def received(self, path: str) -> list[Received]:
-        with self.lock:
-            return [r for r in self.requests if r.path == path]
-
-    async def wait(self, path: str, count: int, timeout: float = 20.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.received(path)
-            if len(got) >= count:
-                return got
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{path}: {len(self.received(path))} requests, wanted {count}")
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length", "0"))
-            body = self.rfile.read(length)
-            path = self.path.lstrip("/")
-            state.record(Received(path, {k.lower(): v for k, v in self.headers.items()}, body))
-            status = state.answer(path)
-            reply = b'{"ok": true}' if status < 300 else b"receiver says no"
-            self.send_response(status)
-            if 300 <= status < 400:
-                self.send_header("location", f"/trap-{path}")
-            self.send_header("content-length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -140,21 +57,6 @@ def independently_verified(secret: str, headers: dict[str, str], body: bytes) ->
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
     expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
     return any(hmac.compare_digest(s, expected) for s in headers["webhook-signature"].split(" "))
-
-
-def endpoints_path(org: Org) -> str:
-    return f"/v1/orgs/{org.id}/webhook-endpoints"
-
-
-async def create_endpoint(
-    client: httpx.AsyncClient, org: Org, url: str, **fields: Any
-) -> dict[str, Any]:
-    r = await client.post(
-        endpoints_path(org), json={"url": url, **fields}, headers=org.owner.headers
-    )
-    assert r.status_code == 201, r.text
-    body: dict[str, Any] = r.json()
-    return body
 
 
 async def send_test_event(client: httpx.AsyncClient, org: Org, endpoint_id: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hiddenmodel.batches.models
 import hiddenmodel.billing.models
 import hiddenmodel.jobs.models
 import hiddenmodel.models
@@ -13,6 +14,7 @@ import tenants.models
 
 MODEL_MODULES = (
     hiddenmodel.models,
+    hiddenmodel.batches.models,
     hiddenmodel.billing.models,
     hiddenmodel.jobs.models,
     hiddenmodel.retention.models,

@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_image_side: int = 6000
 
+    # Batches: items per batch; one request adding items (many files or one ZIP); a ZIP's
+    # entries, unpacked total and per-member unpacked/compressed ratio.
+    batch_max_items: int = Field(default=5000, ge=1)
+    batch_max_upload_bytes: int = 2 * 1024 * 1024 * 1024
+    zip_max_entries: int = Field(default=10_000, ge=1)
+    zip_max_total_bytes: int = 4 * 1024 * 1024 * 1024
+    zip_max_ratio: float = Field(default=200.0, gt=1)
+
     # Jobs: dispatch, leases and limits.
     idempotency_ttl_hours: int = 24
     dispatch_org_inflight_cap: int = Field(default=4, ge=1)

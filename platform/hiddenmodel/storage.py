@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -69,6 +70,16 @@ def get_object(key: str) -> bytes:
     response = s3_client().get_object(Bucket=get_settings().s3_bucket, Key=key)
     body: bytes = response["Body"].read()
     return body
+
+
+def iter_object(key: str, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
+    """The object's bytes in chunks, read from S3 as they are consumed."""
+    response = s3_client().get_object(Bucket=get_settings().s3_bucket, Key=key)
+    body = response["Body"]
+    try:
+        yield from body.iter_chunks(chunk_size)
+    finally:
+        body.close()
 
 
 def delete_objects(keys: list[str]) -> set[str]:

@@ -15,6 +15,7 @@ from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
 from hiddenmodel.api.docs import install_docs
 from hiddenmodel.api.openapi import install_openapi_security
+from hiddenmodel.batches.router import router as batches_router
 from hiddenmodel.billing.router import router as billing_router
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
@@ -50,6 +51,8 @@ def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
     def limit_for(path: str) -> int:
         if path == "/v1/jobs":
             return 3 * max_upload_bytes + UPLOAD_OVERHEAD
+        if path.startswith("/v1/batches/") and path.endswith("/items"):
+            return get_settings().batch_max_upload_bytes + UPLOAD_OVERHEAD
         return JSON_BODY_LIMIT
 
     return limit_for
@@ -86,6 +89,7 @@ def create_app() -> FastAPI:
 
     # Routes are matched in order: the busiest endpoint (job submit and polling) first.
     app.include_router(jobs_router)
+    app.include_router(batches_router)
     auth_tags: list[str | Enum] = ["auth"]
     app.include_router(
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from hiddenmodel.batches import completion as batch_completion
+from hiddenmodel.batches import repository as batches
 from hiddenmodel.db import after_commit
 from hiddenmodel.jobs import events
 from hiddenmodel.jobs.models import JobStatus
@@ -40,6 +42,7 @@ class Ended:
     job_id: uuid.UUID
     status: JobStatus
     deliveries: list[uuid.UUID] = field(default_factory=list)
+    batch_id: uuid.UUID | None = None
 
 
 def record_end_sync(
@@ -61,26 +64,42 @@ def record_end_sync(
         output_bytes=m.output_bytes,
     )
     deliveries = webhooks.emit_job_event_sync(session, job_id, status)
-    return Ended(org_id=org_id, job_id=job_id, status=status, deliveries=deliveries)
+    return Ended(
+        org_id=org_id,
+        job_id=job_id,
+        status=status,
+        deliveries=deliveries,
+        batch_id=batches.batch_of_job_sync(session, job_id),
+    )
 
 
 def announce(ended: list[Ended]) -> None:
-    """After the commit: publish, wake the dispatcher, queue webhook deliveries."""
+    """After the commit: publish, wake the dispatcher, queue webhook deliveries, and end
+    the batch of any job that was its batch's last."""
     for end in ended:
         events.publish(end.job_id, {"type": "status", "status": end.status.value})
         webhook_delivery.send_deliveries(end.org_id, end.deliveries)
     if ended:
         events.wake_dispatcher_sync()
+    for org_id, batch_id in dict.fromkeys((e.org_id, e.batch_id) for e in ended if e.batch_id):
+        batch_completion.finish_if_done_sync(org_id, batch_id)
 
 
-async def record_end(session: AsyncSession, job_id: uuid.UUID, status: JobStatus) -> None:
+async def record_end(
+    session: AsyncSession, job_id: uuid.UUID, status: JobStatus, *, end_batch: bool = True
+) -> None:
     """The API's twin of :func:`record_end_sync` (a queued job canceled); the webhook
     deliveries and the announcement go out once ``session`` commits."""
     await settle(session, job_id, status.value)
     await webhooks.emit_job_event(session, job_id, status)
+    # A caller ending many jobs of one batch (its cancel) checks the batch's end once itself.
+    batch_id = await batches.batch_of_job(session, job_id) if end_batch else None
+    org_id = session.info.get("org_id")
 
     async def _announce() -> None:
         await events.publish_async(job_id, {"type": "status", "status": status.value})
         await events.wake_dispatcher()
+        if batch_id is not None and isinstance(org_id, uuid.UUID):
+            await batch_completion.finish_if_done(org_id, batch_id)
 
     after_commit(session, _announce)

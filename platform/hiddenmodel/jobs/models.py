@@ -78,6 +78,10 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     # When retention deleted the job's inputs and outputs (hiddenmodel.retention).
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The batch the job was admitted with, if any.
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("batches.id", ondelete="SET NULL")
+    )
     created_at: Mapped[datetime] = created_at_column()
 
 

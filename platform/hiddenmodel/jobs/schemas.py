@@ -69,6 +69,9 @@ class JobRead(BaseModel):
     attempts: int
     cancel_after: datetime | None
     timings: Timings
+    batch_id: uuid.UUID | None = Field(
+        default=None, description="The batch the job belongs to, if it came with one"
+    )
     created_at: datetime
     expired_at: datetime | None = Field(
         default=None,

@@ -422,6 +422,7 @@ async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> 
             run_seconds=_seconds(job.started_at, job.finished_at),
             compute_seconds=job.compute_seconds,
         ),
+        batch_id=job.batch_id,
         created_at=job.created_at,
         expired_at=job.expired_at,
     )

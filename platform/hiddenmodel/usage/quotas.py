@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -166,30 +167,9 @@ async def admit(
     undone with it. The reservation is settled when the job finishes (``hm_settle_job``) or
     released when it fails or never starts.
     """
-    grace = get_settings().billing_past_due_grace_days * 86400.0
     try:
         row = (
-            await session.execute(
-                _SUBMIT,
-                {
-                    "job": job.id,
-                    "org": job.organization_id,
-                    "api_key": job.api_key_id,
-                    "user": job.user_id,
-                    "operation": job.operation,
-                    "version": job.operation_version,
-                    "queue": job.queue,
-                    "params": job.params,
-                    "inputs": job.inputs,
-                    "idempotency_key": job.idempotency_key,
-                    "request_hash": job.request_hash,
-                    "cancel_after": job.cancel_after,
-                    "gpu": gpu_seconds,
-                    "images": images,
-                    "input_bytes": input_bytes,
-                    "grace": grace,
-                },
-            )
+            await session.execute(_SUBMIT, _submit_params(job, gpu_seconds, images, input_bytes))
         ).one()
     except DBAPIError as exc:
         refusal = _refusal_from(exc)
@@ -205,7 +185,88 @@ async def admit(
     )
 
 
-def _refusal_from(exc: DBAPIError) -> Problem | None:
+def _submit_params(job: Job, gpu_seconds: float, images: int, input_bytes: int) -> dict[str, Any]:
+    return {
+        "job": job.id,
+        "org": job.organization_id,
+        "api_key": job.api_key_id,
+        "user": job.user_id,
+        "operation": job.operation,
+        "version": job.operation_version,
+        "queue": job.queue,
+        "params": job.params,
+        "inputs": job.inputs,
+        "idempotency_key": job.idempotency_key,
+        "request_hash": job.request_hash,
+        "cancel_after": job.cancel_after,
+        "gpu": gpu_seconds,
+        "images": images,
+        "input_bytes": input_bytes,
+        "grace": get_settings().billing_past_due_grace_days * 86400.0,
+    }
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One job of a group admitted together, with its estimated cost."""
+
+    job: Job
+    gpu_seconds: float
+    images: int
+    input_bytes: int
+
+
+async def admit_all(session: AsyncSession, demands: Sequence[Demand]) -> list[Admitted]:
+    """Admit every job of ``demands`` or none: :func:`admit` for each, in one savepoint of
+    the caller's transaction. A refusal rolls the savepoint back and is reported for the
+    whole group: ``requested`` is the group's total and ``used``/``reserved`` are what they
+    were before the group, so the numbers say by how much the group does not fit."""
+    admitted: list[Admitted] = []
+    async with session.begin_nested():
+        for done, demand in enumerate(demands):
+            try:
+                row = (
+                    await session.execute(
+                        _SUBMIT,
+                        _submit_params(
+                            demand.job, demand.gpu_seconds, demand.images, demand.input_bytes
+                        ),
+                    )
+                ).one()
+            except DBAPIError as exc:
+                refusal = _refusal_from(exc, before=demands[:done], group=demands)
+                if refusal is None:
+                    raise
+                raise refusal from exc
+            admitted.append(
+                Admitted(
+                    created_at=row.created_at,
+                    queue_position=row.queue_position,
+                    plan_code=row.plan_code,
+                    price_per_gpu_second=row.price_per_gpu_second,
+                    currency=row.currency,
+                )
+            )
+    return admitted
+
+
+def _group_amount(limit: str, demands: Sequence[Demand]) -> float:
+    """How much of ``limit`` the jobs of ``demands`` ask for together."""
+    if limit == "monthly_gpu_seconds":
+        return float(sum(d.gpu_seconds for d in demands))
+    if limit == "monthly_images":
+        return float(sum(d.images for d in demands))
+    if limit == "storage_bytes":
+        return float(sum(d.input_bytes for d in demands))
+    return float(len(demands))  # max_queued_jobs: one queued job each
+
+
+def _refusal_from(
+    exc: DBAPIError,
+    *,
+    before: Sequence[Demand] = (),
+    group: Sequence[Demand] | None = None,
+) -> Problem | None:
     """The quota or payment problem a refusal from ``hm_submit_job`` stands for, if it is
     one (SQLSTATE HM429 or HM402, details as JSON)."""
     sqlstate = getattr(exc.orig, "sqlstate", None)
@@ -220,12 +281,23 @@ def _refusal_from(exc: DBAPIError) -> Problem | None:
             past_due_since=datetime.fromisoformat(detail["past_due_since"]).isoformat(),
         )
     period = detail.get("period")
+    limit = detail["limit"]
+    used, reserved = float(detail["used"]), float(detail["reserved"])
+    requested = float(detail["requested"])
+    if group is not None:
+        # The refused job's numbers include the group's jobs admitted before it.
+        earlier = _group_amount(limit, before)
+        if limit in ("monthly_gpu_seconds", "monthly_images"):
+            reserved -= earlier
+        else:
+            used -= earlier
+        requested = _group_amount(limit, group)
     return _refusal(
         detail["subject"],
-        detail["limit"],
+        limit,
         float(detail["limit_value"]),
-        float(detail["used"]),
-        float(detail["reserved"]),
-        float(detail["requested"]),
+        used,
+        reserved,
+        requested,
         date.fromisoformat(period) if period else None,
     )

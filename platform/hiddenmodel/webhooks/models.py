@@ -31,6 +31,7 @@ class EventType(enum.StrEnum):
     JOB_FAILED = "job.failed"
     JOB_CANCELED = "job.canceled"
     JOB_EXPIRED = "job.expired"
+    BATCH_COMPLETED = "batch.completed"
     WEBHOOK_TEST = "webhook.test"
 
 

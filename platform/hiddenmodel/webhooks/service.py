@@ -395,6 +395,20 @@ def emit_job_event_sync(
     return [r.id for r in rows]
 
 
+def emit_event_sync(
+    session: Session, org_id: uuid.UUID, event: EventType, payload: dict[str, Any]
+) -> list[uuid.UUID]:
+    """Record one delivery of ``payload`` per endpoint subscribed to ``event``, in the
+    transaction that made the event true; send the ids after the commit."""
+    endpoints = repository.subscribed_endpoints_sync(session, event.value)
+    if not endpoints:
+        return []
+    rows = _deliveries(org_id, endpoints, event, payload)
+    session.add_all(rows)
+    session.flush()
+    return [r.id for r in rows]
+
+
 async def emit_job_event(
     session: AsyncSession, job: Job | uuid.UUID, status: JobStatus | str
 ) -> list[uuid.UUID]:

@@ -1,0 +1,1 @@
+"""Batches: a shoot's photos submitted, followed and downloaded as one order."""
