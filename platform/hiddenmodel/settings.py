@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Development only: production refuses to start with it (see hiddenmodel.api.app).
@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     billing_past_due_grace_days: float = 7.0
 
     # Webhooks.
+    # Plain http and loopback or private addresses as webhook targets, for a receiver on the
+    # developer's own machine (`hiddenmodel webhook-listen`). Unset: on in development only.
     webhook_allow_private_urls: bool = False
     webhook_timeout_seconds: float = 10.0
     webhook_max_attempts: int = 8
@@ -116,6 +118,12 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @model_validator(mode="after")
+    def _development_defaults(self) -> Settings:
+        if "webhook_allow_private_urls" not in self.model_fields_set:
+            self.webhook_allow_private_urls = self.environment == "development"
+        return self
 
 
 @lru_cache

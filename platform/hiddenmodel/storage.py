@@ -71,6 +71,21 @@ def get_object(key: str) -> bytes:
     return body
 
 
+def object_exists(key: str) -> bool:
+    """Whether ``key`` is stored: an output can outlive its object (a development S3 that
+    kept nothing across a restart, a bucket emptied by hand)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client().head_object(Bucket=get_settings().s3_bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+            return False
+        raise
+    return True
+
+
 def delete_objects(keys: list[str]) -> None:
     for start in range(0, len(keys), 1000):  # S3 takes at most 1000 keys a request
         s3_client().delete_objects(
