@@ -163,12 +163,24 @@ def _ran_a_ghost_job(up: Up) -> None:
     assert result["gpu_seconds"] > 0, result
     assert isinstance(result["needs_review"], bool), result
     assert {"output", "alpha"} <= set(result["outputs"]), result
-    # The output URL the banner prints downloads: 256 on the long side of a 360x480 photo.
+    # The report flags nothing but what the tiny model's noise makes (a visible seam).
+    assert all(r.startswith("visible seam") for r in result["reasons"]), result
+    # The output URL the banner prints downloads: the demo photo's own size, 360x480.
     assert up.lines[at + 1].strip().startswith("Output URL"), up.output
     download = httpx.get(up.lines[at + 2].strip(), timeout=10, trust_env=False)
     assert download.status_code == 200, download.text
     with Image.open(io.BytesIO(download.content)) as image:
-        assert (image.format, image.size) == ("PNG", (192, 256))
+        assert (image.format, image.size) == ("PNG", (360, 480))
+
+
+def _printed_files_exist(up: Up) -> None:
+    """Every file the printed curl examples send is there: the resize picture, the ghost
+    photo and its interior frame."""
+    sent = re.findall(r"-F (?:image|interior)=@(\S+)", up.output)
+    assert len(sent) >= 3, up.output
+    for path in sent:
+        assert Path(path).is_file(), path
+    assert any(p.endswith("demo-garment-inside.png") for p in sent), sent
 
 
 def _photo(width: int, height: int) -> bytes:
@@ -258,6 +270,7 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s
     try:
         _serves_the_demo_org(up)
         _ran_a_ghost_job(up)
+        _printed_files_exist(up)
         _runs_a_job(up)
         assert "PostgreSQL: from HM_DATABASE_URL" in up.output
         assert "Redis: from HM_REDIS_URL" in up.output
