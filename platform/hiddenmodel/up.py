@@ -698,6 +698,8 @@ class ModelPlan:
     path: Path | None
     # Made by up with random weights: the banner must say what its outputs are worth.
     tiny: bool = False
+    # Random weights (up's tiny model, or one HM_MODEL_DIR names): its inpainting is noise.
+    random_weights: bool = False
     note: str = ""
     # The tiny model being made, in the background while the servers start.
     maker: Child | None = None
@@ -745,6 +747,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
     """
     from workers.gpu import check_models
     from workers.models import ModelDirError
+    from workers.models.runtime import RANDOM_WEIGHTS_FILE
 
     configured = os.environ.get(MODEL_ENV, "").strip()
     if configured:
@@ -763,7 +766,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
                 '(README.md, "Models"); unset it to run on a tiny random model instead'
             ) from exc
         os.environ[MODEL_ENV] = str(path)
-        return ModelPlan(path)
+        return ModelPlan(path, random_weights=(path / RANDOM_WEIGHTS_FILE).is_file())
     if not _ai_installed():
         return ModelPlan(
             None,
@@ -775,7 +778,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
     os.environ[MODEL_ENV] = str(path)
     try:
         check_models(path)
-        return ModelPlan(path, tiny=True)
+        return ModelPlan(path, tiny=True, random_weights=True)
     except ModelDirError:
         pass
     staging = path.with_name(f"{path.name}.partial")
@@ -791,7 +794,7 @@ def _plan_model(data_dir: Path) -> ModelPlan:
         log_path=data_dir / "log" / "make-tiny-model.log",
     )
     maker.spawn()
-    return ModelPlan(path, tiny=True, maker=maker, staging=staging)
+    return ModelPlan(path, tiny=True, random_weights=True, maker=maker, staging=staging)
 
 
 def _model_lines(model: ModelPlan) -> list[str]:
@@ -1133,9 +1136,9 @@ def _prove_jobs(client: httpx.Client, key: str, children: Children) -> list[str]
 
 def _review_failures(report: dict[str, Any], model: ModelPlan) -> list[str]:
     """The quality report's reasons that ``up`` must not call a success: all of them with a
-    real model; with the tiny random one, all but what its noise makes inevitable."""
+    real model; with random weights, all but what their noise makes inevitable."""
     reasons = [str(r) for r in report.get("reasons", [])]
-    if model.tiny:
+    if model.random_weights:
         return [r for r in reasons if not r.startswith(TINY_MODEL_REASONS)]
     return reasons
 
