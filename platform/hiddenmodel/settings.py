@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,7 +73,25 @@ class Settings(BaseSettings):
     # argon2 cost: production default; tests lower it to keep thousands of hashes cheap.
     password_hash_time_cost: int = Field(default=3, ge=1)
     password_hash_memory_kib: int = Field(default=65536, ge=8)
-    mail_sender: str = "database"
+    # "database": record mail in email_messages (development, tests); "smtp": send it through
+    # the relay below, by way of the mail_outbox table (retried until the relay takes it).
+    mail_sender: Literal["database", "smtp"] = "database"
+    smtp_host: str = "localhost"
+    smtp_port: int = 587
+    # starttls: plain connection upgraded by STARTTLS (port 587); tls: implicit TLS from the
+    # first byte (port 465); none: no encryption (a relay on the same host only).
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "Hidden Model <no-reply@hiddenmodel.dev>"
+    # A CA bundle for a relay with a private certificate; the system's CAs otherwise.
+    smtp_ca_file: Path | None = None
+    smtp_timeout_seconds: float = 10.0
+    smtp_max_attempts: int = Field(default=10, ge=1)
+    smtp_retry_base_seconds: float = Field(default=30.0, ge=0)
+    smtp_retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    # How often the dispatcher sends the outbox sweep (mail.deliver_outbox).
+    smtp_sweep_interval_seconds: float = 30.0
     cookie_secure: bool = False
 
     # Uploads (DESIGN §5).
