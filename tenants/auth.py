@@ -197,6 +197,16 @@ def check_cookie_request(request: Request) -> None:
     )
 
 
+async def cookie_csrf(request: Request) -> None:
+    """:func:`check_cookie_request` for routes whose authentication lives elsewhere
+    (fastapi-users' own user and cookie routes): when the cookie is what authenticates."""
+    route_name = getattr(request.scope.get("route"), "name", "")
+    if route_name.endswith(".login"):  # takes a password; a cookie there authenticates nothing
+        return
+    if request.headers.get("authorization") is None and request.cookies.get(COOKIE_NAME):
+        check_cookie_request(request)
+
+
 def _bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:

@@ -99,3 +99,22 @@ async def test_the_document_lists_the_cookie_on_org_routes(client: httpx.AsyncCl
     assert (
         "X-Requested-With" in spec["components"]["securitySchemes"]["sessionCookie"]["description"]
     )
+
+
+async def test_the_account_routes_check_cookie_writes_too(client: httpx.AsyncClient) -> None:
+    """fastapi-users' own routes authenticate the cookie themselves; the same check applies."""
+    account = await register(client)
+    cookie = await _cookie(client, account.email)
+    client.cookies.clear()
+    r = await client.patch("/v1/users/me", json={"name": "Forged"}, headers=cookie)
+    assert_problem(r, 403, "csrf-check-failed")
+    r = await client.post("/v1/auth/cookie/logout", headers=cookie)
+    assert_problem(r, 403, "csrf-check-failed")
+    assert (await client.get("/v1/users/me", headers=cookie)).status_code == 200
+    r = await client.patch(
+        "/v1/users/me", json={"name": "Ana"}, headers={**cookie, "Origin": "http://testserver"}
+    )
+    assert r.status_code == 200 and r.json()["name"] == "Ana", r.text
+    # A bearer token needs no proof, even with a cookie beside it.
+    r = await client.patch("/v1/users/me", json={"name": "Bea"}, headers=account.headers)
+    assert r.status_code == 200, r.text
