@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, pool, text
 
-from hiddenmodel.up import Child, Children, UpError
+from hiddenmodel.up import Child, Children, ModelPlan, UpError, _review_failures
 from tests.conftest import PG, TEST_DB
 
 # Its own database: up migrates and seeds it, and nothing else may depend on its contents.
@@ -344,6 +344,44 @@ def test_an_incomplete_model_dir_stops_up_before_anything_starts(
     missing = f"model directory {broken}: missing unet/diffusion_pytorch_model.safetensors"
     assert missing in up.output, up.output
     assert "PostgreSQL" not in up.output, up.output
+
+
+def test_up_fails_loudly_when_its_ghost_demo_is_flagged(
+    up_env: dict[str, str], tmp_path: Path, tiny_model: Path, s3: None
+) -> None:
+    """A model up cannot tell from a real one (the random-weights marker removed) is held to
+    its whole report: the noise it paints is a visible seam, and up stops, non-zero, saying
+    so, instead of calling the run a success."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "RANDOM_WEIGHTS").unlink()
+    database = f"{UP_DB}_flagged"
+    _drop_database(database)
+    for var, role in (
+        ("HM_DATABASE_URL", "hm_app"),
+        ("HM_DATABASE_OWNER_URL", "hm_owner"),
+        ("HM_DATABASE_OPS_URL", "hm_ops"),
+    ):
+        up_env[var] = f"postgresql+psycopg://{role}:{role}@{PG}/{database}"
+    up_env["HM_MODEL_DIR"] = str(model)
+    up_env["HM_DATA_DIR"] = str(tmp_path / "var")
+    up = Up(up_env, cwd=tmp_path)
+    try:
+        code = up.process.wait(START_TIMEOUT_S * 3)
+    finally:
+        up.interrupt()
+        _drop_database(database)
+    assert code == 1, up.output
+    assert "succeeded, but its own quality report flags it: visible seam" in up.output, up.output
+    assert "Hidden Model is up" not in up.output, up.output
+
+
+def test_only_a_random_models_seam_is_excused() -> None:
+    reasons = {"reasons": ["visible seam: median ΔE 45.5", "residual body pixels 3.80% > 0.30%"]}
+    random_model = ModelPlan(Path("m"), random_weights=True)
+    assert _review_failures(reasons, random_model) == ["residual body pixels 3.80% > 0.30%"]
+    assert _review_failures(reasons, ModelPlan(Path("m"))) == reasons["reasons"]
+    assert _review_failures({"reasons": []}, ModelPlan(Path("m"))) == []
 
 
 def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:
