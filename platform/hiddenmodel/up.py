@@ -98,14 +98,14 @@ DEMO_JOB_WAIT_S = 30
 DEMO_IMAGE_SIZE = (256, 256)
 DEMO_JOB_PARAMS = {"width": 128, "height": 96, "mode": "fit"}
 GHOST_JOB_WAIT_S = 60
-# Small and few steps: seconds on a CPU with the tiny model, still the whole pipeline.
 GHOST_PHOTO_SIZE = (360, 480)
 # The photo's own long side: nothing is resampled, so the report judges the pipeline, not a
 # thumbnail whose few pixels of mannequin stand count for more than they are.
+# Few steps: seconds on a CPU with the tiny model, still the whole pipeline.
 GHOST_JOB_PARAMS = {"size": max(GHOST_PHOTO_SIZE), "steps": 4, "seed": 7}
 # What a randomly initialised model cannot help: it paints noise, so the seam between what it
 # paints and the garment shows. Any other reason is a fault of the pipeline and fails ``up``.
-TINY_MODEL_REASONS = ("visible seam",)
+RANDOM_MODEL_REASONS = ("visible seam",)
 # Under HM_DATA_DIR: the garment photo of the demo job, kept for trying the API by hand.
 GHOST_PHOTO_FILE = "demo-garment.png"
 # The studio's second frame of the same garment (the neck joint), beside the photo.
@@ -1139,7 +1139,7 @@ def _review_failures(report: dict[str, Any], model: ModelPlan) -> list[str]:
     real model; with random weights, all but what their noise makes inevitable."""
     reasons = [str(r) for r in report.get("reasons", [])]
     if model.random_weights:
-        return [r for r in reasons if not r.startswith(TINY_MODEL_REASONS)]
+        return [r for r in reasons if not r.startswith(RANDOM_MODEL_REASONS)]
     return reasons
 
 
