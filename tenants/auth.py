@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Path, Request
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
@@ -27,6 +28,8 @@ from hiddenmodel.tenancy import current_org_id
 from tenants import repository
 from tenants.models import ApiKey, Organization, Role, Scope, User
 from tenants.users import (
+    COOKIE_NAME,
+    SESSION_COOKIE_SCHEME,
     SESSION_SCHEME,
     HashedAccessTokenDatabase,
     UserManager,
@@ -158,6 +161,52 @@ class OrgScope:
         )
 
 
+# Methods a cross-site page cannot use to change anything (the cookie is SameSite=Lax too).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# A header a cross-site form cannot send, and a cross-site script only after a CORS preflight
+# this API never grants: its presence shows the request comes from a page of this site.
+CSRF_HEADER = "X-Requested-With"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def check_cookie_request(request: Request) -> None:
+    """Cross-site request forgery: an unsafe request authenticated by the session cookie must
+    come from this site, shown by an ``Origin`` of this server (or ``HM_PUBLIC_BASE_URL``) or
+    by the :data:`CSRF_HEADER` header; a foreign ``Origin`` is refused whatever else is sent."""
+    if request.method in SAFE_METHODS:
+        return
+    origin = request.headers.get("origin")
+    if origin is not None and origin != "null":
+        own = {_origin(str(request.base_url)), _origin(get_settings().public_base_url)}
+        if origin.lower() in own:
+            return
+        raise Forbidden(
+            f"A request from {origin} cannot use this site's session cookie.",
+            kind="csrf-check-failed",
+        )
+    if request.headers.get(CSRF_HEADER):
+        return
+    raise Forbidden(
+        f"A request authenticated by the session cookie must send an Origin of this site or "
+        f"the {CSRF_HEADER} header.",
+        kind="csrf-check-failed",
+    )
+
+
+async def cookie_csrf(request: Request) -> None:
+    """:func:`check_cookie_request` for routes whose authentication lives elsewhere
+    (fastapi-users' own user and cookie routes): when the cookie is what authenticates."""
+    route_name = getattr(request.scope.get("route"), "name", "")
+    if route_name.endswith(".login"):  # takes a password; a cookie there authenticates nothing
+        return
+    if request.headers.get("authorization") is None and request.cookies.get(COOKIE_NAME):
+        check_cookie_request(request)
+
+
 def _bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:
@@ -194,7 +243,8 @@ async def authenticate_api_key(
 
 @asynccontextmanager
 async def authenticated(request: Request) -> AsyncIterator[Principal]:
-    """Bearer API key (``hmk_…``) or bearer session token; 401 otherwise.
+    """Bearer API key (``hmk_…``), bearer session token, or the session cookie (unsafe methods
+    checked by :func:`check_cookie_request`); 401 otherwise.
 
     An API key is looked up in a session bound to the organization its token names, and that
     session, with its open transaction, serves the rest of the request (see
@@ -202,7 +252,12 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     """
     token = _bearer_token(request)
     if token is None:
-        raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
+        token = request.cookies.get(COOKIE_NAME)
+        if not token:
+            raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
+        check_cookie_request(request)
+        if token.startswith(API_KEY_PREFIX + "_"):
+            raise Unauthorized("The session cookie carries a session, not an API key.")
     if token.startswith(API_KEY_PREFIX + "_"):
         try:
             parsed = parse_token(token, API_KEY_PREFIX)
@@ -232,7 +287,7 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     yield Principal(user=user)
 
 
-@accepts(API_KEY_SCHEME, SESSION_SCHEME)
+@accepts(API_KEY_SCHEME, SESSION_SCHEME, SESSION_COOKIE_SCHEME)
 async def current_principal(request: Request) -> AsyncIterator[Principal]:
     async with authenticated(request) as principal:
         yield principal
@@ -242,7 +297,7 @@ async def current_principal(request: Request) -> AsyncIterator[Principal]:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal, scope="function")]
 
 
-@accepts(SESSION_SCHEME)
+@accepts(SESSION_SCHEME, SESSION_COOKIE_SCHEME)
 async def require_user(principal: CurrentPrincipal) -> User:
     if principal.user is None:
         raise Forbidden("This action needs a signed-in user, not an API key.", kind="user-required")
@@ -297,7 +352,7 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
 # dependency layer fewer on every request (a route takes an org scope or a principal).
 
 
-@accepts(API_KEY_SCHEME, SESSION_SCHEME)
+@accepts(API_KEY_SCHEME, SESSION_SCHEME, SESSION_COOKIE_SCHEME)
 async def org_scope_from_path(
     request: Request,
     org_id: Annotated[uuid.UUID, Path(description="Organization id")],

@@ -132,6 +132,15 @@ async def get_api_key(session: AsyncSession, key_id: uuid.UUID) -> ApiKey | None
     return await session.get(ApiKey, key_id)
 
 
+async def unrevoked_api_keys_named(session: AsyncSession, name_prefix: str) -> Sequence[ApiKey]:
+    """The tenant's keys not yet revoked whose name starts with ``name_prefix``."""
+    pattern = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    result = await session.scalars(
+        select(ApiKey).where(ApiKey.revoked_at.is_(None), ApiKey.name.like(pattern, escape="\\"))
+    )
+    return result.all()
+
+
 _API_KEY_FOR_REQUEST = text("SELECT api_key, organization FROM hm_api_key_for_request(:org, :hash)")
 
 

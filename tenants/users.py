@@ -247,8 +247,10 @@ class SessionCookieTransport(CookieTransport):
             auto_error=False,
             scheme_name=SESSION_COOKIE_SCHEME,
             description=(
-                f"The `{self.cookie_name}` cookie set by `POST /v1/auth/cookie/login`; "
-                "accepted by the `/v1/auth` and `/v1/users` endpoints only."
+                f"The `{self.cookie_name}` cookie set by `POST /v1/auth/cookie/login`, for "
+                "pages of this site: it acts as the user's session token. A request with "
+                "another method than GET, HEAD or OPTIONS must also send an `Origin` of this "
+                "site or the `X-Requested-With` header (403 `csrf-check-failed` otherwise)."
             ),
         )
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import create_engine, pool, text
 
-from tests.conftest import Org, bearer, db_rows, make_key, make_org, superuser_url
+from tests.conftest import Org, bearer, db_rows, make_key, make_org, superuser_url, unique
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
@@ -161,3 +161,17 @@ async def create_endpoint(
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()
     return body
+
+
+def plan_body(**extra: Any) -> dict[str, Any]:
+    return {
+        "code": unique("plan"),
+        "name": "Studio",
+        "price_per_gpu_second": "0.003500",
+        "included_gpu_seconds": 7200,
+        "included_images": 10000,
+        "monthly_gpu_seconds": 200000,
+        "monthly_images": 400000,
+        "max_running_jobs": 32,
+        **extra,
+    }

@@ -23,7 +23,7 @@ from tests.conftest import (
     register,
     unique,
 )
-from tests.factories import Event, add_usage
+from tests.factories import Event, add_usage, plan_body
 
 
 @pytest.fixture
@@ -43,20 +43,6 @@ def default_plan_restored() -> Iterator[None]:
 
 def audit_count(actor: str) -> int:
     return int(db_scalar("SELECT count(*) FROM operator_audit_events WHERE actor = :a", a=actor))
-
-
-def plan_body(**extra: Any) -> dict[str, Any]:
-    return {
-        "code": unique("plan"),
-        "name": "Studio",
-        "price_per_gpu_second": "0.003500",
-        "included_gpu_seconds": 7200,
-        "included_images": 10000,
-        "monthly_gpu_seconds": 200000,
-        "monthly_images": 400000,
-        "max_running_jobs": 32,
-        **extra,
-    }
 
 
 def limits_by_name(body: dict[str, Any], subject: str = "org") -> dict[str, Any]:

@@ -263,7 +263,9 @@ async def test_customer_is_created_once_and_checkout_links(
     assert "billing.portal_opened" in actions
 
 
-async def test_a_plan_without_price_is_refused(client: httpx.AsyncClient) -> None:
+async def test_a_plan_without_price_is_refused(
+    client: httpx.AsyncClient, recorder: StripeRecorder
+) -> None:
     org = await make_org(client)
     for plan in ("free", "no-such-plan"):
         r = await client.post(

@@ -130,3 +130,24 @@ async def test_security_matches_what_each_operation_enforces(client: httpx.Async
         assert refused == (SESSION not in schemes), (method, path, r.status_code, r.text)
     # Most of the API needs credentials; the public part is small.
     assert secured > 50
+
+
+async def test_scopes_declared_are_the_scopes_enforced(client: httpx.AsyncClient) -> None:
+    """A key with one scope is refused `missing-scope` only by operations whose
+    `x-required-scopes` lack that scope (usage reports check theirs in a shared helper)."""
+    spec = await _spec(client)
+    org = await make_org(client)
+    key = await make_key(client, org, scopes=["jobs:read"])
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    checked = 0
+    for method, path, op in _operations(spec):
+        if API_KEY not in _schemes(op):
+            continue
+        r = await _call(client, method, _url(path, org.id), headers)
+        declared = op.get("x-required-scopes", [])
+        if _kind(r) == "missing-scope":
+            checked += 1
+            assert declared and "jobs:read" not in declared, (method, path, declared)
+    assert checked > 10
+    usage = [op for _, path, op in _operations(spec) if path.startswith("/v1/usage")]
+    assert usage and all(op.get("x-required-scopes") == ["usage:read"] for op in usage)

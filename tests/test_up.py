@@ -9,12 +9,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,28 +20,22 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import create_engine, pool, text
 
-from hiddenmodel.up import Child, Children, UpError
-from tests.conftest import PG, TEST_DB
+from hiddenmodel.up import Child, Children, ModelPlan, UpError, _review_failures
+from tests.conftest import PG
+from tests.up_harness import (
+    JOB_TIMEOUT_S,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    UP_DB,
+    Up,
+    drop_database,
+    stopped_cleanly,
+)
 
-# Its own database: up migrates and seeds it, and nothing else may depend on its contents.
-UP_DB = f"{TEST_DB}_up"
-START_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 30
-JOB_TIMEOUT_S = 30
-KEY_LINE = re.compile(r"^\s*API key:\s+(\S+)\s*$")
-# The banner's process table: "  worker      pid 1234     log /…/worker.log".
-PROCESS_LINE = re.compile(r"^\s+(\S+)\s+pid (\d+)\s")
 S3_LINE = re.compile(r"S3: embedded \(moto\) on 127\.0\.0\.1:(\d+)")
 GHOST_LINE = re.compile(r"^\s*ghost_mannequin result: (\{.*\})\s*$")
 TINY_MODEL = Path("models") / "tiny-sdxl-inpaint"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -53,76 +45,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     executable = Path(sys.executable).with_name("hiddenmodel")
     subprocess.run([str(executable), "make-tiny-model", str(path)], check=True, timeout=120)
     return path
-
-
-def _drop_database(name: str) -> None:
-    admin = create_engine(
-        os.environ["HM_DATABASE_ADMIN_URL"], poolclass=pool.NullPool, isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-class Up:
-    """A running ``hiddenmodel up`` whose output is collected as it comes."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.lines: list[str] = []
-        self.key: str | None = None
-        self._key_seen = threading.Event()
-        executable = Path(sys.executable).with_name("hiddenmodel")
-        assert executable.exists(), f"the hiddenmodel command is not installed: {executable}"
-        self.process = subprocess.Popen(
-            [str(executable), "up", "--port", str(self.port)],
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        # Drained all along: a full pipe would block up and its children.
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if self.key is None and (match := KEY_LINE.search(line)):
-                self.key = match.group(1)
-                self._key_seen.set()
-        self._key_seen.set()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def processes(self) -> dict[str, int]:
-        """The processes up says it runs, by name."""
-        found = (PROCESS_LINE.match(line) for line in self.lines)
-        return {m.group(1): int(m.group(2)) for m in found if m}
-
-    def wait_for_key(self) -> str:
-        self._key_seen.wait(START_TIMEOUT_S)
-        assert self.key is not None, f"up printed no API key:\n{self.output}"
-        return self.key
-
-    def interrupt(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        try:
-            code = self.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"up did not stop within {STOP_TIMEOUT_S} s:\n{self.output}")
-        # Its last lines are read once the pipe closes.
-        self._reader.join(5)
-        return code
 
 
 @pytest.fixture
@@ -163,12 +85,24 @@ def _ran_a_ghost_job(up: Up) -> None:
     assert result["gpu_seconds"] > 0, result
     assert isinstance(result["needs_review"], bool), result
     assert {"output", "alpha"} <= set(result["outputs"]), result
-    # The output URL the banner prints downloads: 256 on the long side of a 360x480 photo.
+    # The report flags nothing but what the tiny model's noise makes (a visible seam).
+    assert all(r.startswith("visible seam") for r in result["reasons"]), result
+    # The output URL the banner prints downloads: the demo photo's own size, 360x480.
     assert up.lines[at + 1].strip().startswith("Output URL"), up.output
     download = httpx.get(up.lines[at + 2].strip(), timeout=10, trust_env=False)
     assert download.status_code == 200, download.text
     with Image.open(io.BytesIO(download.content)) as image:
-        assert (image.format, image.size) == ("PNG", (192, 256))
+        assert (image.format, image.size) == ("PNG", (360, 480))
+
+
+def _printed_files_exist(up: Up) -> None:
+    """Every file the printed curl examples send is there: the resize picture, the ghost
+    photo and its interior frame."""
+    sent = re.findall(r"-F (?:image|interior)=@(\S+)", up.output)
+    assert len(sent) >= 3, up.output
+    for path in sent:
+        assert Path(path).is_file(), path
+    assert any(p.endswith("demo-garment-inside.png") for p in sent), sent
 
 
 def _photo(width: int, height: int) -> bytes:
@@ -213,26 +147,6 @@ def _runs_a_job(up: Up) -> None:
                 assert (image.format, image.size) == ("WEBP", (120, 80))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def _stopped_cleanly(up: Up) -> None:
-    processes = up.processes()
-    assert up.interrupt() == 0, up.output
-    assert "stopped" in up.lines[-1], up.output
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", up.port)) != 0, "the API outlived up"
-    outlived = {name: pid for name, pid in processes.items() if _alive(pid)}
-    assert not outlived, f"outlived up: {outlived}\n{up.output}"
-
-
 def _gpu_worker_environment(up: Up) -> dict[str, str]:
     pid = up.processes()["worker-gpu"]
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -241,7 +155,7 @@ def _gpu_worker_environment(up: Up) -> dict[str, str]:
 
 def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s3: None) -> None:
     """Without HM_MODEL_DIR, up makes the tiny model itself and says what it is."""
-    _drop_database(UP_DB)
+    drop_database(UP_DB)
     for var, role in (
         ("HM_DATABASE_URL", "hm_app"),
         ("HM_DATABASE_OWNER_URL", "hm_owner"),
@@ -258,6 +172,7 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s
     try:
         _serves_the_demo_org(up)
         _ran_a_ghost_job(up)
+        _printed_files_exist(up)
         _runs_a_job(up)
         assert "PostgreSQL: from HM_DATABASE_URL" in up.output
         assert "Redis: from HM_REDIS_URL" in up.output
@@ -276,8 +191,8 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s
         for log in ("worker.log", "worker-gpu.log"):
             assert "ready." in (tmp_path / "var" / "log" / log).read_text()
     finally:
-        _stopped_cleanly(up)
-        _drop_database(UP_DB)
+        stopped_cleanly(up)
+        drop_database(UP_DB)
 
 
 def test_up_with_embedded_servers(up_env: dict[str, str], tiny_model: Path) -> None:
@@ -304,7 +219,7 @@ def test_up_with_embedded_servers(up_env: dict[str, str], tiny_model: Path) -> N
             assert s3_port is not None, up.output
             assert "s3" in up.processes()
         finally:
-            _stopped_cleanly(up)
+            stopped_cleanly(up)
         # A clean shutdown removes the lock file: no server outlived up.
         assert not (data_dir / "postgres" / "postmaster.pid").exists(), up.output
         with socket.socket() as sock:
@@ -331,6 +246,44 @@ def test_an_incomplete_model_dir_stops_up_before_anything_starts(
     missing = f"model directory {broken}: missing unet/diffusion_pytorch_model.safetensors"
     assert missing in up.output, up.output
     assert "PostgreSQL" not in up.output, up.output
+
+
+def test_up_fails_loudly_when_its_ghost_demo_is_flagged(
+    up_env: dict[str, str], tmp_path: Path, tiny_model: Path, s3: None
+) -> None:
+    """A model up cannot tell from a real one (the random-weights marker removed) is held to
+    its whole report: the noise it paints is a visible seam, and up stops, non-zero, saying
+    so, instead of calling the run a success."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "RANDOM_WEIGHTS").unlink()
+    database = f"{UP_DB}_flagged"
+    drop_database(database)
+    for var, role in (
+        ("HM_DATABASE_URL", "hm_app"),
+        ("HM_DATABASE_OWNER_URL", "hm_owner"),
+        ("HM_DATABASE_OPS_URL", "hm_ops"),
+    ):
+        up_env[var] = f"postgresql+psycopg://{role}:{role}@{PG}/{database}"
+    up_env["HM_MODEL_DIR"] = str(model)
+    up_env["HM_DATA_DIR"] = str(tmp_path / "var")
+    up = Up(up_env, cwd=tmp_path)
+    try:
+        code = up.process.wait(START_TIMEOUT_S * 3)
+    finally:
+        up.interrupt()
+        drop_database(database)
+    assert code == 1, up.output
+    assert "succeeded, but its own quality report flags it: visible seam" in up.output, up.output
+    assert "Hidden Model is up" not in up.output, up.output
+
+
+def test_only_a_random_models_seam_is_excused() -> None:
+    reasons = {"reasons": ["visible seam: median ΔE 45.5", "residual body pixels 3.80% > 0.30%"]}
+    random_model = ModelPlan(Path("m"), random_weights=True)
+    assert _review_failures(reasons, random_model) == ["residual body pixels 3.80% > 0.30%"]
+    assert _review_failures(reasons, ModelPlan(Path("m"))) == reasons["reasons"]
+    assert _review_failures({"reasons": []}, ModelPlan(Path("m"))) == []
 
 
 def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def make_celery() -> Celery:
         task_routes={
             "webhooks.*": {"queue": "webhooks"},
             "maintenance.*": {"queue": "maintenance"},
+            "mail.*": {"queue": "maintenance"},
             "usage.*": {"queue": "maintenance"},
             "billing.*": {"queue": "maintenance"},
         },

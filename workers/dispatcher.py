@@ -184,6 +184,7 @@ def run_forever(stop: threading.Event | None = None) -> None:
     billing_reconcile = Every(settings.billing_reconcile_interval_seconds)
     orphan_sweep = Every(settings.orphan_sweep_interval_seconds)
     retention_sweep = Every(settings.retention_sweep_interval_seconds)
+    mail_sweep = Every(settings.smtp_sweep_interval_seconds)
     log.info("dispatcher started (cap %s per organization)", settings.dispatch_org_inflight_cap)
     while not stop.is_set():
         try:
@@ -201,6 +202,8 @@ def run_forever(stop: threading.Event | None = None) -> None:
                 app.send_task("usage.push_to_stripe", expires=settings.stripe_push_interval_seconds)
             if settings.stripe_meter_id and billing_reconcile.due(now):
                 app.send_task("billing.reconcile")
+            if settings.mail_sender == "smtp" and mail_sweep.due(now):
+                app.send_task("mail.deliver_outbox", expires=settings.smtp_sweep_interval_seconds)
             if orphan_sweep.due(now):
                 app.send_task(
                     "maintenance.sweep_orphans", expires=settings.orphan_sweep_interval_seconds

@@ -30,6 +30,14 @@ def run(self: Any, org_id: str, job_id: str) -> str:
         return "failed"
 
 
+@app.task(name="mail.deliver_outbox", acks_late=True)  # type: ignore[untyped-decorator]
+def deliver_outbox() -> dict[str, int]:
+    """Retry the outgoing mail that is due (see hiddenmodel.smtp)."""
+    from hiddenmodel import smtp
+
+    return smtp.deliver_due()
+
+
 @app.task(name="maintenance.sweep_orphans", acks_late=True)  # type: ignore[untyped-decorator]
 def sweep_orphans() -> dict[str, Any]:
     """Delete input objects whose submit never committed (see hiddenmodel.jobs.orphans)."""

@@ -15,7 +15,7 @@
   plan's and its own), for the bucket's lifecycle rules.
 
 Revision ID: 0014_retention
-Revises: 0010_batches
+Revises: 0012_mail_outbox
 Create Date: 2026-12-04
 """
 
@@ -34,7 +34,7 @@ from hiddenmodel.migration_helpers import (
 )
 
 revision: str = "0014_retention"
-down_revision: str | None = "0010_batches"
+down_revision: str | None = "0012_mail_outbox"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

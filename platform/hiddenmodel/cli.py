@@ -149,6 +149,18 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_webhook_listen(args: argparse.Namespace) -> int:
+    from hiddenmodel.webhooks.listen import listen
+    from hiddenmodel.webhooks.signing import secret_key
+
+    try:
+        secret_key(args.secret)
+    except ValueError:
+        print("error: --secret is not a webhook secret (whsec_…)", file=sys.stderr)
+        return 2
+    return listen(args.secret, host=args.host, port=args.port, count=args.count)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from hiddenmodel import up
 
@@ -164,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.set_defaults(func=_cmd_up)
+
+    hook = sub.add_parser(
+        "webhook-listen",
+        help="receive webhooks on this machine: verify each signature and print the event",
+    )
+    hook.add_argument("--secret", required=True, help="the endpoint's signing secret, whsec_…")
+    hook.add_argument("--host", default="127.0.0.1")
+    hook.add_argument("--port", type=int, default=8787)
+    hook.add_argument("--count", type=int, default=None, help="exit after this many events")
+    hook.set_defaults(func=_cmd_webhook_listen)
 
     api = sub.add_parser("api", help="serve the HTTP API and the portal")
     api.add_argument("--host", default="127.0.0.1")

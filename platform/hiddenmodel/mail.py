@@ -1,8 +1,9 @@
 """Outgoing mail through a pluggable sender.
 
-The default sender records each message in ``email_messages`` and the log, so development,
-tests and the portal can read what would have been sent. Production installs a sender that
-talks to a mail service with :func:`set_mail_sender`.
+The sender is chosen by ``HM_MAIL_SENDER``. ``database``, the default, records each message
+in ``email_messages`` and the log, so development, tests and the portal can read what would
+have been sent. ``smtp`` sends through a relay by way of an outbox
+(:mod:`hiddenmodel.smtp`). :func:`set_mail_sender` installs another sender.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 
 from hiddenmodel.db import async_global_session
 from hiddenmodel.models import EmailMessage
+from hiddenmodel.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,24 @@ class DatabaseMailSender:
         )
 
 
-_sender: MailSender = DatabaseMailSender()
+_sender: MailSender | None = None
 
 
-def set_mail_sender(sender: MailSender) -> None:
+def set_mail_sender(sender: MailSender | None) -> None:
+    """Install ``sender`` for every message; None goes back to ``HM_MAIL_SENDER``'s."""
     global _sender
     _sender = sender
 
 
+def mail_sender() -> MailSender:
+    if _sender is not None:
+        return _sender
+    if get_settings().mail_sender == "smtp":
+        from hiddenmodel.smtp import SmtpMailSender
+
+        return SmtpMailSender()
+    return DatabaseMailSender()
+
+
 async def send_mail(mail: Mail) -> None:
-    await _sender.send(mail)
+    await mail_sender().send(mail)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from fastapi_users.exceptions import InvalidPasswordException, UserAlreadyExists
 from sqlalchemy import select
 
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, ops_session
 from hiddenmodel.errors import Conflict, NotFound, Problem
-from tenants import service
+from tenants import repository, service
 from tenants.auth import OrgScope, Principal
 from tenants.models import Organization, Role, Scope, User
 from tenants.schemas import ApiKeyCreate, OrganizationCreate
@@ -58,6 +59,27 @@ async def find_org_id(org: str) -> uuid.UUID:
     if org_id is None:
         raise NotFound(f"No organization with slug {org}.")
     return org_id
+
+
+async def replace_api_keys(
+    org: str, name_prefix: str, name: str, scopes: list[str], expires_at: datetime
+) -> str:
+    """Revoke the org's keys named ``name_prefix…`` and create one in their place, in one
+    transaction: a tool that makes a key on each run (``up``'s demo key) leaves one behind."""
+    org_id = await find_org_id(org)
+    async with async_tenant_session(org_id) as session:
+        org_row = await session.get(Organization, org_id)
+        if org_row is None:
+            raise NotFound(f"No organization {org}.")
+        scope = OrgScope(org=org_row, principal=Principal(), session=session, role=Role.OWNER)
+        for old in await repository.unrevoked_api_keys_named(session, name_prefix):
+            await service.revoke_api_key(scope, old.id)
+        _, token = await service.create_api_key(
+            scope,
+            ApiKeyCreate(name=name, scopes=[Scope(s) for s in scopes], expires_at=expires_at),
+        )
+        await commit(session)
+    return token
 
 
 async def create_api_key(org: str, name: str, scopes: list[str]) -> str:

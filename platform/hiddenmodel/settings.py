@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Development only: production refuses to start with it (see hiddenmodel.api.app).
@@ -72,7 +73,25 @@ class Settings(BaseSettings):
     # argon2 cost: production default; tests lower it to keep thousands of hashes cheap.
     password_hash_time_cost: int = Field(default=3, ge=1)
     password_hash_memory_kib: int = Field(default=65536, ge=8)
-    mail_sender: str = "database"
+    # "database": record mail in email_messages (development, tests); "smtp": send it through
+    # the relay below, by way of the mail_outbox table (retried until the relay takes it).
+    mail_sender: Literal["database", "smtp"] = "database"
+    smtp_host: str = "localhost"
+    smtp_port: int = 587
+    # starttls: plain connection upgraded by STARTTLS (port 587); tls: implicit TLS from the
+    # first byte (port 465); none: no encryption (a relay on the same host only).
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "Hidden Model <no-reply@hiddenmodel.dev>"
+    # A CA bundle for a relay with a private certificate; the system's CAs otherwise.
+    smtp_ca_file: Path | None = None
+    smtp_timeout_seconds: float = 10.0
+    smtp_max_attempts: int = Field(default=10, ge=1)
+    smtp_retry_base_seconds: float = Field(default=30.0, ge=0)
+    smtp_retry_cap_seconds: float = Field(default=3600.0, ge=0)
+    # How often the dispatcher sends the outbox sweep (mail.deliver_outbox).
+    smtp_sweep_interval_seconds: float = 30.0
     cookie_secure: bool = False
 
     # Uploads (DESIGN §5).
@@ -117,6 +136,8 @@ class Settings(BaseSettings):
     billing_past_due_grace_days: float = 7.0
 
     # Webhooks.
+    # Plain http and loopback or private addresses as webhook targets, for a receiver on the
+    # developer's own machine (`hiddenmodel webhook-listen`). Unset: on in development only.
     webhook_allow_private_urls: bool = False
     webhook_timeout_seconds: float = 10.0
     webhook_max_attempts: int = 8
@@ -127,6 +148,12 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @model_validator(mode="after")
+    def _development_defaults(self) -> Settings:
+        if "webhook_allow_private_urls" not in self.model_fields_set:
+            self.webhook_allow_private_urls = self.environment == "development"
+        return self
 
 
 @lru_cache

@@ -82,6 +82,21 @@ def iter_object(key: str, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
         body.close()
 
 
+def object_exists(key: str) -> bool:
+    """Whether ``key`` is stored: an output can outlive its object (a development S3 that
+    kept nothing across a restart, a bucket emptied by hand)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client().head_object(Bucket=get_settings().s3_bucket, Key=key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+            return False
+        raise
+    return True
+
+
 def delete_objects(keys: list[str]) -> set[str]:
     """Delete ``keys`` (missing ones count as deleted); returns the keys S3 refused."""
     refused: set[str] = set()

@@ -48,6 +48,9 @@ FloatImage = npt.NDArray[np.float32]
 PipelineT = TypeVar("PipelineT", bound="DiffusionPipeline")
 
 # On an out-of-memory error the request is retried once with each side scaled by this factor.
+# Written into a model folder whose weights are random (``make-tiny-model``): its inpainting
+# is noise, which ``up`` must not hold against the pipeline.
+RANDOM_WEIGHTS_FILE = "RANDOM_WEIGHTS"
 OOM_RETRY_SCALE = 0.75
 
 _MODEL_WEIGHTS = (

@@ -38,6 +38,8 @@ from transformers import (
     SegformerForSemanticSegmentation,
 )
 
+from workers.models.runtime import RANDOM_WEIGHTS_FILE
+
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 # 256 byte symbols, the same with the end-of-word suffix, then the two special tokens.
@@ -213,6 +215,9 @@ def make_tiny_model(directory: Path, seed: int = 0, *, segmenters: bool = False)
     pipe = make_tiny_pipeline(seed)
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory, safe_serialization=True)
+    (directory / RANDOM_WEIGHTS_FILE).write_text(
+        "Randomly initialised weights (hiddenmodel make-tiny-model): outputs are noise.\n"
+    )
     if segmenters:
         make_tiny_segmenters(directory, seed)
 

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from hiddenmodel.retention.schemas import RetentionDays
+from hiddenmodel.usage.quantities import GpuSeconds, LimitValues, OptionalGpuSeconds
 from hiddenmodel.usage.reports import UsageTotals
 
 INT32_MAX = 2**31 - 1
@@ -146,9 +147,9 @@ class PlanRead(BaseModel):
     stripe_price_id: str | None
     price_per_gpu_second: Decimal
     currency: str
-    included_gpu_seconds: float
+    included_gpu_seconds: GpuSeconds
     included_images: int
-    monthly_gpu_seconds: float | None
+    monthly_gpu_seconds: OptionalGpuSeconds
     monthly_images: int | None
     max_running_jobs: int | None
     max_queued_jobs: int | None
@@ -185,8 +186,8 @@ class OrgPlanSet(BaseModel):
 class OrgPlanRead(BaseModel):
     organization_id: uuid.UUID
     plan: str
-    overrides: dict[str, Any]
-    limits: dict[str, float | None] = Field(description="Effective limits: plan and overrides")
+    overrides: LimitValues
+    limits: LimitValues = Field(description="Effective limits: plan and overrides")
 
 
 class OrgUsage(UsageTotals):
@@ -200,7 +201,7 @@ class AdminOrgRead(BaseModel):
     created_at: datetime
     plan: str
     plan_assigned: bool = Field(description="False: on the default plan for want of another")
-    overrides: dict[str, Any]
+    overrides: LimitValues
     subscription_status: str | None
     usage: OrgUsage
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from enum import Enum
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from hiddenmodel import __version__
@@ -31,7 +31,7 @@ from hiddenmodel.usage.ratelimits import enforce_for_key
 from hiddenmodel.usage.reports_router import router as usage_reports_router
 from hiddenmodel.usage.router import router as usage_router
 from hiddenmodel.webhooks.router import router as webhooks_router
-from tenants.auth import API_KEY_HOOKS
+from tenants.auth import API_KEY_HOOKS, cookie_csrf
 from tenants.router import router as tenants_router
 from tenants.schemas import UserCreate, UserRead, UserUpdate
 from tenants.users import bearer_backend, cookie_backend, fastapi_users
@@ -95,7 +95,10 @@ def create_app() -> FastAPI:
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
     )
     app.include_router(
-        fastapi_users.get_auth_router(cookie_backend), prefix="/v1/auth/cookie", tags=auth_tags
+        fastapi_users.get_auth_router(cookie_backend),
+        prefix="/v1/auth/cookie",
+        tags=auth_tags,
+        dependencies=[Depends(cookie_csrf)],
     )
     app.include_router(
         fastapi_users.get_register_router(UserRead, UserCreate), prefix="/v1/auth", tags=auth_tags
@@ -103,7 +106,10 @@ def create_app() -> FastAPI:
     app.include_router(fastapi_users.get_reset_password_router(), prefix="/v1/auth", tags=auth_tags)
     app.include_router(fastapi_users.get_verify_router(UserRead), prefix="/v1/auth", tags=auth_tags)
     app.include_router(
-        fastapi_users.get_users_router(UserRead, UserUpdate), prefix="/v1/users", tags=["users"]
+        fastapi_users.get_users_router(UserRead, UserUpdate),
+        prefix="/v1/users",
+        tags=["users"],
+        dependencies=[Depends(cookie_csrf)],
     )
     app.include_router(tenants_router)
     app.include_router(usage_router)

@@ -93,9 +93,16 @@ def _resolve(node: ast.expr, namespace: dict[str, Any]) -> Any:
     return None
 
 
-def required_permissions(endpoint: Callable[..., Any]) -> list[Permission]:
-    """The permissions an endpoint checks with ``<scope>.require(<Permission>)``."""
+def required_permissions(
+    endpoint: Callable[..., Any], _seen: set[Callable[..., Any]] | None = None
+) -> list[Permission]:
+    """The permissions an endpoint checks with ``<scope>.require(<Permission>)``, itself or
+    in the helpers of its own module that it calls (``_report(scope, ...)``)."""
     function = inspect.unwrap(endpoint)
+    seen = _seen if _seen is not None else set()
+    if function in seen:
+        return []
+    seen.add(function)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
@@ -103,15 +110,22 @@ def required_permissions(endpoint: Callable[..., Any]) -> list[Permission]:
     namespace = getattr(function, "__globals__", {})
     found: list[Permission] = []
     for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
         if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
+            isinstance(node.func, ast.Attribute)
             and node.func.attr == "require"
             and len(node.args) == 1
         ):
             permission = _resolve(node.args[0], namespace)
             if isinstance(permission, Permission) and permission not in found:
                 found.append(permission)
+        elif isinstance(node.func, ast.Name):
+            helper = namespace.get(node.func.id)
+            if inspect.isfunction(helper) and helper.__module__ == function.__module__:
+                for permission in required_permissions(helper, seen):
+                    if permission not in found:
+                        found.append(permission)
     return found
 
 
@@ -184,6 +198,34 @@ def add_security(schema: dict[str, Any], app: FastAPI) -> None:
                 _secure_operation(operation, route)
 
 
+def _binary_strings(node: Any) -> None:
+    """Mark uploaded files as ``format: binary`` beside 3.1's ``contentMediaType``: client
+    generators (openapi-python-client) read files from the former only."""
+    if isinstance(node, dict):
+        if node.get("type") == "string" and "contentMediaType" in node:
+            node.setdefault("format", "binary")
+        for value in node.values():
+            _binary_strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            _binary_strings(value)
+
+
+def complete_for_clients(schema: dict[str, Any]) -> None:
+    """What generated clients need beyond FastAPI's document: binary uploads declared as such,
+    and redirects described by their ``Location`` header instead of an empty JSON body."""
+    _binary_strings(schema.get("components", {}).get("schemas", {}))
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            for code, response in operation.get("responses", {}).items():
+                if str(code).startswith("3") and str(code) != "304":
+                    response.pop("content", None)
+                    response.setdefault("headers", {})["Location"] = {
+                        "description": "Where the resource is",
+                        "schema": {"type": "string", "format": "uri"},
+                    }
+
+
 def install_openapi_security(app: FastAPI) -> None:
     """Make ``app.openapi()`` return the document with security added. FastAPI builds the
     document once (again when routes change); security is added to each new build."""
@@ -194,6 +236,7 @@ def install_openapi_security(app: FastAPI) -> None:
         schema = build()
         if not secured or secured[0] is not schema:
             add_security(schema, app)
+            complete_for_clients(schema)
             secured[:] = [schema]
         return schema
 

@@ -220,7 +220,8 @@ async def cancel_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
     "/batches/{batch_id}/archive",
     operation_id="downloadBatchArchive",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/zip": {}},
+    responses={200: {"content": {"application/zip": {"schema": {"type": "string",
+                                                                  "format": "binary"}}},
                      "description": "A ZIP of every output, named after its input, and "
                      "items.csv (status, error, quality flags per item)"}},
 )  # fmt: skip

@@ -129,6 +129,9 @@ async def ensure_customer(scope: OrgScope) -> OrgBilling:
 
 async def start_checkout(scope: OrgScope, plan_code: str) -> CheckoutRead:
     """A Stripe Checkout Session that subscribes the organization to ``plan_code``."""
+    if not gateway.is_configured():
+        # Before the plan: without Stripe no plan can be bought, whichever is asked for.
+        raise gateway.StripeNotConfigured("Stripe is not configured on this server.")
     plan = await repository.get_plan_by_code(scope.session, plan_code)
     if plan is None:
         raise PlanNotPurchasable(f"There is no plan '{plan_code}'.", plan=plan_code)

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
 from hiddenmodel import storage
@@ -246,6 +247,8 @@ async def download_output(job_id: uuid.UUID, name: str, scope: KeyOrgScopeDep) -
             expired_at=job.expired_at.isoformat(),
             retention_days=retention.effective_days,
         )
+    if not await run_in_threadpool(storage.object_exists, output["key"]):
+        raise NotFound("The job's output is no longer stored.", kind="output-not-found")
     url = storage.presigned_get_url(
         output["key"], job.organization_id, filename=f"{job.id}-{name}.{output['format']}"
     )

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.usage.quantities import OptionalGpuSeconds
 
 
 class InputRead(BaseModel):
@@ -65,7 +66,7 @@ class JobRead(BaseModel):
     outputs: list[OutputRead]
     report: dict[str, Any] | None
     error: JobError | None
-    gpu_seconds: float | None
+    gpu_seconds: OptionalGpuSeconds
     attempts: int
     cancel_after: datetime | None
     timings: Timings

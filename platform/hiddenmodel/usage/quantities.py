@@ -11,7 +11,7 @@ round-trips to it.
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator
 
@@ -68,6 +68,21 @@ def remaining(
     return of_limit(name, max(Decimal(0), left - exact(of_limit(name, reserved))))
 
 
+def _optional_gpu_seconds(value: Number | None) -> float | None:
+    return None if value is None else gpu_seconds(value)
+
+
+def _optional_limits(values: object) -> object:
+    if not isinstance(values, dict):
+        return values
+    return {
+        name: of_limit(name, v)
+        if isinstance(v, int | float | Decimal) and not isinstance(v, bool)
+        else v
+        for name, v in values.items()
+    }
+
+
 def show(value: float | int) -> str:
     """A rounded quantity in a sentence: ``3.953``, ``100000``, never ``1e+05``."""
     if isinstance(value, int):
@@ -77,3 +92,6 @@ def show(value: float | int) -> str:
 
 GpuSeconds = Annotated[float, BeforeValidator(gpu_seconds)]
 Megapixels = Annotated[float, BeforeValidator(megapixels)]
+OptionalGpuSeconds = Annotated[float | None, BeforeValidator(_optional_gpu_seconds)]
+# Limit name → value dictionaries (a plan's effective limits, an organization's overrides).
+LimitValues = Annotated[dict[str, Any], BeforeValidator(_optional_limits)]
