@@ -174,6 +174,9 @@ async def test_a_redis_flush_does_not_make_live_workers_look_dead(
     done = await wait_job(client, headers, job_id, timeout=90)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 1
+    # The same workers go on receiving jobs: the queues' routes are declared again.
+    after = (await submit(client, headers)).json()["id"]
+    assert (await wait_job(client, headers, after, timeout=30))["status"] == "succeeded"
 
 
 async def test_a_job_sent_again_keeps_its_place(client: httpx.AsyncClient, services: Any) -> None:
