@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # at most this long after the first arrives.
     gpu_batch_max_size: int = Field(default=4, ge=1, le=64)
     gpu_batch_window_ms: float = Field(default=50.0, ge=0)
+    # A GPU worker that has not loaded its models within this exits instead of reporting ready.
+    gpu_model_load_timeout_seconds: float = Field(default=600.0, gt=0)
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     data_dir: Path = Path("var")
 
