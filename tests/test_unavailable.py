@@ -18,7 +18,7 @@ from hiddenmodel.db import dispose_engines
 from hiddenmodel.redis import close_redis
 from hiddenmodel.settings import get_settings
 from tests.conftest import assert_problem, db_scalar, superuser_url
-from tests.test_jobs import keyed_org, png, submit
+from tests.test_jobs import keyed_org, png, submit, wait_job
 from tests.test_quotas import set_overrides
 
 pytestmark = pytest.mark.usefixtures("services")
@@ -86,6 +86,8 @@ async def test_a_submit_cut_off_by_the_database_deletes_its_stored_input(
     org, headers = await keyed_org(client)
     first = await submit(client, headers)
     assert first.status_code == 202, first.text
+    # Finished, so its output is written before the objects are counted.
+    await wait_job(client, headers, first.json()["id"])
     kept = storage.list_keys(storage.org_prefix(uuid.UUID(org.id)))
     engine = create_engine(superuser_url(), poolclass=pool.NullPool)
     lock = engine.connect()

@@ -166,7 +166,7 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
     database = isinstance(exc, DATABASE_UNAVAILABLE)
     kind = "database-unavailable" if database else "broker-unavailable"
     what = "database" if database else "queue"
-    log.warning("%s: %s", kind, exc)
+    log.warning("%s: %s", kind, getattr(exc, "orig", None) or exc)
     retry = get_settings().dependency_retry_after_seconds
     return problem_response(
         503,
