@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, pool, text
 
 from hiddenmodel.redis import sync_redis
+from hiddenmodel.settings import get_settings
 from tests.conftest import db_rows, db_scalar, superuser_url
 from tests.services import Cluster, Process, hiddenmodel
 from tests.test_jobs import keyed_org, submit, wait_job
@@ -204,3 +205,13 @@ async def test_a_job_sent_again_keeps_its_place(client: httpx.AsyncClient, servi
         )
     ]
     assert started == ids
+
+
+def test_no_worker_is_judged_gone_for_one_ttl_after_redis_lost_its_keys() -> None:
+    client = sync_redis()
+    ttl = get_settings().worker_liveness_ttl_seconds
+    client.delete(liveness.EPOCH_KEY)  # what a FLUSHALL or a restart does
+    now = time.time()
+    assert not liveness.verdicts_allowed(client, now)
+    assert not liveness.verdicts_allowed(client, now + ttl / 2)
+    assert liveness.verdicts_allowed(client, now + ttl + 1)
