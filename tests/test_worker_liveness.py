@@ -4,6 +4,7 @@ says; re-sent jobs keep their place; a Redis flush does not make live workers lo
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, pool, text
 
+from hiddenmodel.db import dispose_engines
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
 from tests.conftest import db_rows, db_scalar, superuser_url
@@ -215,3 +217,31 @@ def test_no_worker_is_judged_gone_for_one_ttl_after_redis_lost_its_keys() -> Non
     assert not liveness.verdicts_allowed(client, now)
     assert not liveness.verdicts_allowed(client, now + ttl / 2)
     assert liveness.verdicts_allowed(client, now + ttl + 1)
+
+
+async def test_a_claim_on_a_dead_connection_is_delivered_again_and_logged_as_such(
+    client: httpx.AsyncClient, services: Cluster
+) -> None:
+    _, headers = await keyed_org(client)
+    services.stop_workers()
+    worker = services.start_worker()
+    seen = len(worker.log())
+    warm = (await submit(client, headers)).json()["id"]
+    assert (await wait_job(client, headers, warm))["status"] == "succeeded"
+    # What a database restart does to every pooled connection; the worker's were used just
+    # now, so it does not ping them before its next claim.
+    db_rows(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND usename = 'hm_app'"
+    )
+    await dispose_engines()
+    job_id = (await submit(client, headers)).json()["id"]
+    done = await wait_job(client, headers, job_id, timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 1
+    log = worker.log()[seen:]
+    # The log says what became of the job, not that a Celery task "succeeded".
+    assert f"job {job_id}: claiming the job:" in log, log[-3000:]
+    assert re.search(f"job {job_id}: .*back to queued .*delivered again", log), log[-3000:]
+    assert f"job {job_id}: succeeded" in log
+    assert not re.search(r"Task jobs\.run\[\S+\] succeeded", log), log[-3000:]
