@@ -27,7 +27,14 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Process:
     """A child process with its output in var/test-logs/<name>.log."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        inherit_env: bool = True,
+    ) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.queues: set[str] = set()
@@ -36,7 +43,7 @@ class Process:
         self.popen = subprocess.Popen(
             argv,
             cwd=REPO,
-            env={**os.environ, **(env or {})},
+            env={**(os.environ if inherit_env else {}), **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

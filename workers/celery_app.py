@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
+
+import redis
+from celery import Celery, signals
 from kombu.entity import Queue
 
 from hiddenmodel.settings import get_settings
+from workers import liveness
+
+log = logging.getLogger(__name__)
 
 QUEUES = ("gpu", "cpu", "webhooks", "maintenance")
 
@@ -48,3 +55,37 @@ def make_celery() -> Celery:
 
 
 app = make_celery()
+
+
+def _announce_worker(sender: Any = None, **_: Any) -> None:
+    """The worker's main process announces itself before it consumes anything."""
+    liveness.start(getattr(sender, "hostname", None))
+    # The job's fate is logged by the job code (workers.tasks, workers.runner); Celery's
+    # "Task ... succeeded" says only that the function returned, so it stays out of the logs.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+
+
+def _announce_pool_process(**_: Any) -> None:
+    """A pool process (prefork) runs the jobs: it announces itself under its own identity."""
+    liveness.start()
+
+
+def _retire(**_: Any) -> None:
+    liveness.stop()
+
+
+def _note_receipt(request: Any = None, **_: Any) -> None:
+    """The moment a job's message reaches this worker, write down who holds it."""
+    if request is None or request.name != "jobs.run":
+        return
+    try:
+        liveness.record_receipt(str(request.id), str(request.args[0]))
+    except (redis.RedisError, IndexError) as exc:
+        log.warning("no receipt for task %s: %s", request.id, exc)
+
+
+signals.worker_init.connect(_announce_worker, weak=False)
+signals.worker_process_init.connect(_announce_pool_process, weak=False)
+signals.worker_process_shutdown.connect(_retire, weak=False)
+signals.worker_shutdown.connect(_retire, weak=False)
+signals.task_received.connect(_note_receipt, weak=False)

@@ -6,6 +6,8 @@ Loaded once per process (after any fork) and shared by every job thread of the p
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -26,6 +28,8 @@ from workers.pipelines.contracts import (
 
 if TYPE_CHECKING:
     from workers.pipelines.ghost.learned import CombinedSegmenter
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _batcher: InpaintBatcher | None = None
@@ -75,6 +79,49 @@ def segmenter() -> CombinedSegmenter | None:
             _segmenter = load_segmenter(model_dir) if model_dir is not None else None
             _segmenter_loaded = True
         return _segmenter
+
+
+def load_models() -> None:
+    """Load the resident model and the segmenters now (each once per process)."""
+    started = time.perf_counter()
+    inpainter()
+    segmenter()
+    log.info("models loaded in process %s in %.1f s", os.getpid(), time.perf_counter() - started)
+
+
+def load_in_every_pool_process(concurrency: int, timeout: float) -> None:
+    """For a prefork pool: every pool process loads the models as it starts (a model on a
+    GPU cannot cross a fork), and the worker reports ``ready.`` only once all of them have,
+    so nothing is received before a process can run it. A worker whose pool processes have
+    not loaded within ``timeout`` exits instead of reporting ready."""
+    from celery import signals
+
+    from workers.celery_app import app
+
+    loaded = multiprocessing.Value("i", 0)
+    # Celery ends a pool process that has not started within this (4 s by default).
+    app.conf.worker_proc_alive_timeout = timeout
+
+    def load_here(**_: object) -> None:
+        load_models()
+        with loaded.get_lock():
+            loaded.value += 1
+
+    def wait_for_pool(**_: object) -> None:
+        deadline = time.monotonic() + timeout
+        while loaded.value < concurrency:
+            if time.monotonic() > deadline:
+                log.critical(
+                    "%s of %s pool processes loaded the models within %s s; exiting",
+                    loaded.value,
+                    concurrency,
+                    timeout,
+                )
+                os._exit(3)
+            time.sleep(0.05)
+
+    signals.worker_process_init.connect(load_here, weak=False)
+    signals.worker_ready.connect(wait_for_pool, weak=False)
 
 
 def _forget_segmenter_in_child() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from hiddenmodel import storage
 from hiddenmodel.db import tenant_session
@@ -42,7 +42,12 @@ RETRYABLE_SQLSTATES = {"40P01", "40001"}
 
 
 class TransientError(Exception):
-    """Worth another attempt (storage or database briefly unavailable)."""
+    """Worth another attempt (storage or database briefly unavailable).
+
+    ``attempt`` is the attempt that owned the job when it happened; None before the claim.
+    """
+
+    attempt: int | None = None
 
 
 @dataclass
@@ -76,11 +81,15 @@ class ProgressReporter:
             )
         if now - self._last_db >= self._db_interval:
             self._last_db = now
-            with tenant_session(self.org_id) as session:
-                if not repository.heartbeat_sync(
-                    session, self.job_id, self.attempt, stage=stage, progress=fraction
-                ):
-                    self.ownership.lost = True
+            try:
+                with tenant_session(self.org_id) as session:
+                    if not repository.heartbeat_sync(
+                        session, self.job_id, self.attempt, stage=stage, progress=fraction
+                    ):
+                        self.ownership.lost = True
+            except DBAPIError as exc:
+                # Progress can wait for the database; the heartbeat thread keeps trying.
+                log.warning("job %s: progress not recorded: %s", self.job_id, exc.orig or exc)
 
 
 class Heartbeat(threading.Thread):
@@ -154,12 +163,23 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     with tenant_session(org_id) as session:
         current = repository.get_job_sync(session, job_id)
         if current is None or current.status != JobStatus.QUEUED.value:
+            log.info(
+                "job %s: not started here, it is %s",
+                job_id,
+                current.status if current else "gone",
+            )
             return None
         if repository.expire_sync(session, job_id):
             ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
         else:
             job = repository.start_sync(session, job_id, worker)
     lifecycle.announce(ended)
+    if ended:
+        log.info("job %s: expired before it could start", job_id)
+    elif job is None:
+        log.info("job %s: not started here, another delivery won it", job_id)
+    else:
+        log.info("job %s: started, attempt %s, on %s", job_id, job.attempts, worker)
     return job
 
 
@@ -200,8 +220,8 @@ def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
     with org_context(org_id):
         try:
             job = _claim(org_id, job_id, worker)
-        except OperationalError as exc:
-            raise TransientError(str(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise TransientError(f"claiming the job: {exc.orig or exc}") from exc
         if job is None:
             return "skipped"
         events.publish(job_id, {"type": "status", "status": JobStatus.RUNNING.value})
@@ -211,6 +231,9 @@ def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
         started = time.perf_counter()
         try:
             return _execute(job, ownership, started)
+        except TransientError as exc:
+            exc.attempt = job.attempts
+            raise
         finally:
             heartbeat.stop.set()
             heartbeat.join(timeout=5)
@@ -249,10 +272,18 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
             compute_seconds=round(time.perf_counter() - started, 4),
             gpu_seconds=gpu_seconds,
         )
-        return "succeeded" if done else "lost"
+        if done:
+            log.info(
+                "job %s: succeeded, attempt %s, %.2f s",
+                job.id,
+                job.attempts,
+                time.perf_counter() - started,
+            )
+            return "succeeded"
+        return _lost(job)
     except JobCancelled:
         if ownership.lost:
-            return "lost"
+            return _lost(job)
         used = round(meter.seconds, 4)
         _finish(
             job,
@@ -263,16 +294,22 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
             compute_seconds=round(time.perf_counter() - started, 4),
             gpu_seconds=used,
         )
+        log.info("job %s: canceled while running, attempt %s", job.id, job.attempts)
         return "canceled"
     except (OperationFailed, ImageRejected) as exc:
         code = exc.code if isinstance(exc, OperationFailed) else exc.kind
         message = exc.message if isinstance(exc, OperationFailed) else exc.detail
-        _finish(job, JobStatus.FAILED, error_code=code, error_message=message)
+        if not _finish(job, JobStatus.FAILED, error_code=code, error_message=message):
+            return _lost(job)
+        log.info("job %s: failed (%s), attempt %s: %s", job.id, code, job.attempts, message)
         return "failed"
     except TransientError:
         raise
+    except (OperationalError, InterfaceError) as exc:
+        # The database went away mid-job: not the job's fault, so another attempt.
+        raise TransientError(f"database unavailable: {exc.orig or exc}") from exc
     except Exception:
-        log.exception("job %s failed", job.id)
+        log.exception("job %s: failed (internal-error), attempt %s", job.id, job.attempts)
         _finish(
             job,
             JobStatus.FAILED,
@@ -282,16 +319,41 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
         return "failed"
 
 
-def requeue_after_transient(org_id: uuid.UUID, job_id: uuid.UUID) -> bool:
-    """Put a job whose attempt hit a transient error back to queued, for a delayed redelivery
-    of the same message. False when it failed for good (attempts exhausted) or is not ours."""
+def _lost(job: Job) -> str:
+    log.warning(
+        "job %s: attempt %s no longer owns the job (its worker was presumed gone); "
+        "its result is dropped",
+        job.id,
+        job.attempts,
+    )
+    return "lost"
+
+
+def requeue_after_transient(org_id: uuid.UUID, job_id: uuid.UUID, attempt: int | None) -> str:
+    """After a transient error of ``attempt`` (None: before the claim), decide the job's fate.
+
+    Returns ``"requeued"`` (running → queued: the caller delivers the same message again
+    later), ``"queued"`` (never claimed: deliver it again as it is), ``"failed"`` (its attempts
+    are used up), ``"lost"`` (another attempt owns it now) or the status it already has.
+    Database errors propagate: then nothing can be decided and the caller delivers again.
+    """
     ended: list[lifecycle.Ended] = []
     with org_context(org_id), tenant_session(org_id) as session:
         job = repository.get_job_sync(session, job_id)
-        if job is None or job.status != JobStatus.RUNNING.value:
-            return False
+        if job is None:
+            return "gone"
+        if job.status == JobStatus.QUEUED.value:
+            # Never claimed: ours to deliver again; claimed and since requeued: not ours.
+            return "queued" if attempt is None else "lost"
+        if job.status != JobStatus.RUNNING.value:
+            return job.status
+        if attempt is not None and job.attempts != attempt:
+            return "lost"
         if job.attempts < get_settings().job_max_attempts:
-            return repository.requeue_running_sync(session, job_id, job.attempts, redeliver=True)
+            requeued = repository.requeue_running_sync(
+                session, job_id, job.attempts, redeliver=True
+            )
+            return "requeued" if requeued else "lost"
         if repository.fail_running_sync(
             session,
             job_id,
@@ -301,4 +363,4 @@ def requeue_after_transient(org_id: uuid.UUID, job_id: uuid.UUID) -> bool:
         ):
             ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.FAILED))
     lifecycle.announce(ended)
-    return False
+    return "failed" if ended else "lost"

@@ -5,7 +5,7 @@ Both tables are org-scoped under forced row-level security like every other tena
 batch's counts and the check, when a job ends, whether it was the batch's last.
 
 Revision ID: 0010_batches
-Revises: 0008_api_key_for_request
+Revises: 0009_worker_liveness
 Create Date: 2026-12-04
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from hiddenmodel.migration_helpers import disable_tenant_rls, enable_tenant_rls
 
 revision: str = "0010_batches"
-down_revision: str | None = "0008_api_key_for_request"
+down_revision: str | None = "0009_worker_liveness"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

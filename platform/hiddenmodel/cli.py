@@ -103,8 +103,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             return 2
         if args.pool != "prefork":
             # No fork ahead: load the models now so the first job does not pay for them.
-            gpu.inpainter()
-            gpu.segmenter()
+            gpu.load_models()
+        else:
+            gpu.load_in_every_pool_process(
+                args.concurrency, get_settings().gpu_model_load_timeout_seconds
+            )
     from workers.celery_app import app
 
     argv = [

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hiddenmodel.requestid import current_request_id
+from hiddenmodel.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,35 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, kind, title, detail, dict(exc.headers or {}), **extra)
 
 
+# A dependency that cannot be reached, or dropped the connection mid-request (a restart): the
+# request is refused as a whole (its transaction rolled back, what it stored deleted by its
+# owner), so trying again later is safe.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+BROKER_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    database = isinstance(exc, DATABASE_UNAVAILABLE)
+    kind = "database-unavailable" if database else "broker-unavailable"
+    what = "database" if database else "queue"
+    log.warning("%s: %s", kind, getattr(exc, "orig", None) or exc)
+    retry = get_settings().dependency_retry_after_seconds
+    return problem_response(
+        503,
+        kind,
+        "Service unavailable",
+        f"The {what} is unavailable for a moment; retry in {retry} s.",
+        {"Retry-After": str(retry)},
+    )
+
+
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(500, "internal-error", "Internal server error")
@@ -154,6 +186,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    for unavailable in (*DATABASE_UNAVAILABLE, *BROKER_UNAVAILABLE):
+        app.add_exception_handler(unavailable, _unavailable_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
 
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # at most this long after the first arrives.
     gpu_batch_max_size: int = Field(default=4, ge=1, le=64)
     gpu_batch_window_ms: float = Field(default=50.0, ge=0)
+    # A GPU worker that has not loaded its models within this exits instead of reporting ready.
+    gpu_model_load_timeout_seconds: float = Field(default=600.0, gt=0)
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     data_dir: Path = Path("var")
 
@@ -125,6 +127,13 @@ class Settings(BaseSettings):
     # A dispatched job whose message is in no queue after this long is dispatched again.
     redispatch_grace_seconds: float = 10.0
     job_max_attempts: int = 3
+    # Every worker process announces itself this often; one silent for the TTL is gone, and
+    # the jobs it received or holds go back to the queue (checked this often).
+    worker_heartbeat_seconds: float = Field(default=1.0, gt=0)
+    worker_liveness_ttl_seconds: float = Field(default=3.0, gt=0)
+    worker_liveness_check_seconds: float = Field(default=1.0, gt=0)
+    # How long a client is asked to wait (Retry-After) when the database or Redis is down.
+    dependency_retry_after_seconds: int = Field(default=5, ge=1)
     cpu_hard_limit_seconds: float = 120.0
     gpu_hard_limit_seconds: float = 900.0
     # Longer than the longest hard limit, so a slow job is never delivered twice.

@@ -145,6 +145,22 @@ def reconcile_candidates_sync(
     return [Candidate(*r) for r in rows]
 
 
+@dataclass(frozen=True)
+class Held:
+    """A running job and the worker process that holds it."""
+
+    org_id: uuid.UUID
+    job_id: uuid.UUID
+    queue: str
+    attempts: int
+    worker: str | None
+
+
+def running_jobs_sync(session: Session) -> list[Held]:
+    rows = session.execute(text("SELECT * FROM hm_running_jobs()"))
+    return [Held(*r) for r in rows]
+
+
 # --- worker side (inside the job's tenant session) ---------------------------------------
 
 
@@ -265,7 +281,13 @@ def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int) ->
     """A queued job whose message was lost is put back in the outbox."""
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED, Job.dispatch_count == dispatch_count)
+        .where(
+            Job.id == job_id,
+            Job.status == QUEUED,
+            Job.dispatch_count == dispatch_count,
+            # Not dispatched: already waiting in the outbox.
+            Job.dispatched_at.is_not(None),
+        )
         .values(dispatched_at=None)
         .returning(Job.organization_id, Job.queue)
     ).one_or_none()

@@ -290,8 +290,12 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
                 return Submitted(replay, replayed=True)
         raise
     except BaseException:
-        await rollback(scope.session)
-        await run_in_threadpool(storage.delete_objects, prepared.keys)
+        # The database may be what failed: the rollback can fail too, and the inputs must
+        # go all the same.
+        try:
+            await rollback(scope.session)
+        finally:
+            await run_in_threadpool(storage.delete_objects, prepared.keys)
         raise
     return Submitted(job, replayed=False, queue_position=admitted.queue_position)
 
