@@ -196,6 +196,9 @@ class AdminOrgRead(BaseModel):
     overrides: dict[str, Any]
     subscription_status: str | None
     usage: OrgUsage
+    suspended_at: datetime | None = Field(
+        default=None, description="Set while suspended: members and keys are refused"
+    )
 
 
 AdminGroupBy = Literal["org", "day", "operation"]
