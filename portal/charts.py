@@ -53,7 +53,7 @@ def daily_usage_svg(points: list[DayPoint], *, width: int = 720, height: int = 2
             f'width="{slot * 0.7:.1f}" height="{bar_h:.1f}"><title>{label}</title></rect>'
         )
         line.append(f"{x + slot / 2:.1f},{top + plot_h - plot_h * p.images / img_max:.1f}")
-        if i % 7 == 0 or i == len(points) - 1:
+        if (len(points) - 1 - i) % 7 == 0:  # weekly, ending on the last day
             parts.append(
                 f'<text class="tick" x="{x + slot / 2:.1f}" y="{height - 8}" '
                 f'text-anchor="middle">{p.day.strftime("%d %b")}</text>'

@@ -24,6 +24,7 @@ from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
+from hiddenmodel import storage
 from hiddenmodel.admin import service as admin_service
 from hiddenmodel.admin.auth import Operator
 from hiddenmodel.admin.schemas import OrgPlanSet
@@ -693,11 +694,17 @@ async def jobs_page(
 @router.get("/orgs/{org_id}/jobs/{job_id}", response_class=HTMLResponse)
 async def job_page(request: Request, org_id: uuid.UUID, job_id: uuid.UUID) -> Response:
     async with org_page(request, org_id, OPERATE) as scope:
-        job = await jobs_service.view(scope, await jobs_service.get(scope, job_id))
+        row = await jobs_service.get(scope, job_id)
+        job = await jobs_service.view(scope, row)
+        # The API gives no input URLs; the page shows the inputs beside the outputs.
+        input_urls = {
+            name: storage.presigned_get_url(meta["key"], row.organization_id)
+            for name, meta in row.inputs.items()
+        }
         return _render(
             request,
             "job.html",
-            {"job": job, "terminal": job.status.terminal},
+            {"job": job, "terminal": job.status.terminal, "input_urls": input_urls},
             scope=scope,
         )
 
