@@ -37,6 +37,9 @@ from hiddenmodel.jobs.router import _event_stream
 from hiddenmodel.usage import quotas, reports
 from hiddenmodel.usage import service as usage_service
 from hiddenmodel.usage.schemas import SubLimits
+from hiddenmodel.webhooks import service as webhooks_service
+from hiddenmodel.webhooks.models import EventType
+from hiddenmodel.webhooks.schemas import WebhookEndpointCreate, WebhookEndpointUpdate
 from portal.charts import DayPoint, daily_usage_svg, gauge_svg
 from portal.security import (
     CSRF_FIELD,
@@ -177,6 +180,7 @@ def _render(
                 "keys": scope.allows(MANAGE_API_KEYS),
                 "audit": scope.allows(READ_AUDIT),
                 "usage": scope.allows(USAGE_READ),
+                "webhooks": scope.allows(webhooks_service.MANAGE_WEBHOOKS),
             },
         )
     base.update(context)
@@ -727,6 +731,114 @@ async def cancel_job(request: Request, org_id: uuid.UUID, job_id: uuid.UUID) -> 
         await checked_form(request)
         await jobs_service.cancel(scope, job_id)
         return _see_other(_org_url(org_id, "jobs", str(job_id)))
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+
+async def _webhooks_context(scope: OrgScope, cursor: str | None) -> dict[str, Any]:
+    rows, next_cursor = await webhooks_service.list_endpoints(scope, cursor, PAGE_SIZE)
+    return {
+        "endpoints": rows,
+        "next_cursor": next_cursor,
+        "event_types": [e.value for e in EventType],
+    }
+
+
+@router.get("/orgs/{org_id}/webhooks", response_class=HTMLResponse)
+async def webhooks_page(request: Request, org_id: uuid.UUID, cursor: str | None = None) -> Response:
+    async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
+        context = await _webhooks_context(scope, cursor)
+        return _render(request, "webhooks.html", context, scope=scope)
+
+
+@router.post("/orgs/{org_id}/webhooks", response_class=HTMLResponse)
+async def create_webhook(request: Request, org_id: uuid.UUID) -> Response:
+    async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
+        form = await checked_form(request)
+        try:
+            data = WebhookEndpointCreate.model_validate(
+                {
+                    "url": _field(form, "url"),
+                    "description": _field(form, "description"),
+                    "event_types": [e for e in form.getlist("event_types") if isinstance(e, str)],
+                }
+            )
+            async with attempt(scope):
+                endpoint, secret = await webhooks_service.create_endpoint(scope, data)
+        except (ValidationError, Problem) as exc:
+            context = await _webhooks_context(scope, None)
+            context.update(
+                error=_validation_message(exc)
+                if isinstance(exc, ValidationError)
+                else _problem_message(exc),
+                form_url=_field(form, "url"),
+            )
+            status = exc.status if isinstance(exc, Problem) else 422
+            return _render(request, "webhooks.html", context, status_code=status, scope=scope)
+        context = await _webhooks_context(scope, None)
+        context.update(created=endpoint, secret=secret)
+        return _render(request, "webhooks.html", context, status_code=201, scope=scope)
+
+
+async def _endpoint_context(
+    scope: OrgScope, endpoint_id: uuid.UUID, cursor: str | None
+) -> dict[str, Any]:
+    endpoint = await webhooks_service.get_endpoint(scope, endpoint_id)
+    deliveries, next_cursor = await webhooks_service.list_deliveries(
+        scope, endpoint_id, None, cursor, PAGE_SIZE
+    )
+    return {"endpoint": endpoint, "deliveries": deliveries, "next_cursor": next_cursor}
+
+
+@router.get("/orgs/{org_id}/webhooks/{endpoint_id}", response_class=HTMLResponse)
+async def webhook_page(
+    request: Request, org_id: uuid.UUID, endpoint_id: uuid.UUID, cursor: str | None = None
+) -> Response:
+    async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
+        context = await _endpoint_context(scope, endpoint_id, cursor)
+        return _render(request, "webhook.html", context, scope=scope)
+
+
+@router.post("/orgs/{org_id}/webhooks/{endpoint_id}/{action}", response_class=HTMLResponse)
+async def webhook_action(
+    request: Request, org_id: uuid.UUID, endpoint_id: uuid.UUID, action: str
+) -> Response:
+    """rotate (the new secret shown once), test, enable, disable, delete."""
+    async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
+        await checked_form(request)
+        here = _org_url(org_id, "webhooks", str(endpoint_id))
+        if action == "rotate":
+            _, secret = await webhooks_service.rotate_secret(scope, endpoint_id)
+            context = await _endpoint_context(scope, endpoint_id, None)
+            context["secret"] = secret
+            return _render(request, "webhook.html", context, scope=scope)
+        if action == "test":
+            await webhooks_service.send_test(scope, endpoint_id)
+        elif action in ("enable", "disable"):
+            update = WebhookEndpointUpdate(enabled=action == "enable")
+            await webhooks_service.update_endpoint(scope, endpoint_id, update)
+        elif action == "delete":
+            await webhooks_service.delete_endpoint(scope, endpoint_id)
+            return _see_other(_org_url(org_id, "webhooks"))
+        else:
+            raise NotFound("No such page.")
+        return _see_other(here)
+
+
+@router.post("/orgs/{org_id}/webhook-deliveries/{delivery_id}/redeliver")
+async def redeliver(request: Request, org_id: uuid.UUID, delivery_id: uuid.UUID) -> Response:
+    async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
+        await checked_form(request)
+        original = await webhooks_service.get_delivery(scope, delivery_id)
+        try:
+            async with attempt(scope):
+                await webhooks_service.redeliver(scope, delivery_id)
+        except Problem as exc:
+            context = await _endpoint_context(scope, original.endpoint_id, None)
+            context["error"] = _problem_message(exc)
+            return _render(request, "webhook.html", context, status_code=exc.status, scope=scope)
+        return _see_other(_org_url(org_id, "webhooks", str(original.endpoint_id)))
 
 
 # --- usage and billing -------------------------------------------------------------------

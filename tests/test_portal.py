@@ -596,3 +596,48 @@ async def test_a_suspended_organizations_queued_jobs_wait(client: httpx.AsyncCli
         assert claimed(suspended=False) is True
     finally:
         engine.dispose()
+
+
+async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    url = f"/portal/orgs/{org.id}/webhooks"
+    async with portal_client(app, org.owner) as browser:
+        r = await post_form(browser, url, url, {"url": "ftp://example.com/hook"})
+        assert r.status_code == 422 and 'role="alert"' in r.text
+        r = await post_form(
+            browser,
+            url,
+            url,
+            {"url": "http://127.0.0.1:9/hook", "event_types": ["job.succeeded", "webhook.test"]},
+        )
+        assert r.status_code == 201, r.text
+        first_secret = re.search(r'id="new-secret" class="mono" readonly value="([^"]+)"', r.text)
+        assert first_secret
+        endpoint_id = db_scalar(
+            "SELECT id FROM webhook_endpoints WHERE organization_id = :o", o=org.id
+        )
+        page = f"{url}/{endpoint_id}"
+        assert first_secret.group(1) not in (await browser.get(page)).text
+        assert (await post_form(browser, page, f"{page}/test", {})).status_code == 303
+        assert "webhook.test" in (await browser.get(page)).text
+        r = await post_form(browser, page, f"{page}/rotate", {})
+        rotated = re.search(r'id="new-secret" class="mono" readonly value="([^"]+)"', r.text)
+        assert rotated and rotated.group(1) != first_secret.group(1)
+        delivery_id = db_scalar(
+            "SELECT id FROM webhook_deliveries WHERE organization_id = :o", o=org.id
+        )
+        redeliver = f"/portal/orgs/{org.id}/webhook-deliveries/{delivery_id}/redeliver"
+        r = await post_form(browser, page, redeliver, {})
+        assert r.status_code == 409 and "still being attempted" in r.text
+        db_rows("UPDATE webhook_deliveries SET status = 'failed' WHERE id = :d", d=delivery_id)
+        assert (await post_form(browser, page, redeliver, {})).status_code == 303
+        assert (
+            db_scalar(
+                "SELECT count(*) FROM webhook_deliveries WHERE redelivery_of = :d", d=delivery_id
+            )
+            == 1
+        )
+        assert (await post_form(browser, page, f"{page}/disable", {})).status_code == 303
+        assert "disabled" in (await browser.get(url)).text
+        assert (await post_form(browser, page, f"{page}/delete", {})).status_code == 303
+        assert (await browser.get(page)).status_code == 404
