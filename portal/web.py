@@ -78,6 +78,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals["CSRF_FIELD"] = CSRF_FIELD
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 PAGE_SIZE = 25
+WORKER_WINDOW_MINUTES = 60
 CHART_DAYS = 30
 
 # The portal's pages for people who operate the organization's work (not the billing role,
@@ -987,6 +988,31 @@ async def _operator_org_context(operator: Operator, org_id: uuid.UUID) -> dict[s
 async def operator_org(request: Request, org_id: uuid.UUID) -> Response:
     operator = await require_operator(request)
     return _render(request, "operator_org.html", await _operator_org_context(operator, org_id))
+
+
+@router.get("/operator/queues", response_class=HTMLResponse)
+async def operator_queues(request: Request) -> Response:
+    operator = await require_operator(request)
+    now = datetime.now(UTC)
+    async with _audited(operator, "admin.queues.read") as session:
+        queued, workers = await admin_service.queues_and_workers(
+            session, now, timedelta(minutes=WORKER_WINDOW_MINUTES)
+        )
+    by_queue: dict[str, int] = {}
+    for row in queued:
+        by_queue[row.queue] = by_queue.get(row.queue, 0) + int(row.jobs)
+    return _render(
+        request,
+        "operator_queues.html",
+        {
+            "queued": queued,
+            "by_queue": sorted(by_queue.items()),
+            "workers": workers,
+            "now": now,
+            "window": WORKER_WINDOW_MINUTES,
+            "user": operator,
+        },
+    )
 
 
 @router.post("/operator/orgs/{org_id}/suspension", response_class=HTMLResponse)

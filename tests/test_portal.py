@@ -641,3 +641,54 @@ async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClie
         assert "disabled" in (await browser.get(url)).text
         assert (await post_form(browser, page, f"{page}/delete", {})).status_code == 303
         assert (await browser.get(page)).status_code == 404
+
+
+@pytest.mark.usefixtures("s3")
+async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncClient) -> None:
+    from tests.test_jobs import png
+
+    org = await make_org(client)
+    key = bearer((await make_key(client, org))["key"])
+    operator = await register(client)
+    db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
+    r = await client.post(f"/v1/admin/orgs/{org.id}/suspend", headers=operator.headers)
+    assert r.status_code == 200
+    # Submitted just before the suspension (as the suspension would find it): queued, waiting.
+    db_rows("UPDATE organizations SET suspended_at = NULL WHERE id = :o", o=org.id)
+    r = await client.post(
+        "/v1/jobs",
+        data={"operation": "resize", "params": '{"width": 32}'},
+        files={"image": ("p.png", png(), "image/png")},
+        headers=key,
+    )
+    assert r.status_code == 202, r.text
+    db_rows("UPDATE organizations SET suspended_at = now() WHERE id = :o", o=org.id)
+    worker = f"portal-test-{uuid.uuid4().hex[:6]}@host"
+    db_rows(
+        "UPDATE jobs SET worker = :w, heartbeat_at = now() WHERE id = :j",
+        w=worker,
+        j=r.json()["id"],
+    )
+    if db_scalar("SELECT status FROM jobs WHERE id = :j", j=r.json()["id"]) != "queued":
+        pytest.skip("a dispatcher of another test module took the job before the suspension")
+    async with portal_client(app, operator) as browser:
+        page = await browser.get("/portal/operator/queues")
+    assert page.status_code == 200
+    row = re.search(
+        rf"{org.slug}</a> <span class=\"muted\">\(suspended\)</span></td>(.*?)</tr>",
+        page.text,
+        re.S,
+    )
+    assert row, page.text
+    assert re.findall(r'<td class="num">(\d+)</td>', row.group(1))[:2] == ["1", "1"]
+    assert worker in page.text
+    assert (
+        db_scalar(
+            "SELECT count(*) FROM operator_audit_events WHERE purpose = 'admin.queues.read' "
+            "AND detail->>'operator_id' = :u",
+            u=operator.id,
+        )
+        == 1
+    )
+    async with portal_client(app, org.owner) as owner:
+        assert (await owner.get("/portal/operator/queues")).status_code == 404

@@ -6,7 +6,7 @@ Every function takes the ops session its caller opened (and audited); none commi
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -281,3 +281,12 @@ async def set_suspended(
         )
         await session.flush()
     return (await _org_reads(session, [org], today))[0]
+
+
+async def queues_and_workers(
+    session: AsyncSession, now: datetime, window: timedelta
+) -> tuple[list[Any], list[Any]]:
+    """Queue depth per queue and organization, and the workers heard from within ``window``."""
+    queued = list(await repository.queued_jobs(session))
+    workers = list(await repository.worker_heartbeats(session, now - window))
+    return queued, workers
