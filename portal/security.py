@@ -24,6 +24,9 @@ from hiddenmodel.settings import get_settings
 PREFIX = "/portal"
 CSRF_COOKIE = "hm_csrf"
 CSRF_FIELD = "csrf_token"
+# Billing forms redirect to Stripe Checkout and the customer portal; form-action covers the
+# redirect too.
+STRIPE_PAGES = "https://checkout.stripe.com https://billing.stripe.com"
 
 
 class CsrfRefused(Problem):
@@ -43,7 +46,7 @@ def content_security_policy() -> str:
     images = " ".join(o for o in ("'self'", "data:", _origin(get_settings().s3_endpoint_url)) if o)
     return (
         "default-src 'self'; script-src 'self'; style-src 'self'; "
-        f"img-src {images}; connect-src 'self'; form-action 'self'; "
+        f"img-src {images}; connect-src 'self'; form-action 'self' {STRIPE_PAGES}; "
         "frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
     )
 

@@ -28,6 +28,7 @@ from hiddenmodel import storage
 from hiddenmodel.admin import service as admin_service
 from hiddenmodel.admin.auth import Operator
 from hiddenmodel.admin.schemas import OrgPlanSet
+from hiddenmodel.billing import service as billing_service
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, ops_session, rollback
 from hiddenmodel.errors import NotFound, Problem
 from hiddenmodel.jobs import repository as jobs_repository
@@ -908,22 +909,55 @@ async def usage_csv(
         )
 
 
+async def _billing_context(scope: OrgScope, month: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    try:
+        period = reports.month_period(month or now.strftime("%Y-%m"), today=now.date())
+    except Problem:
+        period = reports.month_period(now.strftime("%Y-%m"), today=now.date())
+    statement = await reports.statement(scope.session, scope.org_id, period, now=now)
+    plan = await quotas.org_plan(scope.session)
+    manage = scope.allows(billing_service.MANAGE_BILLING)
+    async with async_global_session() as session:
+        # Plans are platform data; the same list the operator API shows, buyable ones only.
+        plans = [p for p in await admin_service.list_plans(session) if p.stripe_price_id]
+        await commit(session)
+    return {
+        "statement": statement,
+        "plan": plan.plan,
+        "billing": await billing_service.view(scope) if manage else None,
+        "manage": manage,
+        "plans": plans,
+    }
+
+
 @router.get("/orgs/{org_id}/billing", response_class=HTMLResponse)
 async def billing_page(request: Request, org_id: uuid.UUID, month: str = "") -> Response:
     async with org_page(request, org_id, USAGE_READ) as scope:
-        now = datetime.now(UTC)
+        context = await _billing_context(scope, month)
+        return _render(request, "billing.html", context, scope=scope)
+
+
+@router.post("/orgs/{org_id}/billing/{action}", response_class=HTMLResponse)
+async def billing_action(request: Request, org_id: uuid.UUID, action: str) -> Response:
+    """Off to Stripe: Checkout for a plan, or the customer portal."""
+    async with org_page(request, org_id, billing_service.MANAGE_BILLING) as scope:
+        form = await checked_form(request)
         try:
-            period = reports.month_period(month or now.strftime("%Y-%m"), today=now.date())
-        except Problem:
-            period = reports.month_period(now.strftime("%Y-%m"), today=now.date())
-        statement = await reports.statement(scope.session, scope.org_id, period, now=now)
-        plan = await quotas.org_plan(scope.session)
-        return _render(
-            request,
-            "billing.html",
-            {"statement": statement, "plan": plan.plan, "billing": plan.billing},
-            scope=scope,
-        )
+            async with attempt(scope):
+                if action == "checkout":
+                    url = (await billing_service.start_checkout(scope, _field(form, "plan"))).url
+                elif action == "portal":
+                    url = (await billing_service.open_portal(scope)).url
+                else:
+                    raise NotFound("No such page.")
+        except Problem as exc:
+            if exc.status == 404:
+                raise
+            context = await _billing_context(scope, "")
+            context["error"] = _problem_message(exc)
+            return _render(request, "billing.html", context, status_code=exc.status, scope=scope)
+        return _see_other(url)
 
 
 # --- audit log ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tests.conftest import (
     make_org,
     register,
 )
+from tests.test_billing import recorder, stripe_server  # noqa: F401 - fixtures
 
 CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
@@ -692,3 +693,32 @@ async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncCli
     )
     async with portal_client(app, org.owner) as owner:
         assert (await owner.get("/portal/operator/queues")).status_code == 404
+
+
+@pytest.mark.usefixtures("recorder")
+async def test_billing_sends_the_owner_to_stripe(app: Any, client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    admin = await add_member(client, org, "admin")
+    url = f"/portal/orgs/{org.id}/billing"
+    async with portal_client(app, org.owner) as browser:
+        page = await browser.get(url)
+        assert "Estimated charge" in page.text and 'value="pro"' in page.text
+        r = await post_form(browser, url, f"{url}/checkout", {"plan": "pro"})
+        assert r.status_code == 303
+        assert r.headers["location"].startswith("https://checkout.stripe.com/")
+        r = await post_form(browser, url, f"{url}/checkout", {"plan": "free"})
+        assert r.status_code == 422 and "cannot be bought" in r.text
+        r = await post_form(browser, url, f"{url}/portal", {})
+        assert r.status_code == 303 and "stripe.com" in r.headers["location"]
+        assert "checkout.stripe.com" in r.headers.get("content-security-policy", "")
+    actions = [
+        row.action
+        for row in db_rows("SELECT action FROM audit_events WHERE organization_id = :o", o=org.id)
+    ]
+    assert "billing.checkout_started" in actions
+    # An admin reads usage and the statement, but billing stays with owners and billing members.
+    async with portal_client(app, admin) as browser:
+        page = await browser.get(url)
+        assert page.status_code == 200 and "Go to Stripe Checkout" not in page.text
+        r = await post_form(browser, url, f"{url}/checkout", {"plan": "pro"})
+        assert r.status_code == 403
