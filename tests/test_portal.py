@@ -722,3 +722,65 @@ async def test_billing_sends_the_owner_to_stripe(app: Any, client: httpx.AsyncCl
         assert page.status_code == 200 and "Go to Stripe Checkout" not in page.text
         r = await post_form(browser, url, f"{url}/checkout", {"plan": "pro"})
         assert r.status_code == 403
+
+
+@pytest.mark.usefixtures("s3")
+async def test_jobs_browser_filters_and_cancel(app: Any, client: httpx.AsyncClient) -> None:
+    from tests.test_jobs import png
+
+    org = await make_org(client)
+    key = bearer((await make_key(client, org))["key"])
+    ids = []
+    for width in (32, 40):
+        r = await client.post(
+            "/v1/jobs",
+            data={"operation": "resize", "params": f'{{"width": {width}}}'},
+            files={"image": ("p.png", png(), "image/png")},
+            headers=key,
+        )
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    # No dispatcher runs in this module: both stay queued.
+    status = {
+        row.id: row.status
+        for row in db_rows("SELECT id::text, status FROM jobs WHERE organization_id = :o", o=org.id)
+    }
+    if set(status.values()) != {"queued"}:
+        pytest.skip("a dispatcher of another test module took the jobs")
+    jobs_url = f"/portal/orgs/{org.id}/jobs"
+    async with portal_client(app, org.owner) as browser:
+        listing = (await browser.get(jobs_url)).text
+        assert all(f'data-job="{i}"' in listing for i in ids)
+        job_url = f"{jobs_url}/{ids[0]}"
+        detail = (await browser.get(job_url)).text
+        assert 'data-events="' in detail and "Cancel job" in detail
+        r = await post_form(browser, job_url, f"{job_url}/cancel", {})
+        assert r.status_code == 303
+        assert db_scalar("SELECT status FROM jobs WHERE id = :j", j=ids[0]) == "canceled"
+        canceled = (await browser.get(f"{jobs_url}?status=canceled")).text
+        assert f'data-job="{ids[0]}"' in canceled and f'data-job="{ids[1]}"' not in canceled
+        none = (await browser.get(f"{jobs_url}?operation=ghost_mannequin")).text
+        assert "No jobs match." in none
+        # The event stream of a finished job: its final state, then the end.
+        events = await browser.get(f"{job_url}/events")
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert "event: job" in events.text and '"canceled"' in events.text
+        r = await browser.get(f"{jobs_url}/{uuid.uuid4()}/events")
+        assert r.status_code == 404
+
+
+def test_the_portal_never_imports_workers() -> None:
+    import ast
+    from pathlib import Path
+
+    import portal
+
+    for path in Path(portal.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not [n for n in names if n == "workers" or n.startswith("workers.")], path
