@@ -535,6 +535,22 @@ async def test_operator_suspends_and_unsuspends(app: Any, client: httpx.AsyncCli
     assert_problem(
         await client.post(f"/v1/admin/orgs/{uuid.uuid4()}/suspend", headers=operator.headers), 404
     )
+    # Nobody joins a suspended organization either.
+    invitee = await register(client)
+    db_rows("UPDATE organizations SET suspended_at = NULL WHERE id = :o", o=org.id)
+    r = await client.post(
+        f"/v1/orgs/{org.id}/invitations",
+        json={"email": invitee.email, "role": "member"},
+        headers=org.owner.headers,
+    )
+    db_rows("UPDATE organizations SET suspended_at = now() WHERE id = :o", o=org.id)
+    assert_problem(
+        await client.post(
+            "/v1/invitations/accept", json={"token": r.json()["token"]}, headers=invitee.headers
+        ),
+        403,
+        "organization-suspended",
+    )
     await client.post(f"/v1/admin/orgs/{org.id}/unsuspend", headers=operator.headers)
     actions = [
         row.action
