@@ -1049,6 +1049,45 @@ async def operator_queues(request: Request) -> Response:
     )
 
 
+_OPERATOR_GROUPS = ("org", "day", "operation")
+
+
+@router.get("/operator/usage", response_class=HTMLResponse)
+async def operator_usage(
+    request: Request, group_by: str = "org", start: str = "", end: str = ""
+) -> Response:
+    """Usage across tenants, and Stripe's meter compared with what was sent."""
+    operator = await require_operator(request)
+    group = group_by if group_by in _OPERATOR_GROUPS else "org"
+    first, last = _parse_day(start), _parse_day(end)
+    error: str | None = None
+    async with _audited(
+        operator,
+        "admin.usage.report",
+        group_by=group,
+        start=first.isoformat() if first else None,
+        to=last.isoformat() if last else None,
+    ) as session:
+        try:
+            report = await admin_service.usage_report(session, group, first, last, _today())  # type: ignore[arg-type]
+        except Problem as exc:
+            error = _problem_message(exc)
+            report = await admin_service.usage_report(session, group, None, None, _today())  # type: ignore[arg-type]
+    reconciliations = await billing_service.list_reconciliations(operator, None, None, PAGE_SIZE)
+    return _render(
+        request,
+        "operator_usage.html",
+        {
+            "report": report,
+            "group": group,
+            "groups": _OPERATOR_GROUPS,
+            "reconciliations": reconciliations,
+            "error": error,
+            "user": operator,
+        },
+    )
+
+
 @router.post("/operator/orgs/{org_id}/suspension", response_class=HTMLResponse)
 async def operator_suspension(request: Request, org_id: uuid.UUID) -> Response:
     operator = await require_operator(request)

@@ -707,8 +707,24 @@ async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncCli
         )
         == 1
     )
+    async with portal_client(app, operator) as browser:
+        page = await browser.get(
+            "/portal/operator/usage?group_by=operation&start=2020-01-01&end=2024-01-01"
+        )
+        assert page.status_code == 200
+        assert "Stripe reconciliation" in page.text and 'role="alert"' in page.text  # > 1 year
+        assert (await browser.get("/portal/operator/usage?group_by=day")).status_code == 200
+    assert (
+        db_scalar(
+            "SELECT count(*) FROM operator_audit_events WHERE purpose = 'admin.usage.report' "
+            "AND detail->>'operator_id' = :u",
+            u=operator.id,
+        )
+        == 2
+    )
     async with portal_client(app, org.owner) as owner:
-        assert (await owner.get("/portal/operator/queues")).status_code == 404
+        for url in ("/portal/operator/queues", "/portal/operator/usage"):
+            assert (await owner.get(url)).status_code == 404
 
 
 @pytest.mark.usefixtures("recorder")
