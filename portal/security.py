@@ -19,6 +19,7 @@ from starlette.requests import Request, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hiddenmodel.errors import Problem
+from hiddenmodel.redis import async_redis
 from hiddenmodel.settings import get_settings
 
 PREFIX = "/portal"
@@ -81,6 +82,25 @@ async def checked_form(request: Request) -> FormData:
             "Reload the page and send it again."
         )
     return form
+
+
+FORM_ONCE_FIELD = "form_once"
+FORM_ONCE_TTL_SECONDS = 24 * 3600
+
+
+def form_once() -> str:
+    """A random value for a form whose effect must not repeat (it creates a secret)."""
+    return secrets.token_urlsafe(16)
+
+
+async def first_submission(form: FormData) -> bool:
+    """True the first time a form's one-time value is seen: a reload or a double click that
+    posts the same form again is told apart, and nothing is created twice."""
+    value = form.get(FORM_ONCE_FIELD)
+    if not isinstance(value, str) or not 16 <= len(value) <= 64:
+        return True  # a client that sends none gets no protection, and no refusal
+    key = f"portal:form-once:{hashlib.sha256(value.encode()).hexdigest()}"
+    return bool(await async_redis().set(key, "1", nx=True, ex=FORM_ONCE_TTL_SECONDS))
 
 
 class PortalMiddleware:

@@ -47,6 +47,8 @@ from portal.security import (
     PREFIX,
     checked_form,
     csrf_token,
+    first_submission,
+    form_once,
     new_seed,
     set_seed_cookie,
 )
@@ -169,7 +171,12 @@ def _render(
     status_code: int = 200,
     scope: OrgScope | None = None,
 ) -> HTMLResponse:
-    base: dict[str, Any] = {"csrf_token": csrf_token(request), "user": None, "org": None}
+    base: dict[str, Any] = {
+        "csrf_token": csrf_token(request),
+        "form_once": form_once(),
+        "user": None,
+        "org": None,
+    }
     if scope is not None:
         assert scope.role is not None
         base.update(
@@ -560,6 +567,8 @@ async def keys_page(request: Request, org_id: uuid.UUID, cursor: str | None = No
 async def create_key(request: Request, org_id: uuid.UUID) -> Response:
     async with org_page(request, org_id, MANAGE_API_KEYS) as scope:
         form = await checked_form(request)
+        if not await first_submission(form):
+            return _see_other(_org_url(org_id, "api-keys"))  # created already; shown then
         expires = _field(form, "expires_at")
         try:
             data = ApiKeyCreate(
@@ -758,6 +767,8 @@ async def webhooks_page(request: Request, org_id: uuid.UUID, cursor: str | None 
 async def create_webhook(request: Request, org_id: uuid.UUID) -> Response:
     async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
         form = await checked_form(request)
+        if not await first_submission(form):
+            return _see_other(_org_url(org_id, "webhooks"))
         try:
             data = WebhookEndpointCreate.model_validate(
                 {
@@ -808,9 +819,11 @@ async def webhook_action(
 ) -> Response:
     """rotate (the new secret shown once), test, enable, disable, delete."""
     async with org_page(request, org_id, webhooks_service.MANAGE_WEBHOOKS) as scope:
-        await checked_form(request)
+        form = await checked_form(request)
         here = _org_url(org_id, "webhooks", str(endpoint_id))
         if action == "rotate":
+            if not await first_submission(form):
+                return _see_other(here)
             _, secret = await webhooks_service.rotate_secret(scope, endpoint_id)
             context = await _endpoint_context(scope, endpoint_id, None)
             context["secret"] = secret

@@ -394,6 +394,22 @@ async def test_api_key_shown_once_then_revoked(app: Any, client: httpx.AsyncClie
         )
         r = await post_form(browser, keys_url, keys_url, {"name": "", "scopes": "jobs:read"})
         assert r.status_code == 422 and 'role="alert"' in r.text
+        # The same form posted twice (a reload, a double click) creates one key.
+        page = (await browser.get(keys_url)).text
+        once = re.search(r'name="form_once" value="([^"]+)"', page)
+        assert once
+        form = {"name": "once", "scopes": "jobs:read", "csrf_token": csrf_of(page)}
+        form["form_once"] = once.group(1)
+        assert (await browser.post(keys_url, data=form)).status_code == 201
+        again = await browser.post(keys_url, data=form)
+        assert again.status_code == 303 and "hmk_" not in again.text
+        assert (
+            db_scalar(
+                "SELECT count(*) FROM api_keys WHERE organization_id = :o AND name = 'once'",
+                o=org.id,
+            )
+            == 1
+        )
 
 
 async def test_member_quota_within_the_plan(app: Any, client: httpx.AsyncClient) -> None:
