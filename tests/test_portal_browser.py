@@ -163,6 +163,21 @@ def submit(base: str, key: str) -> httpx.Response:
     )
 
 
+def shoot(page: Any, pages: dict[str, str]) -> None:
+    """Screenshots at 375 and 1440 px; each page must fit the narrow screen (tables scroll)."""
+    for width in (375, 1440):
+        page.set_viewport_size({"width": width, "height": 900})
+        for name, url in pages.items():
+            response = page.goto(url)
+            assert response is not None and response.status == 200, url
+            overflow = page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 1, (name, width, overflow)
+            page.screenshot(path=str(SCREENSHOTS / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
 def test_tenant_admin_and_operator_in_the_browser(
     live_portal: str, browser: Callable[[], Browser]
 ) -> None:
@@ -292,6 +307,14 @@ def test_tenant_admin_and_operator_in_the_browser(
     page.get_by_role("button", name="Unsuspend").click()
     expect(page.locator("#org-state")).to_have_text("active")
     assert api(base, "GET", f"/v1/jobs/{job_id}", key).status_code == 200
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    operator_pages = {
+        "operator-tenants": f"{base}/portal/operator",
+        "operator-tenant": f"{base}/portal/operator/orgs/{org_id}",
+        "operator-queues": f"{base}/portal/operator/queues",
+        "operator-usage": f"{base}/portal/operator/usage",
+    }
+    shoot(page, operator_pages)
 
     # Screenshots of the main pages, narrow and wide, signed in as the owner.
     sign_out(page)
@@ -309,17 +332,7 @@ def test_tenant_admin_and_operator_in_the_browser(
         "audit": f"{org_url}/audit",
         "webhooks": f"{org_url}/webhooks",
     }
-    for width in (375, 1440):
-        page.set_viewport_size({"width": width, "height": 900})
-        for name, url in pages.items():
-            response = page.goto(url)
-            assert response is not None and response.status == 200, url
-            # Readable when narrow: nothing wider than the screen but scrolling tables.
-            overflow = page.evaluate(
-                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-            )
-            assert overflow <= 1, (name, width, overflow)
-            page.screenshot(path=str(SCREENSHOTS / f"{name}-{width}.png"), full_page=True)
+    shoot(page, pages)
     sign_out(page)
     page.screenshot(path=str(SCREENSHOTS / "login-1440.png"))
 
