@@ -35,6 +35,7 @@ from hiddenmodel.jobs import repository as jobs_repository
 from hiddenmodel.jobs import service as jobs_service
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.jobs.router import _event_stream
+from hiddenmodel.security import keyed_hash
 from hiddenmodel.usage import quotas, reports
 from hiddenmodel.usage import service as usage_service
 from hiddenmodel.usage.schemas import SubLimits
@@ -361,7 +362,33 @@ async def verify(request: Request) -> HTMLResponse:
 @router.get("/invitations/accept", response_class=HTMLResponse)
 async def invitation_page(request: Request, token: str = "") -> HTMLResponse:
     user = await require_user(request)
-    return _render(request, "accept.html", {"token": token, "user": user})
+    return _render(
+        request,
+        "accept.html",
+        {"token": token, "user": user, "invitation": await _invitation_for(user, token)},
+    )
+
+
+async def _invitation_for(user: User, token: str) -> dict[str, str] | None:
+    """What the invitation offers, when it is one for this user's address."""
+    try:
+        org_id = tenants_service.invitation_org_id(token)
+    except Problem:
+        return None
+    async with async_tenant_session(org_id) as session:
+        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hash(token))
+        org = await tenants_repository.get_organization(session, org_id)
+        found = (
+            None
+            if invitation is None or org is None or invitation.email.lower() != user.email.lower()
+            else {
+                "org": org.name,
+                "role": invitation.role,
+                "status": tenants_service.invitation_status(invitation),
+            }
+        )
+        await rollback(session)  # read only
+    return found
 
 
 @router.post("/invitations/accept", response_class=HTMLResponse)
@@ -382,7 +409,12 @@ async def accept_invitation(request: Request) -> Response:
         return _render(
             request,
             "accept.html",
-            {"token": token, "user": user, "error": _problem_message(exc)},
+            {
+                "token": token,
+                "user": user,
+                "invitation": await _invitation_for(user, token),
+                "error": _problem_message(exc),
+            },
             status_code=exc.status,
         )
     return _see_other(_org_url(org_id))

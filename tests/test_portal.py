@@ -365,11 +365,21 @@ async def test_accept_an_invitation_in_the_portal(app: Any, client: httpx.AsyncC
             and "next=%2Fportal%2Finvitations%2Faccept" in r.headers["location"]
         )
         await sign_in(browser, invitee.email)
+        page = (await browser.get(accept_url)).text
+        assert f"join <strong>{org.slug.title()}</strong> as <strong>admin</strong>" in page
         r = await post_form(browser, accept_url, "/portal/invitations/accept", {"token": token})
         assert r.status_code == 303 and r.headers["location"] == f"/portal/orgs/{org.id}"
         assert (await browser.get(f"/portal/orgs/{org.id}/members")).status_code == 200
-        r = await post_form(browser, accept_url, "/portal/invitations/accept", {"token": token})
+        assert "This invitation is accepted." in (await browser.get(accept_url)).text
+        r = await browser.post(
+            "/portal/invitations/accept", data={"token": token, "csrf_token": csrf_of(page)}
+        )
         assert r.status_code == 410 and "already been used" in r.text
+    # Someone else's invitation shows nothing of it.
+    async with portal_client(app, org.owner) as browser:
+        page = (await browser.get(accept_url)).text
+        assert "There is no invitation for" in page and org.slug.title() not in page
+        assert "Join the organization" not in page
 
 
 async def test_api_key_shown_once_then_revoked(app: Any, client: httpx.AsyncClient) -> None:
