@@ -210,6 +210,16 @@ def _field(form: FormData, name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _number(raw: str) -> int | float | str:
+    """A form field as the number it spells; anything else as typed, for validation to name."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            continue
+    return raw
+
+
 def _problem_message(exc: Problem) -> str:
     return exc.detail or exc.title
 
@@ -1154,7 +1164,7 @@ async def operator_plan(request: Request, org_id: uuid.UUID) -> Response:
         if raw == "unlimited":
             overrides[name] = None
         elif raw:
-            overrides[name] = raw
+            overrides[name] = _number(raw)
     try:
         body = OrgPlanSet.model_validate({"plan": _field(form, "plan"), "overrides": overrides})
         async with _audited(

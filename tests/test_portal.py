@@ -842,3 +842,42 @@ def test_the_portal_never_imports_workers() -> None:
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not [n for n in names if n == "workers" or n.startswith("workers.")], path
+
+
+async def test_operator_sets_plan_and_overrides(app: Any, client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    operator = await register(client)
+    db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
+    org_url = f"/portal/operator/orgs/{org.id}"
+    async with portal_client(app, operator) as browser:
+        r = await post_form(
+            browser,
+            org_url,
+            f"{org_url}/plan",
+            {
+                "plan": "pro",
+                "override_monthly_images": "1234",
+                "override_storage_bytes": "unlimited",
+                "override_max_running_jobs": "",
+            },
+        )
+        assert r.status_code == 303, r.text
+        body = (await client.get(f"/v1/admin/orgs/{org.id}", headers=operator.headers)).json()
+        assert body["plan"] == "pro"
+        assert body["overrides"] == {"monthly_images": 1234, "storage_bytes": None}
+        page = (await browser.get(org_url)).text
+        assert 'value="1234"' in page and 'value="unlimited"' in page
+        r = await post_form(
+            browser, org_url, f"{org_url}/plan", {"plan": "nope", "override_monthly_images": "1"}
+        )
+        assert r.status_code == 422 and 'role="alert"' in r.text
+        r = await post_form(
+            browser, org_url, f"{org_url}/plan", {"plan": "pro", "override_monthly_images": "-5"}
+        )
+        assert r.status_code == 422 and 'role="alert"' in r.text
+    body = (await client.get(f"/v1/admin/orgs/{org.id}", headers=operator.headers)).json()
+    assert body["overrides"] == {"monthly_images": 1234, "storage_bytes": None}
+    assert "billing.plan_set" in [
+        row.action
+        for row in db_rows("SELECT action FROM audit_events WHERE organization_id = :o", o=org.id)
+    ]
