@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from fastapi_users import exceptions as fu_exceptions
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
@@ -34,9 +34,9 @@ from hiddenmodel.errors import NotFound, Problem
 from hiddenmodel.jobs import repository as jobs_repository
 from hiddenmodel.jobs import service as jobs_service
 from hiddenmodel.jobs.models import JobStatus
-from hiddenmodel.jobs.router import _event_stream
+from hiddenmodel.jobs.router import event_stream_response
 from hiddenmodel.security import keyed_hash
-from hiddenmodel.usage import quotas, reports
+from hiddenmodel.usage import quotas, ratelimits, reports
 from hiddenmodel.usage import service as usage_service
 from hiddenmodel.usage.schemas import SubLimits
 from hiddenmodel.webhooks import service as webhooks_service
@@ -771,11 +771,7 @@ async def job_events(request: Request, org_id: uuid.UUID, job_id: uuid.UUID) -> 
     """The job's event stream (the API's own), for the detail page's progress bar."""
     async with org_page(request, org_id, OPERATE) as scope:
         await jobs_service.get(scope, job_id)  # 404 before any stream opens
-    return StreamingResponse(
-        _event_stream(scope, job_id),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return event_stream_response(scope, job_id)
 
 
 @router.post("/orgs/{org_id}/jobs/{job_id}/cancel")
@@ -1178,7 +1174,5 @@ async def operator_plan(request: Request, org_id: uuid.UUID) -> Response:
         )
         status = exc.status if isinstance(exc, Problem) else 422
         return _render(request, "operator_org.html", context, status_code=status)
-    from hiddenmodel.usage import ratelimits
-
     ratelimits.forget(org_id)
     return _see_other(f"{PREFIX}/operator/orgs/{org_id}")
