@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hiddenmodel.errors import Problem
+from portal import account, operator, tenant
 from portal.security import PREFIX, PortalMiddleware, csrf_token
 from portal.web import HERE, SignInRequired, router, templates
 
@@ -53,6 +54,10 @@ def _portal_errors(api_handler: Handler) -> Handler:
 async def _sign_in(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SignInRequired)
     return RedirectResponse(f"{PREFIX}/login?{urlencode({'next': exc.next_url})}", 303)
+
+
+# Importing the page modules registers their routes on ``router``.
+PAGES = (account, tenant, operator)
 
 
 def install_portal(app: FastAPI) -> None:
