@@ -37,6 +37,7 @@ from portal.web import (
     OPERATE,
     PAGE_SIZE,
     attempt,
+    error_field,
     form_field,
     org_page,
     org_url,
@@ -150,7 +151,12 @@ async def invite(request: Request, org_id: uuid.UUID) -> Response:
                 invitation, _ = await tenants_service.create_invitation(scope, data)
         except ValidationError as exc:
             return await _members_error(
-                request, scope, validation_message(exc), 422, invite_email=form_field(form, "email")
+                request,
+                scope,
+                validation_message(exc),
+                422,
+                invite_email=form_field(form, "email"),
+                error_field=error_field(exc),
             )
         except Problem as exc:
             return await _members_error(request, scope, problem_message(exc), exc.status)
@@ -239,7 +245,11 @@ async def create_key(request: Request, org_id: uuid.UUID) -> Response:
             else:
                 message = "The expiry must be a date and time."
             context = await _keys_context(scope, None)
-            context.update(error=message, form_name=form_field(form, "name"))
+            context.update(
+                error=message,
+                error_field=error_field(exc) or "expires_at",
+                form_name=form_field(form, "name"),
+            )
             return render(request, "keys.html", context, status_code=422, scope=scope)
         context = await _keys_context(scope, None)
         # The secret is shown in this answer only; it is never stored or shown again.
@@ -434,6 +444,8 @@ async def create_webhook(request: Request, org_id: uuid.UUID) -> Response:
                 error=validation_message(exc)
                 if isinstance(exc, ValidationError)
                 else problem_message(exc),
+                # The service refuses only the URL (not allowed, not reachable).
+                error_field=error_field(exc) or "url",
                 form_url=form_field(form, "url"),
             )
             status = exc.status if isinstance(exc, Problem) else 422

@@ -181,6 +181,17 @@ def number(raw: str) -> int | float | str:
     return raw
 
 
+def error_field(exc: Exception) -> str | None:
+    """The form field an error is about, to show it next to that field."""
+    if isinstance(exc, ValidationError):
+        loc = exc.errors()[0].get("loc", ())
+        return str(loc[0]) if loc else None
+    if isinstance(exc, Problem):
+        named = exc.extra.get("field") or exc.extra.get("limit")
+        return str(named) if named else None
+    return None
+
+
 def problem_message(exc: Problem) -> str:
     return exc.detail or exc.title
 

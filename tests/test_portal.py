@@ -324,7 +324,10 @@ async def test_members_invite_role_and_owner_rules(app: Any, client: httpx.Async
             f"{members_url}/invite",
             {"email": "not-an-address", "role": "member"},
         )
-        assert r.status_code == 422 and 'role="alert"' in r.text
+        assert r.status_code == 422
+        assert (
+            'aria-describedby="email-error"' in r.text and 'id="email-error" role="alert"' in r.text
+        )
         # The last owner cannot leave or be demoted: the service's rule, shown on the page.
         r = await post_form(
             owner, members_url, f"{members_url}/{org.owner.id}/role", {"role": "member"}
@@ -404,7 +407,11 @@ async def test_api_key_shown_once_then_revoked(app: Any, client: httpx.AsyncClie
             await client.get("/v1/usage/limits", headers=bearer(key)), 401, "api-key-revoked"
         )
         r = await post_form(browser, keys_url, keys_url, {"name": "", "scopes": "jobs:read"})
-        assert r.status_code == 422 and 'role="alert"' in r.text
+        assert r.status_code == 422 and 'id="name-error" role="alert"' in r.text
+        r = await post_form(
+            browser, keys_url, keys_url, {"name": "k", "scopes": "jobs:read", "expires_at": "soon"}
+        )
+        assert r.status_code == 422 and 'id="expires_at-error" role="alert"' in r.text
         # The same form posted twice (a reload, a double click) creates one key.
         page = (await browser.get(keys_url)).text
         once = re.search(r'name="form_once" value="([^"]+)"', page)
@@ -647,7 +654,7 @@ async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClie
     url = f"/portal/orgs/{org.id}/webhooks"
     async with portal_client(app, org.owner) as browser:
         r = await post_form(browser, url, url, {"url": "ftp://example.com/hook"})
-        assert r.status_code == 422 and 'role="alert"' in r.text
+        assert r.status_code == 422 and 'id="url-error" role="alert"' in r.text
         r = await post_form(
             browser,
             url,
