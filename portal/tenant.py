@@ -4,7 +4,7 @@ billing and audit log. Each enters the organization with :func:`portal.web.org_p
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -340,21 +340,32 @@ async def jobs_page(
     org_id: uuid.UUID,
     status: str = "",
     operation: str = "",
+    start: str = "",
+    end: str = "",
     cursor: str | None = None,
 ) -> Response:
     async with org_page(request, org_id, OPERATE) as scope:
         valid_status = status if status in {s.value for s in JobStatus} else None
+        first, last = parse_day(start), parse_day(end)
         rows, next_cursor = await jobs_repository.list_jobs(
             scope.session,
             status=valid_status,
             operation=operation[:64] or None,
-            created_after=None,
-            created_before=None,
+            # Days in UTC, both included.
+            created_after=datetime.combine(first, time(), UTC) if first else None,
+            created_before=datetime.combine(last + timedelta(days=1), time(), UTC)
+            if last
+            else None,
             cursor=cursor,
             limit=PAGE_SIZE,
         )
         jobs = [await jobs_service.view(scope, j) for j in rows]
-        filters = {"status": valid_status or "", "operation": operation[:64]}
+        filters = {
+            "status": valid_status or "",
+            "operation": operation[:64],
+            "start": first.isoformat() if first else "",
+            "end": last.isoformat() if last else "",
+        }
         more = urlencode({**filters, "cursor": next_cursor}) if next_cursor else None
         return render(
             request,

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -318,6 +319,14 @@ async def test_members_invite_role_and_owner_rules(app: Any, client: httpx.Async
             a=invitee,
         )
         assert len(mail) == 1 and "/portal/invitations/accept?token=hmi_" in mail[0].body
+        assert invitee in (await owner.get(members_url)).text  # pending, with its revoke button
+        invitation_id = db_scalar("SELECT id FROM invitations WHERE email = :e", e=invitee)
+        r = await post_form(
+            owner, members_url, f"/portal/orgs/{org.id}/invitations/{invitation_id}/revoke", {}
+        )
+        assert r.status_code == 303
+        assert db_scalar("SELECT revoked_at FROM invitations WHERE id = :i", i=invitation_id)
+        assert invitee not in (await owner.get(members_url)).text
         r = await post_form(
             owner,
             members_url,
@@ -827,6 +836,11 @@ async def test_jobs_browser_filters_and_cancel(app: Any, client: httpx.AsyncClie
         assert f'data-job="{ids[0]}"' in canceled and f'data-job="{ids[1]}"' not in canceled
         none = (await browser.get(f"{jobs_url}?operation=ghost_mannequin")).text
         assert "No jobs match." in none
+        today = datetime.now(UTC).date().isoformat()
+        during = (await browser.get(f"{jobs_url}?start={today}&end={today}")).text
+        assert all(f'data-job="{i}"' in during for i in ids)
+        before = (await browser.get(f"{jobs_url}?end=2020-01-01")).text
+        assert "No jobs match." in before
         # The event stream of a finished job: its final state, then the end.
         events = await browser.get(f"{job_url}/events")
         assert events.headers["content-type"].startswith("text/event-stream")
