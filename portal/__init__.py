@@ -1,4 +1,6 @@
-"""The Jinja admin portal for tenant admins and platform operators (mounted under /portal).
+"""The Jinja admin portal for tenant admins and platform operators, mounted under /portal.
 
-Its pages are not built yet; the cookie login it will use exists (``/v1/auth/cookie``).
+Server-rendered pages on the same services as the API; signed in with the session cookie of
+``/v1/auth/cookie``. See :mod:`portal.web` for the pages and :mod:`portal.security` for the
+browser protections.
 """

@@ -21,7 +21,7 @@ from hiddenmodel.db import (
     commit,
     rollback,
 )
-from hiddenmodel.errors import Forbidden, NotFound, Unauthorized
+from hiddenmodel.errors import Forbidden, NotFound, Problem, Unauthorized
 from hiddenmodel.security import InvalidToken, keyed_hash, parse_token
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import current_org_id
@@ -87,6 +87,19 @@ MANAGE_ORG = Permission("manage_org", ADMINS, Scope.ADMIN)
 MANAGE_MEMBERS = Permission("manage_members", ADMINS, Scope.ADMIN)
 MANAGE_API_KEYS = Permission("manage_api_keys", ADMINS, Scope.ADMIN)
 READ_AUDIT = Permission("read_audit", ADMINS, Scope.ADMIN)
+
+
+class OrganizationSuspended(Problem):
+    status, kind, title = 403, "organization-suspended", "Organization suspended"
+
+
+def require_not_suspended(org: Organization) -> None:
+    """Refuse every request acting in a suspended organization."""
+    if org.suspended_at is not None:
+        raise OrganizationSuspended(
+            "This organization is suspended by the platform operator; "
+            "contact support to have it restored."
+        )
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,7 @@ async def authenticate_api_key(
         raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
     if key.expires_at is not None and key.expires_at <= now:
         raise Unauthorized("This API key has expired.", kind="api-key-expired")
+    require_not_suspended(org)
     # last_used_at at a coarse resolution: not one write per request. Skipped while another
     # request holds the row for the same purpose, so requests never queue on it.
     resolution = timedelta(seconds=get_settings().api_key_last_used_resolution_seconds)
@@ -338,6 +352,7 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
                 if membership is None:
                     raise NotFound("No such organization.")
                 role = Role(membership.role)
+            require_not_suspended(org)
             try:
                 yield OrgScope(org=org, principal=principal, session=session, role=role)
                 await commit(session)

@@ -21,7 +21,13 @@ from hiddenmodel.security import (
 )
 from hiddenmodel.settings import get_settings
 from tenants import repository
-from tenants.auth import API_KEY_PREFIX, MANAGE_MEMBERS, OrgScope, Principal
+from tenants.auth import (
+    API_KEY_PREFIX,
+    MANAGE_MEMBERS,
+    OrgScope,
+    Principal,
+    require_not_suspended,
+)
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, User
 from tenants.schemas import (
     ApiKeyCreate,
@@ -297,6 +303,9 @@ async def accept_invitation(session: AsyncSession, user: User, token: str) -> Me
         raise Gone("This invitation has been revoked.", kind="invitation-revoked")
     if status == "expired":
         raise Gone("This invitation has expired.", kind="invitation-expired")
+    org = await repository.get_organization(session, invitation.organization_id)
+    if org is not None:
+        require_not_suspended(org)
     if await repository.get_membership(session, user.id) is not None:
         raise Conflict("You are already a member of this organization.", kind="already-member")
     now = datetime.now(UTC)

@@ -64,6 +64,9 @@ from hiddenmodel.db import dispose_engines  # noqa: E402
 from hiddenmodel.migrate import migrate  # noqa: E402
 from hiddenmodel.settings import get_settings  # noqa: E402
 
+# Fixtures that live in modules of their own.
+pytest_plugins = ["tests.stripe_fixtures"]
+
 PASSWORD = "Correct-horse-42"
 
 

@@ -4,7 +4,6 @@ blocked."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -14,17 +13,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+
 TITLE = "Hidden Model API"
 
 
@@ -84,18 +74,10 @@ async def test_docs_routes_stay_out_of_the_schema(client: httpx.AsyncClient) -> 
     assert "://" not in r.text
 
 
-def _require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing (scripts/lib.sh ensure_chromium installs it)")
-    pytest.skip(f"no {CHROMIUM}: install it with `apt-get install -y chromium`")
-
-
 @pytest.fixture(scope="module")
 def live_docs_api() -> Iterator[str]:
     """The API as its own process on a loopback port."""
-    _require_chromium()
+    require_chromium()
     from tests.conftest import _free_port
     from tests.services import hiddenmodel, wait_port
 
@@ -112,7 +94,7 @@ def live_docs_api() -> Iterator[str]:
 def offline_page(tmp_path: Path) -> Iterator[tuple[object, list[str], list[str]]]:
     """A chromium page that can only reach 127.0.0.1; yields the page, the requests it was
     refused ("resource-type url") and its script errors."""
-    _require_chromium()
+    require_chromium()
     from playwright.sync_api import Route, sync_playwright
 
     blocked: list[str] = []

@@ -2,7 +2,7 @@
 the relay takes it.
 
 Revision ID: 0012_mail_outbox
-Revises: 0010_batches
+Revises: 0011_org_suspension
 Create Date: 2026-12-04
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0012_mail_outbox"
-down_revision: str | None = "0010_batches"
+down_revision: str | None = "0011_org_suspension"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

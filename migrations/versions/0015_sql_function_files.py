@@ -22,26 +22,29 @@ down_revision: str | None = "0014_retention"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-FUNCTIONS = (
-    "hm_api_key_for_request",
-    "hm_billing_customer_orgs",
-    "hm_claim_dispatch",
-    "hm_current_org_id",
-    "hm_jobs_to_reconcile",
-    "hm_org_by_stripe_customer",
-    "hm_quota_refusal",
-    "hm_settle_job",
-    "hm_submit_job",
-    "hm_usage_events_due",
-    "hm_user_organizations",
-    "hm_webhook_deliveries_due",
-)
+# Each function the earlier migrations wrote inline, and the version of its file that holds
+# the definition they left (hm_claim_dispatch is loaded from its file since 0011 already).
+FUNCTIONS = {
+    "hm_api_key_for_request": 1,
+    "hm_billing_customer_orgs": 1,
+    "hm_claim_dispatch": 2,
+    "hm_current_org_id": 1,
+    "hm_jobs_to_reconcile": 1,
+    "hm_org_by_stripe_customer": 1,
+    "hm_quota_refusal": 1,
+    "hm_running_jobs": 1,
+    "hm_settle_job": 1,
+    "hm_submit_job": 1,
+    "hm_usage_events_due": 1,
+    "hm_user_organizations": 1,
+    "hm_webhook_deliveries_due": 1,
+}
 
 
 def upgrade() -> None:
     # CREATE OR REPLACE keeps each function's owner and grants.
-    for name in FUNCTIONS:
-        create_function(name, 1)
+    for name, version in FUNCTIONS.items():
+        create_function(name, version)
 
 
 def downgrade() -> None:

@@ -1266,6 +1266,7 @@ def _banner(
             *_model_lines(model),
             "",
             f"  API docs:    {base}/docs",
+            f"  Portal:      {base}/portal/ (sign in with the demo login)",
             f"  Demo login:  {DEMO_EMAIL} / {DEMO_PASSWORD}",
             f"  API key:     {key}",
             "",

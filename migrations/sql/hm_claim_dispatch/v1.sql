@@ -8,19 +8,16 @@ AS $function$
         PERFORM pg_advisory_xact_lock(hashtext('hm_claim_dispatch'));
         RETURN QUERY
         WITH ranked AS (
-            SELECT o.id, o.organization_id, o.job_id, o.queue,
-                   row_number() OVER (PARTITION BY o.organization_id ORDER BY o.id) AS rn
-            FROM job_outbox o
+            SELECT o.id, o.organization_id, o.job_id, o.queue, j.created_at AS admitted,
+                   row_number() OVER (PARTITION BY o.organization_id ORDER BY j.created_at, o.id) AS rn
+            FROM job_outbox o JOIN jobs j ON j.id = o.job_id
         ), orgs AS (
             SELECT DISTINCT r.organization_id FROM ranked r
         ), caps AS (
-            -- An override (null: unlimited) beats the org's plan; no billing row
-            -- means the default plan. Never above the dispatcher's own cap.
             SELECT g.organization_id,
                    least(p_cap, CASE
                        WHEN b.overrides ? 'max_running_jobs'
-                           THEN coalesce((b.overrides ->> 'max_running_jobs')::integer,
-                                         p_cap)
+                           THEN coalesce((b.overrides ->> 'max_running_jobs')::integer, p_cap)
                        WHEN b.organization_id IS NOT NULL
                            THEN coalesce(p.max_running_jobs, p_cap)
                        ELSE coalesce(dp.max_running_jobs, p_cap)
@@ -41,7 +38,7 @@ AS $function$
             JOIN caps c ON c.organization_id = r.organization_id
             LEFT JOIN inflight i ON i.organization_id = r.organization_id
             WHERE r.rn <= c.cap - coalesce(i.n, 0)
-            ORDER BY r.rn, r.id
+            ORDER BY r.rn, r.admitted, r.id
             LIMIT p_limit
         ), gone AS (
             DELETE FROM job_outbox o USING picked p WHERE o.id = p.id

@@ -10,6 +10,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel.jobs.models import Job
 from hiddenmodel.pagination import paginate
 from hiddenmodel.usage.models import OrgBilling, Plan
 from tenants.models import Organization
@@ -109,3 +110,39 @@ async def upsert_billing(
             },
         )
     )
+
+
+async def queued_jobs(session: AsyncSession) -> Sequence[Any]:
+    """Queued jobs per queue and organization: how many, how many the dispatcher has not
+    sent yet, and the oldest one's submission time."""
+    stmt = (
+        select(
+            Job.queue,
+            Job.organization_id,
+            Organization.slug,
+            Organization.suspended_at,
+            func.count().label("jobs"),
+            func.count().filter(Job.dispatched_at.is_(None)).label("waiting"),
+            func.min(Job.created_at).label("oldest"),
+        )
+        .join(Organization, Organization.id == Job.organization_id)
+        .where(Job.status == "queued")
+        .group_by(Job.queue, Job.organization_id, Organization.slug, Organization.suspended_at)
+        .order_by(Job.queue, func.count().desc())
+    )
+    return (await session.execute(stmt)).all()
+
+
+async def worker_heartbeats(session: AsyncSession, since: Any) -> Sequence[Any]:
+    """Workers seen since ``since`` through the jobs they ran: running jobs and last beat."""
+    stmt = (
+        select(
+            Job.worker,
+            func.count().filter(Job.status == "running").label("running"),
+            func.max(Job.heartbeat_at).label("last_heartbeat"),
+        )
+        .where(Job.worker.is_not(None), Job.heartbeat_at >= since)
+        .group_by(Job.worker)
+        .order_by(func.max(Job.heartbeat_at).desc())
+    )
+    return (await session.execute(stmt)).all()

@@ -137,6 +137,27 @@ async def set_org_plan(org_id: uuid.UUID, body: OrgPlanSet, operator: OperatorDe
     return result
 
 
+@router.post(
+    "/orgs/{org_id}/suspend", operation_id="adminSuspendOrganization", response_model=AdminOrgRead
+)
+async def suspend_org(org_id: uuid.UUID, operator: OperatorDep) -> AdminOrgRead:
+    """Suspend an organization at once: its members and API keys get 403
+    `organization-suspended`, its queued jobs wait undispatched (and unbilled)."""
+    async with _audited(operator, "admin.orgs.suspend", org_id=str(org_id)) as session:
+        return await service.set_suspended(session, operator, org_id, True, _today())
+
+
+@router.post(
+    "/orgs/{org_id}/unsuspend",
+    operation_id="adminUnsuspendOrganization",
+    response_model=AdminOrgRead,
+)
+async def unsuspend_org(org_id: uuid.UUID, operator: OperatorDep) -> AdminOrgRead:
+    """Restore a suspended organization; its waiting jobs are dispatched again."""
+    async with _audited(operator, "admin.orgs.unsuspend", org_id=str(org_id)) as session:
+        return await service.set_suspended(session, operator, org_id, False, _today())
+
+
 @router.get("/usage", operation_id="adminGetUsageReport", response_model=UsageReport)
 async def get_usage(
     operator: OperatorDep,

@@ -204,6 +204,9 @@ class AdminOrgRead(BaseModel):
     overrides: LimitValues
     subscription_status: str | None
     usage: OrgUsage
+    suspended_at: datetime | None = Field(
+        default=None, description="Set while suspended: members and keys are refused"
+    )
 
 
 AdminGroupBy = Literal["org", "day", "operation"]

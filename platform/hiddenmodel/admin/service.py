@@ -6,7 +6,7 @@ Every function takes the ops session its caller opened (and audited); none commi
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -218,6 +218,7 @@ def _org_read(
         overrides=billing[0].overrides if billing else {},
         subscription_status=billing[0].subscription_status if billing else None,
         usage=OrgUsage(period_start=period.start, **totals.model_dump()),
+        suspended_at=org.suspended_at,
     )
 
 
@@ -256,3 +257,36 @@ async def usage_report(
     """Usage of every organization in a period, grouped by organization, day or operation."""
     period = reports.report_period(start, end, today=today)
     return await reports.usage_report(session, group_by, period)
+
+
+async def set_suspended(
+    session: AsyncSession, operator: Operator, org_id: uuid.UUID, suspended: bool, today: date
+) -> AdminOrgRead:
+    """Suspend or restore an organization; repeating either is a no-op (nothing audited)."""
+    org = await repository.get_organization(session, org_id)
+    if org is None:
+        raise NotFound("No such organization.")
+    if (org.suspended_at is not None) != suspended:
+        org.suspended_at = datetime.now(UTC) if suspended else None
+        tenants_repository.add_audit_event(
+            session,
+            AuditEvent(
+                organization_id=org_id,
+                actor_user_id=operator.user_id,
+                action="organization.suspended" if suspended else "organization.unsuspended",
+                target_type="organization",
+                target_id=str(org_id),
+                data={"operator": operator.email},
+            ),
+        )
+        await session.flush()
+    return (await _org_reads(session, [org], today))[0]
+
+
+async def queues_and_workers(
+    session: AsyncSession, now: datetime, window: timedelta
+) -> tuple[list[Any], list[Any]]:
+    """Queue depth per queue and organization, and the workers heard from within ``window``."""
+    queued = list(await repository.queued_jobs(session))
+    workers = list(await repository.worker_heartbeats(session, now - window))
+    return queued, workers

@@ -31,6 +31,7 @@ from hiddenmodel.usage.ratelimits import enforce_for_key
 from hiddenmodel.usage.reports_router import router as usage_reports_router
 from hiddenmodel.usage.router import router as usage_router
 from hiddenmodel.webhooks.router import router as webhooks_router
+from portal.app import install_portal
 from tenants.auth import API_KEY_HOOKS, cookie_csrf
 from tenants.router import router as tenants_router
 from tenants.schemas import UserCreate, UserRead, UserUpdate
@@ -123,6 +124,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_docs(app)
+    install_portal(app)
     install_openapi_security(app)
 
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))

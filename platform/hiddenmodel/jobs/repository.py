@@ -71,6 +71,19 @@ async def list_jobs(
     )
 
 
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    """The bound organization's jobs by status."""
+    rows = await session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(n) for status, n in rows.tuples()}
+
+
+async def oldest_queued_at(session: AsyncSession) -> datetime | None:
+    """When the bound organization's longest-waiting queued job was submitted."""
+    stmt = select(func.min(Job.created_at)).where(Job.status == QUEUED)
+    value: datetime | None = await session.scalar(stmt)
+    return value
+
+
 def add_job(session: AsyncSession, job: Job) -> None:
     session.add(job)
     session.add(JobOutbox(organization_id=job.organization_id, job_id=job.id, queue=job.queue))

@@ -315,6 +315,11 @@ async def _event_stream(scope: OrgScope, job_id: uuid.UUID) -> AsyncIterator[byt
 async def stream_job_events(job_id: uuid.UUID, scope: KeyOrgScopeDep) -> StreamingResponse:
     scope.require(JOBS_READ)
     await service.get(scope, job_id)  # 404 before any stream opens
+    return event_stream_response(scope, job_id)
+
+
+def event_stream_response(scope: OrgScope, job_id: uuid.UUID) -> StreamingResponse:
+    """A job's server-sent events, for a caller that has checked access (the portal too)."""
     return StreamingResponse(
         _event_stream(scope, job_id),
         media_type="text/event-stream",

@@ -1,0 +1,270 @@
+"""Account pages: sign in and out, forgotten password, reset, verification, invitations,
+and the list of the user's organizations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi_users import exceptions as fu_exceptions
+
+from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
+from hiddenmodel.errors import Problem
+from hiddenmodel.security import keyed_hash
+from portal.security import (
+    PREFIX,
+    checked_form,
+    new_seed,
+    set_seed_cookie,
+)
+from portal.web import (
+    OPERATE,
+    form_field,
+    org_url,
+    problem_message,
+    render,
+    require_user,
+    router,
+    see_other,
+    user_manager,
+)
+from tenants import repository as tenants_repository
+from tenants import service as tenants_service
+from tenants.models import Role, User
+from tenants.users import (
+    COOKIE_NAME,
+    HashedAccessTokenDatabase,
+    cookie_backend,
+    get_database_strategy,
+)
+
+
+def _safe_next(value: object) -> str:
+    """Only a path inside the portal: never an open redirect."""
+    text = value if isinstance(value, str) else ""
+    if text.startswith(PREFIX + "/") and not text.startswith("//") and "\\" not in text:
+        return text
+    return PREFIX + "/"
+
+
+async def _orgs_of(user: User) -> list[Any]:
+    async with async_global_session() as session:
+        rows = await tenants_repository.user_organizations(session, user.id)
+        await commit(session)
+    return list(rows)
+
+
+# --- sign in and out, account pages -----------------------------------------------------
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login_page(request: Request, next: str = "") -> HTMLResponse:
+    return render(request, "login.html", {"next": _safe_next(next), "email": ""})
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request) -> Response:
+    form = await checked_form(request)
+    email, password = form_field(form, "email"), form.get("password")
+    next_url = _safe_next(form.get("next"))
+    credentials = _Credentials(email, password if isinstance(password, str) else "")
+    async with user_manager() as manager:
+        user = await manager.authenticate(credentials)  # type: ignore[arg-type]
+        if user is None or not user.is_active:
+            return render(
+                request,
+                "login.html",
+                {"next": next_url, "email": email, "error": "Wrong e-mail address or password."},
+                status_code=400,
+            )
+        strategy = get_database_strategy(HashedAccessTokenDatabase(manager.session))
+        # Renewal: a session that existed before sign-in ends, and a new one starts.
+        old = request.cookies.get(COOKIE_NAME)
+        if old:
+            previous = await strategy.read_token(old, manager)
+            if previous is not None:
+                await strategy.destroy_token(old, previous)
+        token = await strategy.write_token(user)
+    response = see_other(next_url)
+    transport = cookie_backend.transport
+    response.set_cookie(
+        COOKIE_NAME,
+        token,
+        max_age=transport.cookie_max_age,  # type: ignore[attr-defined]
+        path="/",
+        secure=transport.cookie_secure,  # type: ignore[attr-defined]
+        httponly=True,
+        samesite="lax",
+    )
+    _rotate_seed(request, response)
+    return response
+
+
+class _Credentials:
+    """What ``BaseUserManager.authenticate`` reads from a login form."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password = username, password
+
+
+def _rotate_seed(request: Request, response: Response) -> None:
+    request.state.csrf_seed_rotated = True
+    set_seed_cookie(response.headers, new_seed())
+
+
+@router.post("/logout")
+async def logout(request: Request) -> Response:
+    await checked_form(request)
+    token = request.cookies.get(COOKIE_NAME)
+    if token:
+        async with user_manager() as manager:
+            strategy = get_database_strategy(HashedAccessTokenDatabase(manager.session))
+            user = await strategy.read_token(token, manager)
+            if user is not None:
+                await strategy.destroy_token(token, user)
+    response = see_other(f"{PREFIX}/login")
+    response.delete_cookie(COOKIE_NAME, path="/")
+    _rotate_seed(request, response)
+    return response
+
+
+@router.get("/forgot", response_class=HTMLResponse)
+async def forgot_page(request: Request) -> HTMLResponse:
+    return render(request, "forgot.html", {})
+
+
+@router.post("/forgot", response_class=HTMLResponse)
+async def forgot(request: Request) -> HTMLResponse:
+    form = await checked_form(request)
+    email = form_field(form, "email")
+    async with user_manager() as manager:
+        try:
+            user = await manager.get_by_email(email)
+            await manager.forgot_password(user, request)
+        except (fu_exceptions.UserNotExists, fu_exceptions.UserInactive):
+            pass  # the same answer either way: nobody learns who has an account
+    return render(request, "forgot.html", {"sent": True})
+
+
+@router.get("/reset", response_class=HTMLResponse)
+async def reset_page(request: Request, token: str = "") -> HTMLResponse:
+    return render(request, "reset.html", {"token": token})
+
+
+@router.post("/reset", response_class=HTMLResponse)
+async def reset(request: Request) -> HTMLResponse:
+    form = await checked_form(request)
+    token, password = form_field(form, "token"), form.get("password")
+    error: str | None = None
+    async with user_manager() as manager:
+        try:
+            await manager.reset_password(token, password if isinstance(password, str) else "")
+        except (fu_exceptions.InvalidResetPasswordToken, fu_exceptions.UserInactive):
+            error = "This reset link is invalid or has expired. Ask for a new one."
+        except fu_exceptions.InvalidPasswordException as exc:
+            error = str(exc.reason)
+    if error:
+        return render(request, "reset.html", {"token": token, "error": error}, status_code=400)
+    return render(request, "reset.html", {"done": True})
+
+
+@router.get("/verify", response_class=HTMLResponse)
+async def verify_page(request: Request, token: str = "") -> HTMLResponse:
+    # Confirmed with a button: a mail scanner following the link verifies nothing.
+    return render(request, "verify.html", {"token": token})
+
+
+@router.post("/verify", response_class=HTMLResponse)
+async def verify(request: Request) -> HTMLResponse:
+    form = await checked_form(request)
+    token = form_field(form, "token")
+    async with user_manager() as manager:
+        try:
+            await manager.verify(token, request)
+        except fu_exceptions.UserAlreadyVerified:
+            pass
+        except (fu_exceptions.InvalidVerifyToken, fu_exceptions.UserNotExists):
+            return render(
+                request,
+                "verify.html",
+                {"token": token, "error": "This link is invalid or has expired."},
+                status_code=400,
+            )
+    return render(request, "verify.html", {"done": True})
+
+
+@router.get("/invitations/accept", response_class=HTMLResponse)
+async def invitation_page(request: Request, token: str = "") -> HTMLResponse:
+    user = await require_user(request)
+    return render(
+        request,
+        "accept.html",
+        {"token": token, "user": user, "invitation": await _invitation_for(user, token)},
+    )
+
+
+async def _invitation_for(user: User, token: str) -> dict[str, str] | None:
+    """What the invitation offers, when it is one for this user's address."""
+    try:
+        org_id = tenants_service.invitation_org_id(token)
+    except Problem:
+        return None
+    async with async_tenant_session(org_id) as session:
+        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hash(token))
+        org = await tenants_repository.get_organization(session, org_id)
+        found = (
+            None
+            if invitation is None or org is None or invitation.email.lower() != user.email.lower()
+            else {
+                "org": org.name,
+                "role": invitation.role,
+                "status": tenants_service.invitation_status(invitation),
+            }
+        )
+        await rollback(session)  # read only
+    return found
+
+
+@router.post("/invitations/accept", response_class=HTMLResponse)
+async def accept_invitation(request: Request) -> Response:
+    user = await require_user(request)
+    form = await checked_form(request)
+    token = form_field(form, "token")
+    try:
+        org_id = tenants_service.invitation_org_id(token)
+        async with async_tenant_session(org_id) as session:
+            try:
+                await tenants_service.accept_invitation(session, user, token)
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
+    except Problem as exc:
+        return render(
+            request,
+            "accept.html",
+            {
+                "token": token,
+                "user": user,
+                "invitation": await _invitation_for(user, token),
+                "error": problem_message(exc),
+            },
+            status_code=exc.status,
+        )
+    return see_other(org_url(org_id))
+
+
+@router.get("/", response_class=HTMLResponse)
+async def home(request: Request) -> Response:
+    user = await require_user(request)
+    orgs = await _orgs_of(user)
+    if len(orgs) == 1 and not user.is_superuser:
+        return see_other(_home_of(orgs[0]))
+    return render(request, "home.html", {"user": user, "orgs": [(o, _home_of(o)) for o in orgs]})
+
+
+def _home_of(row: Any) -> str:
+    if Role(row.role) in OPERATE.roles:
+        return org_url(row.organization_id)
+    return org_url(row.organization_id, "billing")
