@@ -229,6 +229,14 @@ def cluster(s3: None) -> Iterator[Any]:
 
 
 @pytest.fixture
+def no_dispatch(cluster: Any) -> Any:
+    """No dispatcher and no worker while the test runs, so queued jobs stay queued (tests
+    that use ``services`` afterwards get them back)."""
+    cluster.stop()
+    return cluster
+
+
+@pytest.fixture
 def services(cluster: Any) -> Any:
     """A running cluster, restored to one live worker for every test that uses it."""
     cluster.start_dispatcher()

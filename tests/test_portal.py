@@ -612,7 +612,7 @@ async def test_operator_suspends_and_unsuspends(app: Any, client: httpx.AsyncCli
     assert {"admin.orgs.suspend", "admin.orgs.unsuspend", "admin.orgs.read"} <= purposes
 
 
-@pytest.mark.usefixtures("s3")
+@pytest.mark.usefixtures("no_dispatch")
 async def test_a_suspended_organizations_queued_jobs_wait(client: httpx.AsyncClient) -> None:
     """The dispatch claim leaves a suspended organization's jobs in the outbox. Each claim runs
     in a transaction that is rolled back, so no running dispatcher is disturbed."""
@@ -648,8 +648,7 @@ async def test_a_suspended_organizations_queued_jobs_wait(client: httpx.AsyncCli
         return any(str(row.out_job) == job_id for row in rows)
 
     try:
-        if db_scalar("SELECT count(*) FROM job_outbox WHERE job_id = :j", j=job_id) == 0:
-            pytest.skip("a running dispatcher claimed the job first")
+        assert db_scalar("SELECT count(*) FROM job_outbox WHERE job_id = :j", j=job_id) == 1
         assert claimed(suspended=True) is False
         assert claimed(suspended=False) is True
     finally:
@@ -701,7 +700,7 @@ async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClie
         assert (await browser.get(page)).status_code == 404
 
 
-@pytest.mark.usefixtures("s3")
+@pytest.mark.usefixtures("no_dispatch")
 async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncClient) -> None:
 
     org = await make_org(client)
@@ -726,8 +725,7 @@ async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncCli
         w=worker,
         j=r.json()["id"],
     )
-    if db_scalar("SELECT status FROM jobs WHERE id = :j", j=r.json()["id"]) != "queued":
-        pytest.skip("a dispatcher of another test module took the job before the suspension")
+    assert db_scalar("SELECT status FROM jobs WHERE id = :j", j=r.json()["id"]) == "queued"
     async with portal_client(app, operator) as browser:
         page = await browser.get("/portal/operator/queues")
     assert page.status_code == 200
@@ -796,7 +794,7 @@ async def test_billing_sends_the_owner_to_stripe(app: Any, client: httpx.AsyncCl
         assert r.status_code == 403
 
 
-@pytest.mark.usefixtures("s3")
+@pytest.mark.usefixtures("no_dispatch")
 async def test_jobs_browser_filters_and_cancel(app: Any, client: httpx.AsyncClient) -> None:
 
     org = await make_org(client)
@@ -811,13 +809,12 @@ async def test_jobs_browser_filters_and_cancel(app: Any, client: httpx.AsyncClie
         )
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
-    # No dispatcher runs in this module: both stay queued.
+    # No dispatcher runs during this test: both stay queued.
     status = {
         row.id: row.status
         for row in db_rows("SELECT id::text, status FROM jobs WHERE organization_id = :o", o=org.id)
     }
-    if set(status.values()) != {"queued"}:
-        pytest.skip("a dispatcher of another test module took the jobs")
+    assert set(status.values()) == {"queued"}
     jobs_url = f"/portal/orgs/{org.id}/jobs"
     async with portal_client(app, org.owner) as browser:
         listing = (await browser.get(jobs_url)).text

@@ -281,7 +281,8 @@ def test_tenant_admin_and_operator_in_the_browser(
     # A form posted without its token is refused, even with the session cookie.
     r = page.request.post(f"{org_url}/api-keys", form={"name": "forged", "scopes": "admin"})
     assert r.status == 403
-    assert db_scalar("SELECT count(*) FROM api_keys WHERE name = 'forged'") == 0
+    forged = "SELECT count(*) FROM api_keys WHERE name = 'forged' AND organization_id = :o"
+    assert db_scalar(forged, o=org_id) == 0
 
     # Another organization's member finds nothing of this one.
     _, stranger_email, stranger_token = api_account(base)
