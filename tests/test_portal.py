@@ -26,6 +26,7 @@ from tests.conftest import (
     register,
 )
 from tests.factories import png
+from tests.polling import until_sync
 
 CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
@@ -655,6 +656,58 @@ async def test_a_suspended_organizations_queued_jobs_wait(client: httpx.AsyncCli
         engine.dispose()
 
 
+async def test_a_job_dispatched_before_the_suspension_does_not_run(
+    client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    """A job whose message was sent before the suspension reaches a worker after it: the
+    worker leaves it queued and back in the outbox; restored, it runs once and is billed once."""
+    org = await make_org(client)
+    key = bearer((await make_key(client, org))["key"])
+    operator = await register(client)
+    db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
+    r = await client.post(
+        "/v1/jobs",
+        data={"operation": "resize", "params": '{"width": 32}'},
+        files={"image": ("p.png", png(), "image/png")},
+        headers=key,
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    # The dispatcher sends it with no worker running: the message waits in the broker.
+    no_dispatch.start_dispatcher()
+    until_sync(
+        lambda: db_scalar("SELECT dispatched_at FROM jobs WHERE id = :j", j=job_id),
+        what="the dispatch",
+    )
+    no_dispatch.stop()
+    r = await client.post(f"/v1/admin/orgs/{org.id}/suspend", headers=operator.headers)
+    assert r.status_code == 200, r.text
+    no_dispatch.start_worker()
+    until_sync(
+        lambda: db_scalar("SELECT count(*) FROM job_outbox WHERE job_id = :j", j=job_id) == 1,
+        timeout=30,
+        what="the job back in the outbox",
+    )
+    job = db_rows("SELECT status, attempts, dispatched_at FROM jobs WHERE id = :j", j=job_id)[0]
+    assert (job.status, job.attempts, job.dispatched_at) == ("queued", 0, None)
+
+    r = await client.post(f"/v1/admin/orgs/{org.id}/unsuspend", headers=operator.headers)
+    assert r.status_code == 200, r.text
+    no_dispatch.start_dispatcher()
+    until_sync(
+        lambda: db_scalar("SELECT status FROM jobs WHERE id = :j", j=job_id) == "succeeded",
+        timeout=60,
+        what="the job run after the restore",
+    )
+    assert db_scalar("SELECT attempts FROM jobs WHERE id = :j", j=job_id) == 1
+    until_sync(
+        lambda: db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id),
+        what="the job's usage event",
+    )
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id) == 1
+    no_dispatch.stop()
+
+
 async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClient) -> None:
     org = await make_org(client)
     url = f"/portal/orgs/{org.id}/webhooks"
@@ -700,9 +753,11 @@ async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClie
         assert (await browser.get(page)).status_code == 404
 
 
-@pytest.mark.usefixtures("no_dispatch")
-async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncClient) -> None:
-
+async def test_operator_sees_queues_and_workers(
+    app: Any, client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    # A real worker process with nothing to run: listed from its liveness key.
+    idle = no_dispatch.start_worker()
     org = await make_org(client)
     key = bearer((await make_key(client, org))["key"])
     operator = await register(client)
@@ -736,7 +791,16 @@ async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncCli
     )
     assert row, page.text
     assert re.findall(r'<td class="num">(\d+)</td>', row.group(1))[:2] == ["1", "1"]
-    assert worker in page.text
+    # The worker named only by a job's heartbeat announces nothing: gone.
+    gone = re.search(rf'<tr data-worker="{re.escape(worker)}">(.*?)</tr>', page.text, re.S)
+    assert gone, page.text
+    assert "<td>gone</td>" in gone.group(1)
+    assert re.findall(r'<td class="num">(\d+)</td>', gone.group(1)) == ["0", "0"]
+    alive = re.search(rf'<tr data-worker="[^"]*#{idle.pid}-[0-9a-f]+">(.*?)</tr>', page.text, re.S)
+    assert alive, page.text
+    assert "<td>alive</td>" in alive.group(1)
+    assert f'<td class="num">{idle.pid}</td>' in alive.group(1)
+    no_dispatch.stop_workers()
     assert (
         db_scalar(
             "SELECT count(*) FROM operator_audit_events WHERE purpose = 'admin.queues.read' "

@@ -161,12 +161,23 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     ended: list[lifecycle.Ended] = []
     job = None
     with tenant_session(org_id) as session:
-        current = repository.get_job_sync(session, job_id)
+        found = repository.get_job_to_start_sync(session, job_id)
+        current = found[0] if found else None
         if current is None or current.status != JobStatus.QUEUED.value:
             log.info(
                 "job %s: not started here, it is %s",
                 job_id,
                 current.status if current else "gone",
+            )
+            return None
+        if found and found[1]:
+            # Suspended after the dispatch: back to the outbox, where the dispatcher leaves a
+            # suspended organization's jobs until it is restored. Nothing ran, nothing billed.
+            held = repository.redispatch_sync(session, job_id, None)
+            log.info(
+                "job %s: its organization is suspended, %s",
+                job_id,
+                "back in the outbox" if held else "left as it is",
             )
             return None
         if repository.expire_sync(session, job_id):
