@@ -46,8 +46,8 @@ from typing import Any
 
 import _harness as h
 import httpx
+import jobs_e2e
 
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 PARAMS: dict[str, dict[str, Any]] = {
     "resize": {"width": 512, "height": 512, "mode": "fit"},
     "remove_background": {},
@@ -209,71 +209,23 @@ class CpuMeter:
 # --- jobs -------------------------------------------------------------------------------------
 
 
-def _ts(value: str | None) -> float | None:
-    from datetime import datetime
-
-    return datetime.fromisoformat(value).timestamp() if value else None
-
-
-def run_job(
-    client: httpx.Client,
-    headers: dict[str, str],
-    image: bytes,
-    operation: str,
-    poll_s: float,
-) -> dict[str, Any]:
-    """Submit, poll until final, download the output. Client times in ms; the server's
-    timestamps split the wait into queue, run and the time until the client saw it."""
-    form = {"operation": operation, "params": json.dumps(PARAMS[operation])}
-    files = {"image": ("photo.png", image, "image/png")}
-    wall0 = time.time()
-    t0 = time.perf_counter()
-    r = client.post("/v1/jobs", data=form, files=files, headers=headers)
-    t_submit = time.perf_counter()
-    if r.status_code != 202:
-        raise RuntimeError(f"submit answered {r.status_code}: {r.text[:300]}")
-    job = r.json()
-    polls = 0
-    while job["status"] not in TERMINAL:
-        time.sleep(poll_s)
-        polls += 1
-        r = client.get(f"/v1/jobs/{job['id']}", headers=headers)
-        r.raise_for_status()
-        job = r.json()
-    t_done = time.perf_counter()
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
-    output = next(o for o in job["outputs"] if o["name"] == "output")
-    body = client.get(output["url"]).content
-    t_dl = time.perf_counter()
-    if len(body) != output["bytes"]:
-        raise RuntimeError("the downloaded output is not the job's")
-    ms = 1000.0
-    row: dict[str, Any] = {
-        "total_ms": (t_dl - t0) * ms,
-        "submit_ms": (t_submit - t0) * ms,
-        "download_ms": (t_dl - t_done) * ms,
-        "polls": polls,
-    }
-    timings = job["timings"]
-    created, started, finished = (
-        _ts(timings["created_at"]),
-        _ts(timings["started_at"]),
-        _ts(timings["finished_at"]),
-    )
-    if created and started and finished:
-        row["queue_wait_ms"] = (started - created) * ms
-        row["run_ms"] = (finished - started) * ms
-        row["completion_seen_ms"] = (wall0 + (t_done - t0) - finished) * ms
-    return row
+# The breakdown's names, from jobs_e2e.run_job's: queue wait is created → started on the
+# server's clock, completion seen is finished → the poll that saw it.
+BREAKDOWN = {
+    "submit_ms": "submit_ms",
+    "queue_wait_ms": "created_to_started_ms",
+    "run_ms": "started_to_finished_ms",
+    "completion_seen_ms": "finished_to_seen_ms",
+    "download_ms": "download_ms",
+    "total_ms": "total_ms",
+    "polls": "polls",
+}
 
 
 def median_of(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ["submit_ms", "queue_wait_ms", "run_ms", "completion_seen_ms", "download_ms"]
-    keys += ["total_ms", "polls"]
     return {
-        k: round(statistics.median(r[k] for r in rows if k in r), 2)
-        for k in keys
+        name: round(statistics.median(r[k] for r in rows if k in r), 2)
+        for name, k in BREAKDOWN.items()
         if any(k in r for r in rows)
     }
 
@@ -309,7 +261,15 @@ def run_clients(
                         return
                     remaining[0] -= 1
                 try:
-                    row = run_job(client, headers, image, operation, poll_s)
+                    row = jobs_e2e.run_job(
+                        client,
+                        headers,
+                        image,
+                        wait=False,
+                        poll_s=poll_s,
+                        operation=operation,
+                        params=PARAMS[operation],
+                    )
                 except Exception as exc:  # counted and reported, the run goes on
                     with lock:
                         errors.append(repr(exc))

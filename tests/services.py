@@ -122,7 +122,7 @@ class Cluster:
         return worker
 
     @staticmethod
-    def _wait_ready(worker: Process, timeout: float = 30.0) -> None:
+    def _wait_ready(worker: Process, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "ready." in worker.log():

@@ -25,7 +25,7 @@ from tests.conftest import (
     make_org,
     register,
 )
-from tests.factories import png
+from tests.factories import png, submit
 from tests.polling import until_sync
 
 CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
@@ -665,12 +665,7 @@ async def test_a_job_dispatched_before_the_suspension_does_not_run(
     key = bearer((await make_key(client, org))["key"])
     operator = await register(client)
     db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
-    r = await client.post(
-        "/v1/jobs",
-        data={"operation": "resize", "params": '{"width": 32}'},
-        files={"image": ("p.png", png(), "image/png")},
-        headers=key,
-    )
+    r = await submit(client, key)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     # The dispatcher sends it with no worker running: the message waits in the broker.

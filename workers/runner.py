@@ -120,6 +120,14 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
         try:
             data = storage.get_object(meta["key"])
         except Exception as exc:
+            if storage.is_missing(exc):
+                # Stored before the job was committed, so it was deleted since (a development
+                # S3 that keeps nothing across a restart, a bucket emptied by hand): no other
+                # attempt would find it.
+                raise OperationFailed(
+                    "input-missing",
+                    f"The job's input '{name}' is no longer stored; submit the job again.",
+                ) from exc
             raise TransientError(f"reading input {name}: {exc}") from exc
         images[name] = decode_image(data, configured_limits(), validated_sha256=meta.get("sha256"))
     return images
