@@ -27,7 +27,6 @@ class ParamField:
     description: str | None
     default: Any
     options: tuple[str, ...] = ()
-    optional: bool = False
     minimum: float | None = None
     maximum: float | None = None
     pattern: str | None = None
@@ -46,13 +45,13 @@ class ParamField:
         return "1" if self.kind == "integer" else "any"
 
 
-def _plain(schema: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The schema of a value that may also be null, and whether it may."""
+def _plain(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a value that may also be null (``int | None``): the value's."""
     choices = schema.get("anyOf")
     if not choices:
-        return schema, False
+        return schema
     others = [c for c in choices if c.get("type") != "null"]
-    return (others[0] if len(others) == 1 else {}), len(others) < len(choices)
+    return others[0] if len(others) == 1 else {}
 
 
 def fields(op: Operation) -> list[ParamField]:
@@ -60,7 +59,7 @@ def fields(op: Operation) -> list[ParamField]:
     schema = op.params_model.model_json_schema()
     out: list[ParamField] = []
     for name, prop in schema.get("properties", {}).items():
-        inner, optional = _plain(prop)
+        inner = _plain(prop)
         if "enum" in inner:
             kind = "choice"
         elif inner.get("type") in ("integer", "number", "boolean"):
@@ -78,7 +77,6 @@ def fields(op: Operation) -> list[ParamField]:
                 description=prop.get("description") or inner.get("description"),
                 default=prop.get("default"),
                 options=tuple(str(v) for v in inner.get("enum", ())),
-                optional=optional or "default" in prop,
                 minimum=minimum,
                 maximum=maximum,
                 pattern=inner.get("pattern"),

@@ -138,6 +138,44 @@ async def test_a_member_uploads_two_photos_and_gets_every_result(
         assert "succeeded 2" in listing.text
 
 
+async def test_one_zip_with_its_manifest_through_the_form(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    org = await make_org(client)
+    shoot = io.BytesIO()
+    with zipfile.ZipFile(shoot, "w") as archive:
+        archive.writestr("shoot/a.png", png(96, 72, (200, 30, 30)))
+        archive.writestr("shoot/b.png", png(96, 72, (30, 30, 200)))
+        archive.writestr(
+            "manifest.csv", 'image,params\nshoot/a.png,\nshoot/b.png,"{""width"":16}"\n'
+        )
+    async with portal_client(app, org.owner) as browser:
+        # The ZIP names its own masks: masks beside it are refused, nothing stored.
+        r = await post_batch(
+            browser,
+            org.id,
+            [
+                ("photos", ("shoot.zip", shoot.getvalue(), "application/zip")),
+                ("masks", ("a.png", png(96, 72), "image/png")),
+            ],
+        )
+        assert r.status_code == 422 and 'id="masks-error"' in r.text
+        assert batch_count(org) == 0
+        r = await post_batch(
+            browser, org.id, [("photos", ("shoot.zip", shoot.getvalue(), "application/zip"))]
+        )
+        assert r.status_code == 303, r.text
+    batch_id = r.headers["location"].rsplit("/", 1)[-1]
+    items = db_rows(
+        "SELECT name, params FROM batch_items WHERE batch_id = :b ORDER BY position", b=batch_id
+    )
+    assert [(i.name, i.params["width"]) for i in items] == [
+        ("shoot/a.png", 32),
+        ("shoot/b.png", 16),
+    ]
+    assert db_scalar("SELECT count(*) FROM jobs WHERE batch_id = :b", b=batch_id) == 2
+
+
 async def test_a_bad_upload_is_refused_next_to_its_field_with_nothing_stored(
     app: Any, client: httpx.AsyncClient
 ) -> None:
