@@ -23,13 +23,22 @@ from tests.conftest import db_rows
 pytestmark = pytest.mark.usefixtures("services")
 
 
+GARMENT = [(110, 40), (210, 40), (250, 90), (225, 100), (220, 210), (100, 210), (95, 100), (70, 90)]
+
+
 def studio_photo(color: tuple[int, int, int]) -> bytes:
     """A garment-like shape on a white studio backdrop."""
     image = Image.new("RGB", (320, 240), (250, 250, 250))
-    ImageDraw.Draw(image).polygon(
-        [(110, 40), (210, 40), (250, 90), (225, 100), (220, 210), (100, 210), (95, 100), (70, 90)],
-        fill=color,
-    )
+    ImageDraw.Draw(image).polygon(GARMENT, fill=color)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def garment_mask() -> bytes:
+    """The garment's silhouette of :func:`studio_photo`: white on black."""
+    image = Image.new("L", (320, 240), 0)
+    ImageDraw.Draw(image).polygon(GARMENT, fill=255)
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
@@ -77,8 +86,19 @@ def test_a_member_uploads_photos_follows_them_and_downloads_the_zip(
     page.get_by_role("link", name="Batches", exact=True).click()
     expect(page.get_by_role("heading", name="Batches", exact=True)).to_be_visible()
 
-    # Two photos into the file input (what a drop does too); each gets its own optional
-    # mask and interior inputs once the operation takes them.
+    # A photo dropped on the form lands in its file input.
+    page.locator("#dropzone").evaluate(
+        """zone => {
+            const data = new DataTransfer();
+            data.items.add(new File(["x"], "dropped.png", {type: "image/png"}));
+            zone.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+        }"""
+    )
+    expect(page.locator("#chosen li")).to_have_text([re.compile(r"^dropped\.png")])
+    assert page.locator("#b-photos").evaluate("input => input.files.length") == 1
+
+    # Two photos into the file input instead; each gets its own optional mask and interior
+    # inputs once the operation takes them.
     page.get_by_label("Operation").select_option("remove_background")
     page.get_by_label("Photos (PNG, JPEG or WEBP), or one ZIP").set_input_files(
         [
@@ -97,6 +117,9 @@ def test_a_member_uploads_photos_follows_them_and_downloads_the_zip(
     expect(page.locator("#chosen li")).to_have_count(2)
     expect(page.get_by_label("Mask for red-dress.png")).to_be_visible()
     expect(page.get_by_label("Interior frame for red-dress.png")).to_be_hidden()
+    page.get_by_label("Mask for red-dress.png").set_input_files(
+        {"name": "silhouette.png", "mimeType": "image/png", "buffer": garment_mask()}
+    )
     # Only the chosen operation's params are shown.
     expect(page.get_by_role("group", name="Params for remove_background")).to_be_visible()
     expect(page.get_by_role("group", name="Params for resize")).to_be_hidden()
@@ -130,6 +153,12 @@ def test_a_member_uploads_photos_follows_them_and_downloads_the_zip(
     # Then the page comes again once, with every result.
     expect(page.locator('#batch[data-ended="true"]')).to_have_count(1, timeout=30_000)
     # Progress came from the jobs' event streams and the batch's summary.
+    # The mask chosen beside its photo was sent with it, and used as its matte.
+    inputs = db_rows(
+        "SELECT name, inputs FROM batch_items WHERE batch_id = :b ORDER BY position", b=batch_id
+    )
+    assert [sorted(i.inputs) for i in inputs] == [["image", "mask"], ["image"]]
+    assert inputs[0].inputs["mask"]["filename"] == "masks/red-dress.png"
     jobs = db_rows("SELECT job_id FROM batch_items WHERE batch_id = :b", b=batch_id)
     for job in jobs:
         assert any(u.endswith(f"/jobs/{job.job_id}/events") for u in requested), requested
@@ -143,7 +172,10 @@ def test_a_member_uploads_photos_follows_them_and_downloads_the_zip(
         loaded(page, image)
     expect(red.locator("details.report summary")).to_contain_text("Quality report")
     red.locator("details.report summary").click()
-    expect(red.get_by_role("rowheader", name="foreground_fraction")).to_be_visible()
+    expect(red.get_by_role("row", name="matte caller_mask")).to_be_visible()
+    blue = page.locator('li.item[data-item="blue-top.png"]')
+    blue.locator("details.report summary").click()
+    expect(blue.get_by_role("rowheader", name="foreground_fraction")).to_be_visible()
 
     # One result opened: the job's page, its input and output side by side.
     red.get_by_role("link", name="Open job").click()
