@@ -54,6 +54,9 @@ def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
             return 3 * max_upload_bytes + UPLOAD_OVERHEAD
         if path.startswith("/v1/batches/") and path.endswith("/items"):
             return get_settings().batch_max_upload_bytes + UPLOAD_OVERHEAD
+        if path.startswith("/portal/orgs/") and path.endswith("/batches"):
+            # The portal's batch form: the same upload as the API's, with its form fields.
+            return get_settings().batch_max_upload_bytes + UPLOAD_OVERHEAD
         return JSON_BODY_LIMIT
 
     return limit_for
