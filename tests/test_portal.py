@@ -613,6 +613,7 @@ async def test_a_job_dispatched_before_the_suspension_does_not_run(
     no_dispatch.start_dispatcher()
     until_sync(
         lambda: db_scalar("SELECT dispatched_at FROM jobs WHERE id = :j", j=job_id),
+        timeout=60,  # the dispatcher process starts first
         what="the dispatch",
     )
     no_dispatch.stop()
@@ -621,7 +622,7 @@ async def test_a_job_dispatched_before_the_suspension_does_not_run(
     no_dispatch.start_worker()
     until_sync(
         lambda: db_scalar("SELECT count(*) FROM job_outbox WHERE job_id = :j", j=job_id) == 1,
-        timeout=30,
+        timeout=60,
         what="the job back in the outbox",
     )
     job = db_rows("SELECT status, attempts, dispatched_at FROM jobs WHERE id = :j", j=job_id)[0]
