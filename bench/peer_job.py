@@ -290,8 +290,9 @@ def run_clients(
 def lift_request_limits(base: str, key: str, env: dict[str, str]) -> dict[str, Any]:
     """What an operator does for a client that polls hard: the key's organization keeps its
     plan, with its request-rate limits raised far above what this run sends (the peer has
-    none; a free plan's 120 requests a minute per key would make every figure a 429 count).
-    Quotas, in-flight caps and every other rule stay as ``up`` set them."""
+    none; a free plan's 120 requests a minute per key would make every figure a 429 count)
+    and no monthly quota. In-flight and queue caps and every other rule stay as ``up`` set
+    them."""
     me = httpx.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     me.raise_for_status()
     org = me.json()["organization"]
@@ -311,8 +312,16 @@ def lift_request_limits(base: str, key: str, env: dict[str, str]) -> dict[str, A
     current = httpx.get(f"{base}/v1/admin/orgs/{org['id']}", headers=operator, timeout=30)
     current.raise_for_status()
     body = current.json()
-    # Only these two: an override replaces the plan's value even when null (no limit).
-    overrides = {"requests_per_minute": 600_000, "org_requests_per_minute": 600_000}
+    # An override replaces the plan's value even when null (no limit). The monthly quotas and
+    # storage go too: up's database outlives each run, and a free plan's 200 images a month
+    # would end the benchmark. The in-flight and queue caps stay as the plan sets them.
+    overrides = {
+        "requests_per_minute": 600_000,
+        "org_requests_per_minute": 600_000,
+        "monthly_images": None,
+        "monthly_gpu_seconds": None,
+        "storage_bytes": None,
+    }
     r = httpx.put(
         f"{base}/v1/admin/orgs/{org['id']}/plan",
         json={"plan": body["plan"], "overrides": overrides},
