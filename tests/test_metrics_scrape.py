@@ -12,10 +12,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hiddenmodel.metrics import OTHER, top_n
-from tests.factories import keyed_org, submit, wait_job
+from hiddenmodel.metrics import OTHER, record_stripe_push, top_n
+from tests.conftest import unique
+from tests.factories import create_endpoint, keyed_org, submit, wait_job
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.usefixtures("services")
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def _samples(
@@ -34,10 +38,17 @@ def _queued(samples: dict[Any, float], queue: str) -> float:
     return samples[("hm_jobs", (("queue", queue), ("state", "queued")))]
 
 
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
 async def test_metrics_count_requests_and_the_queue_after_real_jobs(
-    client: httpx.AsyncClient, services: Any
+    client: httpx.AsyncClient, services: Any, receiver: Receiver
 ) -> None:
-    _, headers = await keyed_org(client)
+    org, headers = await keyed_org(client)
+    path = unique("hook")
+    await create_endpoint(client, org, receiver.url(path), event_types=["job.succeeded"])
+    before = await _samples(client)
     services.stop_workers()
     ids = [(await submit(client, headers)).json()["id"] for _ in range(3)]
     # Dispatched and waiting in the cpu queue's Redis list, which nobody consumes yet.
@@ -56,6 +67,35 @@ async def test_metrics_count_requests_and_the_queue_after_real_jobs(
         (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")),
     )
     assert samples[submitted] >= 3
+
+    # What the worker processes observed, added up in Redis and served here.
+    def grew(name: str, **labels: str) -> float:
+        return _value(samples, name, **labels) - _value(before, name, **labels)
+
+    assert grew("hm_jobs_finished_total", operation="resize", queue="cpu", state="succeeded") == 3
+    assert grew("hm_job_wait_seconds_count", queue="cpu") == 3
+    assert grew("hm_job_wait_seconds_bucket", queue="cpu", le="+Inf") == 3
+    assert grew("hm_job_run_seconds_count", operation="resize") == 3
+    assert grew("hm_job_run_seconds_bucket", operation="resize", le="900.0") == 3
+    assert grew("hm_job_run_seconds_sum", operation="resize") > 0
+    await receiver.wait(path, 3)
+    deadline = time.monotonic() + 20
+    while grew("hm_webhook_deliveries_total", outcome="succeeded") < 3:
+        assert time.monotonic() < deadline, "the deliveries were not counted"
+        await asyncio.sleep(0.1)
+        samples = await _samples(client)
+
+
+async def test_stripe_push_lag_reads_the_last_push_that_left_nothing_to_retry(
+    client: httpx.AsyncClient,
+) -> None:
+    record_stripe_push({"due": 2, "sent": 2})
+    lag = _value(await _samples(client), "hm_stripe_push_lag_seconds")
+    assert 0 <= lag < 60
+    record_stripe_push({"due": 1, "retrying": 1})
+    samples = await _samples(client)
+    assert _value(samples, "hm_stripe_push_lag_seconds") >= lag
+    assert _value(samples, "hm_stripe_usage_events_total", outcome="retrying") >= 1
 
 
 def test_per_organization_series_are_bounded() -> None:

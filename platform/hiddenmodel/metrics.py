@@ -7,13 +7,14 @@ triggers in docker/k8s do).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 from starlette.requests import Request
@@ -121,6 +122,137 @@ class QueueCollector(Collector):
         yield by_org
 
 
+# Observations made in worker processes (any pod) are added up in one Redis hash, which the
+# API's /metrics reads: workers serve no HTTP, and a pod scaled away keeps its counts. A Redis
+# flush resets them, which Prometheus reads as a counter reset.
+SHARED_KEY = "hm:metrics"
+WAIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+HISTOGRAMS = {"hm_job_wait_seconds": WAIT_BUCKETS, "hm_job_run_seconds": RUN_BUCKETS}
+COUNTERS = {
+    "hm_jobs_finished": "Jobs finished by a worker, by operation, queue and final state",
+    "hm_job_gpu_seconds": "GPU-seconds metered to finished jobs",
+    "hm_webhook_deliveries": "Webhook delivery attempts by outcome",
+    "hm_stripe_usage_events": "Usage events handled by the Stripe push, by outcome",
+}
+STRIPE_LAST_SUCCESS = "hm_stripe_push_last_success"
+
+
+def _field(name: str, **labels: str) -> str:
+    return json.dumps([name, sorted(labels.items())])
+
+
+def _add(increments: dict[str, float], **sets: float) -> None:
+    """Add to the shared hash; a metric never fails the work it describes."""
+    from hiddenmodel.redis import sync_redis
+
+    try:
+        pipe = sync_redis().pipeline(transaction=False)
+        for field, amount in increments.items():
+            pipe.hincrbyfloat(SHARED_KEY, field, amount)
+        for field, value in sets.items():
+            pipe.hset(SHARED_KEY, field, value)
+        pipe.execute()
+    except Exception:
+        log.debug("metrics not recorded", exc_info=True)
+
+
+def _observe(increments: dict[str, float], name: str, value: float, **labels: str) -> None:
+    for bound in HISTOGRAMS[name]:
+        if value <= bound:
+            increments[_field(f"{name}_bucket", le=str(bound), **labels)] = 1
+    increments[_field(f"{name}_bucket", le="+Inf", **labels)] = 1
+    increments[_field(f"{name}_sum", **labels)] = value
+    increments[_field(f"{name}_count", **labels)] = 1
+
+
+def record_job_end(
+    operation: str, queue: str, state: str, wait_s: float, run_s: float, gpu_s: float
+) -> None:
+    """A job a worker finished: its final state, how long it waited and ran, its GPU time."""
+    increments = {_field("hm_jobs_finished", operation=operation, queue=queue, state=state): 1.0}
+    _observe(increments, "hm_job_wait_seconds", max(wait_s, 0.0), queue=queue)
+    _observe(increments, "hm_job_run_seconds", max(run_s, 0.0), operation=operation)
+    if gpu_s:
+        increments[_field("hm_job_gpu_seconds", operation=operation)] = gpu_s
+    _add(increments)
+
+
+def record_webhook_delivery(outcome: str) -> None:
+    _add({_field("hm_webhook_deliveries", outcome=outcome): 1.0})
+
+
+def record_stripe_push(counts: dict[str, int]) -> None:
+    """One push run's counts; a run that left nothing to retry marks the push as current."""
+    increments = {
+        _field("hm_stripe_usage_events", outcome=k): float(v)
+        for k, v in counts.items()
+        if k != "due"
+    }
+    if counts.get("retrying", 0) == 0:
+        _add(increments, **{STRIPE_LAST_SUCCESS: time.time()})
+    else:
+        _add(increments)
+
+
+class SharedCollector(Collector):
+    """The counters and histograms that worker processes add to Redis."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily | GaugeMetricFamily]:
+        from hiddenmodel.redis import sync_redis
+
+        try:
+            raw = sync_redis().hgetall(SHARED_KEY)
+        except Exception:
+            log.warning("shared metrics unavailable", exc_info=True)
+            return
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        last_success: float | None = None
+        for field, value in raw.items():
+            key = field.decode() if isinstance(field, bytes) else str(field)
+            if key == STRIPE_LAST_SUCCESS:
+                last_success = float(value)
+                continue
+            name, labels = json.loads(key)
+            values[(name, tuple((k, v) for k, v in labels))] = float(value)
+        for name, help_text in COUNTERS.items():
+            label_names = sorted({k for (n, ls) in values if n == name for k, _ in ls})
+            family = CounterMetricFamily(name, help_text, labels=label_names)
+            for (n, labels), value in values.items():
+                if n == name:
+                    family.add_metric([dict(labels)[k] for k in label_names], value)
+            yield family
+        for name, bounds in HISTOGRAMS.items():
+            label = "queue" if name == "hm_job_wait_seconds" else "operation"
+            family = HistogramMetricFamily(
+                name, f"{name.removeprefix('hm_')} of finished jobs", labels=[label]
+            )
+            series = {dict(ls)[label] for (n, ls) in values if n == f"{name}_count"}
+            for value_of_label in sorted(series):
+                buckets = [
+                    (
+                        le,
+                        values.get(
+                            (
+                                f"{name}_bucket",
+                                tuple(sorted({"le": le, label: value_of_label}.items())),
+                            ),
+                            0.0,
+                        ),
+                    )
+                    for le in [str(b) for b in bounds] + ["+Inf"]
+                ]
+                total = values.get((f"{name}_sum", ((label, value_of_label),)), 0.0)
+                family.add_metric([value_of_label], buckets, total)
+            yield family
+        if last_success is not None:
+            yield GaugeMetricFamily(
+                "hm_stripe_push_lag_seconds",
+                "Seconds since a usage push to Stripe last left nothing to retry",
+                value=max(time.time() - last_success, 0.0),
+            )
+
+
 _collector: QueueCollector | None = None
 
 
@@ -130,6 +262,7 @@ def register_queue_metrics() -> None:
     if _collector is None:
         _collector = QueueCollector()
         REGISTRY.register(_collector)
+        REGISTRY.register(SharedCollector())
 
 
 async def metrics_endpoint(request: Request) -> Response:
