@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from hiddenmodel import metrics, storage
+from hiddenmodel import logs, metrics, storage
 from hiddenmodel.db import tenant_session
 from hiddenmodel.images import (
     ImageRejected,
@@ -234,7 +234,7 @@ def _measure(job: Job, status: JobStatus, metered: lifecycle.Metered | None) -> 
 
 def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
     """Run a job if this delivery wins it. Returns what happened, for logs and tests."""
-    with org_context(org_id):
+    with org_context(org_id), logs.job_context(job_id):
         try:
             job = _claim(org_id, job_id, worker)
         except (OperationalError, InterfaceError) as exc:
