@@ -67,6 +67,8 @@ async def test_metrics_count_requests_and_the_queue_after_real_jobs(
         (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")),
     )
     assert samples[submitted] >= 3
+    # The cluster's worker process is named test-worker-<n>@host.
+    assert sum(v for (name, _), v in samples.items() if name == "hm_worker_processes") >= 1
 
     # What the worker processes observed, added up in Redis and served here.
     def grew(name: str, **labels: str) -> float:

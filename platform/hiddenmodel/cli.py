@@ -26,6 +26,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     uvicorn.run(
         "hiddenmodel.api.app:create_app",
@@ -36,7 +37,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
         proxy_headers=True,
         log_level=args.log_level,
         # JSON lines: uvicorn's loggers then go through the root handler (hiddenmodel.logs).
-        **({"log_config": None} if get_settings().log_format == "json" else {}),
+        log_config=None if get_settings().log_format == "json" else LOGGING_CONFIG,
     )
     return 0
 

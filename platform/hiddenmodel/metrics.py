@@ -69,6 +69,8 @@ TOP_ORGANIZATIONS = 10
 OTHER = "other"
 # The Celery queues (workers.celery_app.QUEUES; the platform does not import the workers).
 QUEUES = ("gpu", "cpu", "webhooks", "maintenance")
+# The heartbeat keys of live worker processes (workers.liveness.WORKER_PREFIX).
+WORKER_KEYS = "hm:worker:*"
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,19 @@ class QueueCollector(Collector):
             f"Running jobs per organization (the top {TOP_ORGANIZATIONS}, then other)",
             labels=["queue", "organization"],
         )
+        workers = GaugeMetricFamily(
+            "hm_worker_processes",
+            "Worker processes whose heartbeat is current, by the role their node name starts "
+            "with (gpu@…, cpu@…, background@… in docker/k8s)",
+            labels=["role"],
+        )
         try:
             client = sync_redis()
             waiting = {queue: int(client.llen(queue)) for queue in QUEUES}
+            roles: Tally[str] = Tally()
+            for key in client.scan_iter(match=WORKER_KEYS, count=1000):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                roles[name.removeprefix(WORKER_KEYS[:-1]).split("@", 1)[0]] += 1
             with global_session() as session:
                 rows = session.execute(
                     text("SELECT out_org, out_queue FROM hm_running_jobs()")
@@ -118,8 +130,11 @@ class QueueCollector(Collector):
             jobs.add_metric([queue, "running"], sum(running[queue].values()))
             for org, count in top_n(running[queue]).items():
                 by_org.add_metric([queue, org], count)
+        for role, count in top_n(roles).items():
+            workers.add_metric([role], count)
         yield jobs
         yield by_org
+        yield workers
 
 
 # Observations made in worker processes (any pod) are added up in one Redis hash, which the
@@ -195,6 +210,9 @@ def record_stripe_push(counts: dict[str, int]) -> None:
         _add(increments)
 
 
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
 class SharedCollector(Collector):
     """The counters and histograms that worker processes add to Redis."""
 
@@ -206,51 +224,54 @@ class SharedCollector(Collector):
         except Exception:
             log.warning("shared metrics unavailable", exc_info=True)
             return
-        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        series: Series = {}
         last_success: float | None = None
-        for field, value in raw.items():
+        for field, amount in raw.items():
             key = field.decode() if isinstance(field, bytes) else str(field)
             if key == STRIPE_LAST_SUCCESS:
-                last_success = float(value)
+                last_success = float(amount)
                 continue
             name, labels = json.loads(key)
-            values[(name, tuple((k, v) for k, v in labels))] = float(value)
-        for name, help_text in COUNTERS.items():
-            label_names = sorted({k for (n, ls) in values if n == name for k, _ in ls})
-            family = CounterMetricFamily(name, help_text, labels=label_names)
-            for (n, labels), value in values.items():
-                if n == name:
-                    family.add_metric([dict(labels)[k] for k in label_names], value)
-            yield family
-        for name, bounds in HISTOGRAMS.items():
-            label = "queue" if name == "hm_job_wait_seconds" else "operation"
-            family = HistogramMetricFamily(
-                name, f"{name.removeprefix('hm_')} of finished jobs", labels=[label]
-            )
-            series = {dict(ls)[label] for (n, ls) in values if n == f"{name}_count"}
-            for value_of_label in sorted(series):
-                buckets = [
-                    (
-                        le,
-                        values.get(
-                            (
-                                f"{name}_bucket",
-                                tuple(sorted({"le": le, label: value_of_label}.items())),
-                            ),
-                            0.0,
-                        ),
-                    )
-                    for le in [str(b) for b in bounds] + ["+Inf"]
-                ]
-                total = values.get((f"{name}_sum", ((label, value_of_label),)), 0.0)
-                family.add_metric([value_of_label], buckets, total)
-            yield family
+            series[(name, tuple((k, v) for k, v in labels))] = float(amount)
+        yield from _counters(series)
+        yield from _histograms(series)
         if last_success is not None:
             yield GaugeMetricFamily(
                 "hm_stripe_push_lag_seconds",
                 "Seconds since a usage push to Stripe last left nothing to retry",
                 value=max(time.time() - last_success, 0.0),
             )
+
+
+def _counters(series: Series) -> Iterator[CounterMetricFamily]:
+    for name, help_text in COUNTERS.items():
+        label_names = sorted({k for (n, labels) in series if n == name for k, _ in labels})
+        family = CounterMetricFamily(name, help_text, labels=label_names)
+        for (n, labels), amount in series.items():
+            if n == name:
+                family.add_metric([dict(labels)[k] for k in label_names], amount)
+        yield family
+
+
+def _histograms(series: Series) -> Iterator[HistogramMetricFamily]:
+    for name, bounds in HISTOGRAMS.items():
+        label = "queue" if name == "hm_job_wait_seconds" else "operation"
+        family = HistogramMetricFamily(
+            name, f"{name.removeprefix('hm_')} of finished jobs", labels=[label]
+        )
+        observed = {dict(labels)[label] for (n, labels) in series if n == f"{name}_count"}
+        for value in sorted(observed):
+            buckets = [
+                (
+                    le,
+                    series.get(
+                        (f"{name}_bucket", tuple(sorted({"le": le, label: value}.items()))), 0.0
+                    ),
+                )
+                for le in [str(b) for b in bounds] + ["+Inf"]
+            ]
+            family.add_metric([value], buckets, series.get((f"{name}_sum", ((label, value),)), 0.0))
+        yield family
 
 
 _collector: QueueCollector | None = None
