@@ -4,12 +4,16 @@ triggers scale on (docker/k8s/base/scaledobjects.yaml)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from hiddenmodel.metrics import OTHER, record_stripe_push, top_n
@@ -18,6 +22,8 @@ from tests.factories import create_endpoint, keyed_org, submit, wait_job
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.usefixtures("services")
+
+OBSERVABILITY = Path(__file__).resolve().parents[1] / "docker" / "k8s" / "observability"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -98,6 +104,48 @@ async def test_stripe_push_lag_reads_the_last_push_that_left_nothing_to_retry(
     samples = await _samples(client)
     assert _value(samples, "hm_stripe_push_lag_seconds") >= lag
     assert _value(samples, "hm_stripe_usage_events_total", outcome="retrying") >= 1
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads((OBSERVABILITY / "dashboard.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+async def test_the_dashboard_and_alerts_use_only_metrics_that_metrics_serves(
+    client: httpx.AsyncClient, services: Any
+) -> None:
+    _, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    assert (await wait_job(client, headers, job_id))["status"] == "succeeded"
+    record_stripe_push({"due": 0})
+    r = await client.get("/metrics")
+    served = set()
+    for family in text_string_to_metric_families(r.text):
+        served.add(family.name)
+        served |= {s.name for s in family.samples}
+        if family.type == "counter":
+            served.add(f"{family.name}_total")
+        if family.type == "histogram":
+            served |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    exprs = [rule["expr"] for rule in _alert_rules()] + _dashboard_exprs()
+    used = {name for expr in exprs for name in re.findall(r"\bhm_[a-z_]+", expr)}
+    assert used, exprs
+    assert used <= served, sorted(used - served)
+    # The three alerts the operators asked for exist, each with a severity and a summary.
+    names = {rule["alert"] for rule in _alert_rules()}
+    assert {
+        "HiddenModelQueueWaitOverTarget",
+        "HiddenModelWorkerHeartbeatsMissing",
+        "HiddenModelStripePushFailing",
+    } <= names
+    assert all(
+        rule["labels"]["severity"] and rule["annotations"]["summary"] for rule in _alert_rules()
+    )
 
 
 def test_per_organization_series_are_bounded() -> None:
