@@ -124,7 +124,10 @@ def test_each_worker_queue_scales_on_its_redis_list_and_on_jobs_in_flight(
         assert "replicas" not in _named(rendered, "Deployment", name)["spec"]
     gpu = _named(rendered, "ScaledObject", "hm-worker-gpu")["spec"]
     assert gpu["minReplicaCount"] == 0
+    # The chosen cooldown (docs/DEPLOY.md), also the HPA's scale-down window.
     assert gpu["cooldownPeriod"] >= 300
+    window = gpu["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert window["stabilizationWindowSeconds"] == gpu["cooldownPeriod"]
 
 
 def test_every_setting_the_code_reads_is_in_the_config_map_or_a_secret(
