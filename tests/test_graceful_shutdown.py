@@ -59,11 +59,16 @@ def _billed(job_id: str) -> int:
     return int(db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id))
 
 
+# The pools the manifests run: solo (CPU and background workers), threads (GPU workers, here
+# on the cpu queue: the shutdown path is the pool's, not the model's).
+POOLS = {"solo": (), "threads": ("--pool", "threads", "--concurrency", "4")}
+
+
 async def _job_in_its_finish(
-    client: httpx.AsyncClient, services: Cluster
+    client: httpx.AsyncClient, services: Cluster, pool: str = "solo"
 ) -> tuple[Any, dict[str, str], str, Process]:
     services.stop_workers()
-    worker = services.start_worker("cpu")
+    worker = services.start_worker("cpu", *POOLS[pool])
     org, headers = await keyed_org(client)
     r = await submit(
         client, headers, image=big_png(1200), params={"width": 1000, "height": 1000, "mode": "fit"}
@@ -75,10 +80,11 @@ async def _job_in_its_finish(
     return org, headers, job_id, worker
 
 
+@pytest.mark.parametrize("pool", sorted(POOLS))
 async def test_sigterm_lets_the_running_job_finish_once(
-    client: httpx.AsyncClient, services: Cluster, usage_held: Connection
+    client: httpx.AsyncClient, services: Cluster, usage_held: Connection, pool: str
 ) -> None:
-    org, headers, job_id, worker = await _job_in_its_finish(client, services)
+    org, headers, job_id, worker = await _job_in_its_finish(client, services, pool)
     worker.popen.send_signal(signal.SIGTERM)
     await _until(lambda: "Warm shutdown" in worker.log(), 20, "the warm shutdown")
     # Shutting down, but not before its job is done.
@@ -93,10 +99,11 @@ async def test_sigterm_lets_the_running_job_finish_once(
     services.workers.remove(worker)
 
 
+@pytest.mark.parametrize("pool", sorted(POOLS))
 async def test_a_worker_killed_when_its_grace_period_ends_hands_the_job_back(
-    client: httpx.AsyncClient, services: Cluster, usage_held: Connection
+    client: httpx.AsyncClient, services: Cluster, usage_held: Connection, pool: str
 ) -> None:
-    org, headers, job_id, worker = await _job_in_its_finish(client, services)
+    org, headers, job_id, worker = await _job_in_its_finish(client, services, pool)
     worker.popen.send_signal(signal.SIGTERM)
     await _until(lambda: "Warm shutdown" in worker.log(), 20, "the warm shutdown")
     # The grace period is over: the kubelet's SIGKILL.
