@@ -4,6 +4,7 @@ triggers scale on (docker/k8s/base/scaledobjects.yaml)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import time
@@ -17,8 +18,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from hiddenmodel.metrics import OTHER, record_stripe_push, top_n
-from tests.conftest import unique
+from tests.conftest import db_scalar, unique
 from tests.factories import create_endpoint, keyed_org, submit, wait_job
+from tests.garments import make_scene
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.usefixtures("services")
@@ -104,6 +106,44 @@ async def test_stripe_push_lag_reads_the_last_push_that_left_nothing_to_retry(
     samples = await _samples(client)
     assert _value(samples, "hm_stripe_push_lag_seconds") >= lag
     assert _value(samples, "hm_stripe_usage_events_total", outcome="retrying") >= 1
+
+
+async def test_a_ghost_jobs_gpu_seconds_are_counted(
+    client: httpx.AsyncClient, services: Any, tmp_path: Path
+) -> None:
+    from workers.models.tiny import make_tiny_model
+
+    model = tmp_path / "tiny-sdxl-inpaint"
+    make_tiny_model(model)
+    worker = services.start_worker(
+        "gpu", "--pool", "threads", "--concurrency", "4", env={"HM_MODEL_DIR": str(model)}
+    )
+    try:
+        _, headers = await keyed_org(client)
+        buf = io.BytesIO()
+        make_scene("top", seed=3).pil().save(buf, "PNG")
+        before = await _samples(client)
+        r = await submit(
+            client,
+            headers,
+            operation="ghost_mannequin",
+            params={"size": 256, "steps": 4, "seed": 11},
+            image=buf.getvalue(),
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert (await wait_job(client, headers, job_id, timeout=180))["status"] == "succeeded"
+    finally:
+        services.workers.remove(worker)
+        worker.stop()
+    metered = float(db_scalar("SELECT gpu_seconds FROM jobs WHERE id = :j", j=job_id))
+    assert metered > 0
+    after = await _samples(client)
+    gpu = ("hm_job_gpu_seconds_total", (("operation", "ghost_mannequin"),))
+    assert after[gpu] - before.get(gpu, 0.0) == pytest.approx(metered, rel=1e-6)
+    ghost = {"operation": "ghost_mannequin", "queue": "gpu", "state": "succeeded"}
+    finished = _value(after, "hm_jobs_finished_total", **ghost)
+    assert finished - _value(before, "hm_jobs_finished_total", **ghost) == 1
 
 
 def _alert_rules() -> list[dict[str, Any]]:
