@@ -64,6 +64,8 @@ async def test_metrics_count_requests_and_the_queue_after_real_jobs(
     while _queued(await _samples(client), "cpu") < 3:
         assert time.monotonic() < deadline, "the jobs never showed as queued"
         await asyncio.sleep(0.1)
+    by_org = ("hm_queued_jobs_by_organization", (("organization", str(org.id)), ("queue", "cpu")))
+    assert (await _samples(client))[by_org] == 3
     services.start_worker()
     for job_id in ids:
         assert (await wait_job(client, headers, job_id))["status"] == "succeeded"

@@ -7,9 +7,11 @@ triggers in docker/k8s do).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
+import uuid
 from collections import Counter as Tally
 from collections.abc import Iterator
 
@@ -69,6 +71,8 @@ TOP_ORGANIZATIONS = 10
 OTHER = "other"
 # The Celery queues (workers.celery_app.QUEUES; the platform does not import the workers).
 QUEUES = ("gpu", "cpu", "webhooks", "maintenance")
+# At most this many messages of a queue are read per scrape to attribute them to organizations.
+QUEUED_SAMPLE = 10_000
 # The heartbeat keys of live worker processes (workers.liveness.WORKER_PREFIX).
 WORKER_KEYS = "hm:worker:*"
 
@@ -82,6 +86,17 @@ def top_n(counts: Tally[str], n: int = TOP_ORGANIZATIONS) -> dict[str, int]:
     if rest:
         top[OTHER] = rest
     return top
+
+
+def _message_org(raw: bytes | str) -> str:
+    """The organization of a ``jobs.run`` message (its first argument), from the Celery
+    message's base64 JSON body; ``other`` for anything else."""
+    try:
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        return str(uuid.UUID(str(args[0])))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return OTHER
 
 
 class QueueCollector(Collector):
@@ -101,6 +116,12 @@ class QueueCollector(Collector):
             f"Running jobs per organization (the top {TOP_ORGANIZATIONS}, then other)",
             labels=["queue", "organization"],
         )
+        queued_by_org = GaugeMetricFamily(
+            "hm_queued_jobs_by_organization",
+            f"Jobs waiting in a Celery queue per organization (the top {TOP_ORGANIZATIONS}, then "
+            f"other; messages past the first {QUEUED_SAMPLE} of a queue count as other)",
+            labels=["queue", "organization"],
+        )
         workers = GaugeMetricFamily(
             "hm_worker_processes",
             "Worker processes whose heartbeat is current, by the role their node name starts "
@@ -110,6 +131,11 @@ class QueueCollector(Collector):
         try:
             client = sync_redis()
             waiting = {queue: int(client.llen(queue)) for queue in QUEUES}
+            queued: dict[str, Tally[str]] = {}
+            for queue in ("gpu", "cpu"):
+                messages = client.lrange(queue, 0, QUEUED_SAMPLE - 1)
+                queued[queue] = Tally(_message_org(raw) for raw in messages)
+                queued[queue][OTHER] += waiting[queue] - len(messages)
             roles: Tally[str] = Tally()
             for key in client.scan_iter(match=WORKER_KEYS, count=1000):
                 name = key.decode() if isinstance(key, bytes) else str(key)
@@ -130,10 +156,14 @@ class QueueCollector(Collector):
             jobs.add_metric([queue, "running"], sum(running[queue].values()))
             for org, count in top_n(running[queue]).items():
                 by_org.add_metric([queue, org], count)
+        for queue, orgs in queued.items():
+            for org, count in top_n(+orgs).items():
+                queued_by_org.add_metric([queue, org], count)
         for role, count in top_n(roles).items():
             workers.add_metric([role], count)
         yield jobs
         yield by_org
+        yield queued_by_org
         yield workers
 
 
