@@ -5,10 +5,12 @@ The model, one second per step over a day:
 
 * Arrivals: a diurnal Poisson stream of single jobs (peak at 14:00 UTC, ``--daily-jobs`` in
   all) plus ``--shoots`` uploads of 2,000 photos each, every photo submitted within
-  ``--upload-s`` (120 s: a batch upload) of the shoot's start, at seeded random times between 08:00 and 20:00.
+  ``--upload-s`` (120 s: a batch upload) of the shoot's start, at seeded random times
+  between 08:00 and 20:00.
 * Dispatch: a job leaves the outbox for the Celery queue only while its organization has
-  fewer than ``--org-cap`` jobs dispatched or running (HM_DISPATCH_ORG_INFLIGHT_CAP, or the
-  plan's max_running_jobs); each shoot is its own organization, single jobs share one.
+  fewer than the configuration's ``org_cap`` jobs dispatched or running
+  (HM_DISPATCH_ORG_INFLIGHT_CAP, or the plan's max_running_jobs); each shoot is its own
+  organization, single jobs share one.
 * Workers: a pod is ready ``--start-s`` after KEDA asks for it (node, image, model load);
   it runs batches of up to 4 jobs, a batch of n taking 1.92 + 0.893 * (n - 1) GPU-seconds (the
   H200 figures: 1.92 s at batch 1, 1.15 s per image at batch 4, DESIGN §6).
@@ -123,9 +125,13 @@ def simulate(config: Config, jobs: list[tuple[float, int]], start_s: float) -> d
                     pods.remove(pod)
         pod_seconds += len(pods)
         peak = max(peak, len(pods))
-        if next_job == len(jobs) and not queue and not any(outbox.values()) and not any(
-            p.running for p in pods
-        ) and len(pods) <= config.min_replicas:
+        if (
+            next_job == len(jobs)
+            and not queue
+            and not any(outbox.values())
+            and not any(p.running for p in pods)
+            and len(pods) <= config.min_replicas
+        ):
             pod_seconds += (horizon - now - 1) * len(pods)
             break
     waits.sort()
