@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from hiddenmodel import storage
+from hiddenmodel import logs, metrics, storage
 from hiddenmodel.db import tenant_session
 from hiddenmodel.images import (
     ImageRejected,
@@ -231,12 +232,28 @@ def _finish(
     lifecycle.announce(ended)
     if not ended:
         log.warning("job %s attempt %s lost ownership before finishing", job.id, job.attempts)
+    else:
+        _measure(job, status, metered)
     return bool(ended)
+
+
+def _measure(job: Job, status: JobStatus, metered: lifecycle.Metered | None) -> None:
+    """The finished job in the platform's metrics (hiddenmodel.metrics)."""
+    now = datetime.now(UTC)
+    started = job.started_at or now
+    metrics.record_job_end(
+        job.operation,
+        job.queue,
+        status.value,
+        wait_s=(started - job.created_at).total_seconds(),
+        run_s=(now - started).total_seconds(),
+        gpu_s=metered.gpu_seconds if metered else 0.0,
+    )
 
 
 def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
     """Run a job if this delivery wins it. Returns what happened, for logs and tests."""
-    with org_context(org_id):
+    with org_context(org_id), logs.job_context(job_id):
         try:
             job = _claim(org_id, job_id, worker)
         except (OperationalError, InterfaceError) as exc:

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HM_", env_file=None, extra="ignore")
 
     environment: str = "development"
+    # "json": one JSON object per log line with the request, organization and job ids
+    # (hiddenmodel.logs), for a log pipeline; "text": the human format.
+    log_format: Literal["text", "json"] = "text"
 
     # Databases: the app role (RLS applies), the schema owner (migrations), the ops role
     # (cross-tenant, audited) and an admin that may create roles and databases (bootstrap only).

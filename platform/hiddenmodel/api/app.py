@@ -21,7 +21,7 @@ from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
 from hiddenmodel.jobs.router import router as jobs_router
-from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
+from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint, register_queue_metrics
 from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
@@ -125,6 +125,7 @@ def create_app() -> FastAPI:
     if enforce_for_key not in API_KEY_HOOKS:
         API_KEY_HOOKS.append(enforce_for_key)
     app.include_router(health.router)
+    register_queue_metrics()
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_docs(app)
     install_portal(app)
