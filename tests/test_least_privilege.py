@@ -68,6 +68,13 @@ def as_app() -> Iterator[Engine]:
 
 
 @pytest.fixture
+def as_ops() -> Iterator[Engine]:
+    engine = create_engine(get_settings().database_ops_url, poolclass=pool.NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
 def as_worker() -> Iterator[Engine]:
     engine = create_engine(get_settings().database_worker_url, poolclass=pool.NullPool)
     yield engine
@@ -83,7 +90,12 @@ def _bind(conn: Connection, setting: str, value: object) -> None:
 
 @pytest.mark.parametrize(("table", "column"), HASH_COLUMNS)
 async def test_the_app_role_cannot_read_a_hash(
-    client: httpx.AsyncClient, as_app: Engine, as_worker: Engine, table: str, column: str
+    client: httpx.AsyncClient,
+    as_app: Engine,
+    as_worker: Engine,
+    as_ops: Engine,
+    table: str,
+    column: str,
 ) -> None:
     org = await make_org(client)
     await make_key(client, org)
@@ -95,7 +107,8 @@ async def test_the_app_role_cannot_read_a_hash(
     assert r.status_code == 201, r.text
     # The rows exist (the superuser reads them) ...
     assert db_scalar(f"SELECT count({column}) FROM {table}") > 0
-    for engine in (as_app, as_worker):
+    # ... and none of the roles that serve requests or run workers can read a hash.
+    for engine in (as_app, as_worker, as_ops):
         for sql in (
             f"SELECT {column} FROM {table}",
             f"SELECT * FROM {table}",

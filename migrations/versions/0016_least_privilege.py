@@ -4,8 +4,8 @@ The app role (every API request) could read every user's password hash and every
 API-key and invitation token hash, and could run the worker sweeps that read and move rows
 of every organization. One SQL injection or one bug reached all of it.
 
-* ``hm_app`` may read every column of ``users``, ``access_tokens``, ``api_keys`` and
-  ``invitations`` but the hashes. Lookups by hash go through definer functions that return
+* ``hm_app`` (and ``hm_ops``) may read every column of ``users``, ``access_tokens``,
+  ``api_keys`` and ``invitations`` but the hashes. Lookups by hash go through definer functions that return
   a verdict (a user id, a key without its hash, an invitation id), never the hash. Sign-in
   reads a password hash as ``hm_auth``, a role that may read ``users (id, hashed_password)``
   and nothing else.
@@ -79,11 +79,13 @@ def _readable_columns(table: str) -> list[str]:
 def upgrade() -> None:
     op.execute(f"GRANT USAGE ON SCHEMA public TO {WORKER_ROLE}, {AUTH_ROLE}")
 
-    # Column privileges: a table-wide SELECT would include the hashes.
+    # Column privileges: a table-wide SELECT would include the hashes. Operators (hm_ops)
+    # have no use for them either.
     for table in SECRET_COLUMNS:
         columns = ", ".join(f'"{c}"' for c in _readable_columns(table))
-        op.execute(f"REVOKE SELECT ON {table} FROM {APP_ROLE}")  # noqa: S608 (names above)
-        op.execute(f"GRANT SELECT ({columns}) ON {table} TO {APP_ROLE}")
+        for role in (APP_ROLE, OPS_ROLE):
+            op.execute(f"REVOKE SELECT ON {table} FROM {role}")  # noqa: S608 (names above)
+            op.execute(f"GRANT SELECT ({columns}) ON {table} TO {role}")
     op.execute(f"GRANT SELECT (id, hashed_password) ON users TO {AUTH_ROLE}")
 
     # The verdict functions run as hm_lookup, which may read the hashes.
@@ -122,5 +124,5 @@ def downgrade() -> None:
     op.execute(f"REVOKE ALL ON access_tokens, api_keys, invitations FROM {LOOKUP_ROLE}")
     op.execute(f"REVOKE ALL ON users FROM {AUTH_ROLE}")
     for table in SECRET_COLUMNS:
-        op.execute(f"GRANT SELECT ON {table} TO {APP_ROLE}")
+        op.execute(f"GRANT SELECT ON {table} TO {APP_ROLE}, {OPS_ROLE}")
     op.execute(f"REVOKE USAGE ON SCHEMA public FROM {WORKER_ROLE}, {AUTH_ROLE}")
