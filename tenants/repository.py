@@ -90,9 +90,15 @@ async def get_invitation(session: AsyncSession, invitation_id: uuid.UUID) -> Inv
 
 
 async def get_invitation_by_hash(session: AsyncSession, token_hash: str) -> Invitation | None:
+    # The app role may not read token_hash: a definer function names the invitation.
+    invitation_id = await session.scalar(
+        text("SELECT out_invitation FROM hm_invitation_by_token(:h)"), {"h": token_hash}
+    )
+    if invitation_id is None:
+        return None
     return (
         await session.scalars(
-            select(Invitation).where(Invitation.token_hash == token_hash).with_for_update()
+            select(Invitation).where(Invitation.id == invitation_id).with_for_update()
         )
     ).one_or_none()
 
