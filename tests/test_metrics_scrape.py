@@ -80,15 +80,16 @@ async def test_metrics_count_requests_and_the_queue_after_real_jobs(
     # The cluster's worker process is named test-worker-<n>@host.
     assert sum(v for (name, _), v in samples.items() if name == "hm_worker_processes") >= 1
 
-    # What the worker processes observed, added up in Redis and served here.
+    # What the worker processes observed, added up in Redis and served here. The counters are
+    # the whole cluster's: a job left over from an earlier test may finish in the same window.
     def grew(name: str, **labels: str) -> float:
         return _value(samples, name, **labels) - _value(before, name, **labels)
 
-    assert grew("hm_jobs_finished_total", operation="resize", queue="cpu", state="succeeded") == 3
-    assert grew("hm_job_wait_seconds_count", queue="cpu") == 3
-    assert grew("hm_job_wait_seconds_bucket", queue="cpu", le="+Inf") == 3
-    assert grew("hm_job_run_seconds_count", operation="resize") == 3
-    assert grew("hm_job_run_seconds_bucket", operation="resize", le="900.0") == 3
+    assert grew("hm_jobs_finished_total", operation="resize", queue="cpu", state="succeeded") >= 3
+    assert grew("hm_job_wait_seconds_count", queue="cpu") >= 3
+    assert grew("hm_job_wait_seconds_bucket", queue="cpu", le="+Inf") >= 3
+    assert grew("hm_job_run_seconds_count", operation="resize") >= 3
+    assert grew("hm_job_run_seconds_bucket", operation="resize", le="900.0") >= 3
     assert grew("hm_job_run_seconds_sum", operation="resize") > 0
     await receiver.wait(path, 3)
     deadline = time.monotonic() + 20
