@@ -9,8 +9,10 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi_users import exceptions as fu_exceptions
 
+from hiddenmodel import authguard
+from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
-from hiddenmodel.errors import Problem
+from hiddenmodel.errors import Gone, NotFound, Problem
 from hiddenmodel.security import keyed_hash
 from portal.security import (
     PREFIX,
@@ -139,11 +141,8 @@ async def forgot(request: Request) -> HTMLResponse:
     form = await checked_form(request)
     email = form_field(form, "email")
     async with user_manager() as manager:
-        try:
-            user = await manager.get_by_email(email)
-            await manager.forgot_password(user, request)
-        except (fu_exceptions.UserNotExists, fu_exceptions.UserInactive):
-            pass  # the same answer either way: nobody learns who has an account
+        # The same answer either way: nobody learns who has an account.
+        await manager.request_password_reset(email, request)
     return render(request, "forgot.html", {"sent": True})
 
 
@@ -232,14 +231,15 @@ async def accept_invitation(request: Request) -> Response:
     form = await checked_form(request)
     token = form_field(form, "token")
     try:
-        org_id = tenants_service.invitation_org_id(token)
-        async with async_tenant_session(org_id) as session:
-            try:
-                await tenants_service.accept_invitation(session, user, token)
-                await commit(session)
-            except BaseException:
-                await rollback(session)
-                raise
+        async with authguard.guarded(Action.INVITATION, str(user.id), (NotFound, Gone)):
+            org_id = tenants_service.invitation_org_id(token)
+            async with async_tenant_session(org_id) as session:
+                try:
+                    await tenants_service.accept_invitation(session, user, token)
+                    await commit(session)
+                except BaseException:
+                    await rollback(session)
+                    raise
     except Problem as exc:
         return render(
             request,

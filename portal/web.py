@@ -24,6 +24,7 @@ from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
+from hiddenmodel import ratelimit
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.errors import Problem
 from hiddenmodel.webhooks import service as webhooks_service
@@ -97,7 +98,10 @@ async def session_user(request: Request) -> User | None:
         strategy = get_database_strategy(HashedAccessTokenDatabase(session))
         user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
         await commit(session)
-    return user if user is not None and user.is_active else None
+    if user is None or not user.is_active:
+        return None
+    await ratelimit.enforce_for_user(user.id)
+    return user
 
 
 async def require_user(request: Request) -> User:

@@ -14,6 +14,7 @@ from fastapi import Depends, Path, Request
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel import authguard, ratelimit
 from hiddenmodel.db import (
     async_global_session,
     async_tenant_session,
@@ -255,6 +256,36 @@ async def authenticate_api_key(
     return key, org
 
 
+def request_token(request: Request) -> str | None:
+    """The session token a request authenticates with (bearer or cookie), if any."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return request.cookies.get(COOKIE_NAME) or None
+
+
+async def refused_credentials() -> None:
+    """A request's credentials failed: it counts against its client address, both as a
+    request without credentials and as a guess (429 once the address must wait)."""
+    await authguard.refuse_credentials()
+    await ratelimit.enforce_for_address()
+
+
+# Paths that answer without credentials and must not be throttled: load balancers' probes.
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+async def limit_uncredentialed(request: Request) -> None:
+    """Every route: a request that sends no credentials is rate limited by client address.
+    Requests with credentials are limited by whom they authenticate (API key, user), and by
+    address when that fails."""
+    if request.url.path in UNLIMITED_PATHS:
+        return
+    if request.headers.get("authorization") is None and not request.cookies.get(COOKIE_NAME):
+        await ratelimit.enforce_for_address()
+
+
 @asynccontextmanager
 async def authenticated(request: Request) -> AsyncIterator[Principal]:
     """Bearer API key (``hmk_…``), bearer session token, or the session cookie (unsafe methods
@@ -264,22 +295,32 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     session, with its open transaction, serves the rest of the request (see
     :func:`open_org_scope`): one transaction per request, committed before the response.
     """
-    token = _bearer_token(request)
+    try:
+        token = _bearer_token(request)
+    except Unauthorized:
+        await refused_credentials()
+        raise
     if token is None:
         token = request.cookies.get(COOKIE_NAME)
         if not token:
             raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
         check_cookie_request(request)
         if token.startswith(API_KEY_PREFIX + "_"):
+            await refused_credentials()
             raise Unauthorized("The session cookie carries a session, not an API key.")
     if token.startswith(API_KEY_PREFIX + "_"):
         try:
             parsed = parse_token(token, API_KEY_PREFIX)
         except InvalidToken as exc:
+            await refused_credentials()
             raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
         async with async_tenant_session(parsed.org_id) as key_session:
             try:
-                key, org = await authenticate_api_key(key_session, parsed.org_id, token)
+                try:
+                    key, org = await authenticate_api_key(key_session, parsed.org_id, token)
+                except Unauthorized:
+                    await refused_credentials()
+                    raise
                 for hook in API_KEY_HOOKS:
                     await hook(key, key_session)
                 yield Principal(api_key=key, key_org=org, session=key_session)
@@ -297,7 +338,9 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
         user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
         await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
     if user is None or not user.is_active:
+        await refused_credentials()
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
+    await ratelimit.enforce_for_user(user.id)
     yield Principal(user=user)
 
 

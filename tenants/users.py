@@ -11,8 +11,14 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyCookie, OAuth2PasswordBearer
-from fastapi_users import BaseUserManager, FastAPIUsers, InvalidPasswordException, UUIDIDMixin
+from fastapi.security import APIKeyCookie, OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from fastapi_users import (
+    BaseUserManager,
+    FastAPIUsers,
+    InvalidPasswordException,
+    UUIDIDMixin,
+    exceptions,
+)
 from fastapi_users.authentication import (
     AuthenticationBackend,
     BearerTransport,
@@ -26,10 +32,13 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel import authguard
+from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
 from hiddenmodel.security import keyed_hash
 from hiddenmodel.settings import get_settings
+from tenants.lockouts import record_account_lock
 from tenants.models import AccessToken, User
 from tenants.schemas import UserCreate
 
@@ -148,6 +157,58 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
                 kind="reset_password",
             )
         )
+
+    async def authenticate(self, credentials: OAuth2PasswordRequestForm) -> User | None:
+        """fastapi-users' check of e-mail and password, under guessing control: the account
+        and the client address wait, then lock, after repeated failures (429), known
+        account or not; the unknown address costs the same password hash as a known one."""
+        attempt = await authguard.begin(Action.SIGN_IN, account=credentials.username)
+        user = await super().authenticate(credentials)
+        if user is not None and user.is_active:
+            await authguard.succeeded(attempt)
+        elif await authguard.failed(attempt):
+            await commit(self.session)
+            await record_account_lock(Action.SIGN_IN, credentials.username)
+        return user
+
+    async def request_password_reset(self, email: str, request: Request | None = None) -> None:
+        """Mail a reset link when ``email`` has an active account; the same outcome when it
+        has none. Every request counts: each one can send a mail."""
+        attempt = await authguard.begin(Action.PASSWORD_RESET_REQUEST, account=email)
+        await authguard.failed(attempt)
+        try:
+            user = await self.get_by_email(email)
+            await self.forgot_password(user, request)
+        except (exceptions.UserNotExists, exceptions.UserInactive):
+            pass
+
+    async def reset_password(
+        self, token: str, password: str, request: Request | None = None
+    ) -> User:
+        attempt = await authguard.begin(Action.PASSWORD_RESET)
+        try:
+            user = await super().reset_password(token, password, request)
+        except (exceptions.InvalidResetPasswordToken, exceptions.UserInactive):
+            await authguard.failed(attempt)
+            raise
+        except exceptions.InvalidPasswordException:
+            await authguard.succeeded(attempt)  # a real token with a weak password: no guess
+            raise
+        await authguard.succeeded(attempt)
+        return user
+
+    async def verify(self, token: str, request: Request | None = None) -> User:
+        attempt = await authguard.begin(Action.VERIFY)
+        try:
+            user = await super().verify(token, request)
+        except (exceptions.InvalidVerifyToken, exceptions.UserNotExists):
+            await authguard.failed(attempt)
+            raise
+        except exceptions.UserAlreadyVerified:
+            await authguard.succeeded(attempt)
+            raise
+        await authguard.succeeded(attempt)
+        return user
 
     async def on_after_reset_password(self, user: User, request: Request | None = None) -> None:
         # A new password ends every session opened with the old one.
