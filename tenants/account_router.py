@@ -12,7 +12,7 @@ from fastapi_users.router.common import ErrorCode
 from pydantic import EmailStr
 
 from tenants import accounts
-from tenants.auth import CurrentUser, request_token
+from tenants.auth import CurrentUser, cookie_csrf, request_token
 from tenants.schemas import AccountUpdate, EmailChangeConfirm, UserCreate, UserRead
 from tenants.users import GlobalSessionDep, UserManager, get_user_manager
 
@@ -68,7 +68,14 @@ async def confirm_email(data: EmailChangeConfirm, session: GlobalSessionDep) -> 
     return UserRead.model_validate(user, from_attributes=True)
 
 
-@router.get("/users/me", tags=["users"], name="users:current_user", response_model=UserRead)
+# The session cookie authenticates these: the same cross-site check as every cookie route.
+@router.get(
+    "/users/me",
+    tags=["users"],
+    name="users:current_user",
+    response_model=UserRead,
+    dependencies=[Depends(cookie_csrf)],
+)
 async def current_user(user: CurrentUser) -> UserRead:
     return UserRead.model_validate(user, from_attributes=True)
 

@@ -101,7 +101,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(batches_router)
     auth_tags: list[str | Enum] = ["auth"]
-    app.include_router(account_router, dependencies=[Depends(cookie_csrf)])
+    app.include_router(account_router)
     app.include_router(
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
     )
