@@ -31,6 +31,7 @@ from portal.web import (
     see_other,
     user_manager,
 )
+from tenants import accounts
 from tenants import repository as tenants_repository
 from tenants import service as tenants_service
 from tenants.models import Role, User
@@ -191,6 +192,35 @@ async def verify(request: Request) -> HTMLResponse:
                 status_code=400,
             )
     return render(request, "verify.html", {"done": True})
+
+
+@router.get("/confirm-email", response_class=HTMLResponse)
+async def confirm_email_page(request: Request, token: str = "") -> HTMLResponse:
+    # Confirmed with a button, like verification: a mail scanner changes nothing.
+    return render(request, "confirm_email.html", {"token": token})
+
+
+@router.post("/confirm-email", response_class=HTMLResponse)
+async def confirm_email(request: Request) -> HTMLResponse:
+    form = await checked_form(request)
+    token = form_field(form, "token")
+    try:
+        async with async_global_session() as session:
+            try:
+                user = await accounts.confirm_email_change(session, token)
+                email = user.email
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
+    except Problem as exc:
+        return render(
+            request,
+            "confirm_email.html",
+            {"token": token, "error": problem_message(exc)},
+            status_code=exc.status,
+        )
+    return render(request, "confirm_email.html", {"done": True, "email": email})
 
 
 @router.get("/invitations/accept", response_class=HTMLResponse)

@@ -164,9 +164,9 @@ async def test_bad_account_updates_are_422_and_log_no_row(
         r = await client.patch("/v1/users/me", json=body, headers=account.headers)
     assert_problem(r, 422, "validation-error")
     assert "argon2" not in caplog.text and "hashed_password" not in caplog.text
-    row = db_rows(
-        "SELECT email, is_superuser, is_verified FROM users WHERE id = :u", u=account.id
-    )[0]
+    row = db_rows("SELECT email, is_superuser, is_verified FROM users WHERE id = :u", u=account.id)[
+        0
+    ]
     assert tuple(row) == (account.email, False, False)
 
 
@@ -236,3 +236,26 @@ def test_production_refuses_development_switches(monkeypatch: pytest.MonkeyPatch
     # Development keeps its conveniences.
     monkeypatch.setenv("HM_ENVIRONMENT", "development")
     assert Settings().webhook_allow_private_urls is True
+
+
+async def test_database_errors_log_no_row_values(caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.exc import IntegrityError
+    from starlette.requests import Request
+
+    from hiddenmodel.db import async_global_session
+    from hiddenmodel.errors import _unhandled_handler
+    from tenants.models import User
+
+    secret_hash = "$argon2id$v=19$m=64,t=1,p=1$never-in-a-log"
+    async with async_global_session() as session:
+        session.add(User(email=None, hashed_password=secret_hash))  # NOT NULL breaks
+        with pytest.raises(IntegrityError) as caught:
+            await session.flush()
+        await session.rollback()
+    # PostgreSQL itself repeats the failing row; the statement's parameters are hidden.
+    assert "SQL parameters hidden" in str(caught.value)
+    with caplog.at_level(logging.DEBUG):
+        r = await _unhandled_handler(Request({"type": "http", "headers": []}), caught.value)
+    assert r.status_code == 500
+    assert "NotNullViolation" in caplog.text and "email" in caplog.text
+    assert "never-in-a-log" not in caplog.text

@@ -90,6 +90,9 @@ def _engine_kwargs(settings: Settings) -> dict[str, Any]:
         # Pinged on checkout only after idling (see _ping_idle_connections).
         "pool_pre_ping": False,
         "pool_recycle": 1800,
+        # A failed statement's message names the statement, never its values: an error log
+        # must not carry a password hash, a token hash or a customer's data.
+        "hide_parameters": True,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 import redis.exceptions
@@ -177,8 +178,26 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
     )
 
 
-async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+def _log_unhandled(exc: Exception) -> None:
+    if isinstance(exc, sa_exc.DBAPIError):
+        # PostgreSQL's message repeats the failing row ("Failing row contains ..."), which may
+        # hold a password hash or a customer's data: log what failed and where, not the row.
+        diag = getattr(exc.orig, "diag", None)
+        log.error(
+            "unhandled database error %s (sqlstate %s, table %s, column %s, constraint %s)\n%s",
+            type(exc.orig).__name__,
+            getattr(diag, "sqlstate", None),
+            getattr(diag, "table_name", None),
+            getattr(diag, "column_name", None),
+            getattr(diag, "constraint_name", None),
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        return
     log.exception("unhandled error", exc_info=exc)
+
+
+async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    _log_unhandled(exc)
     return problem_response(500, "internal-error", "Internal server error")
 
 
