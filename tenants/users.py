@@ -32,7 +32,7 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hiddenmodel import authguard
+from hiddenmodel import authguard, ratelimit
 from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
@@ -336,6 +336,11 @@ fastapi_users = FastAPIUsers[User, uuid.UUID](get_user_manager, [bearer_backend,
 
 current_active_user = fastapi_users.current_user(active=True)
 current_superuser = fastapi_users.current_user(active=True, superuser=True)
+
+
+async def limit_signed_in_user(user: Annotated[User, Depends(current_active_user)]) -> None:
+    """The per-user rate limit, for fastapi-users' own routes that take a session."""
+    await ratelimit.enforce_for_user(user.id)
 
 
 async def create_user(

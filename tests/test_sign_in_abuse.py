@@ -332,3 +332,17 @@ async def test_signed_in_users_are_limited(client: httpx.AsyncClient, strict: An
     )
     cookie = {"Cookie": r.headers["set-cookie"].split(";")[0]}
     assert_problem(await client.get("/v1/me", headers=cookie), 429, "rate-limited")
+
+
+async def test_operator_user_routes_are_limited_per_user(
+    client: httpx.AsyncClient, strict: Any
+) -> None:
+    operator, other = await register(client), await register(client)
+    db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
+    strict(user_requests_per_minute=2)
+    for _ in range(2):
+        r = await client.get(f"/v1/users/{other.id}", headers=operator.headers)
+        assert r.status_code == 200, r.text
+    r = await client.get(f"/v1/users/{other.id}", headers=operator.headers)
+    assert_problem(r, 429, "rate-limited")
+    assert r.json()["subject"] == "user"

@@ -37,7 +37,7 @@ from tenants.account_router import router as account_router
 from tenants.auth import API_KEY_HOOKS, cookie_csrf, limit_uncredentialed
 from tenants.router import router as tenants_router
 from tenants.schemas import UserRead, UserUpdate
-from tenants.users import bearer_backend, cookie_backend, fastapi_users
+from tenants.users import bearer_backend, cookie_backend, fastapi_users, limit_signed_in_user
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -125,7 +125,7 @@ def create_app() -> FastAPI:
         ),
         prefix="/v1/users",
         tags=["users"],
-        dependencies=[Depends(cookie_csrf)],
+        dependencies=[Depends(cookie_csrf), Depends(limit_signed_in_user)],
     )
     app.include_router(tenants_router)
     app.include_router(usage_router)
