@@ -346,3 +346,35 @@ async def test_operator_user_routes_are_limited_per_user(
     r = await client.get(f"/v1/users/{other.id}", headers=operator.headers)
     assert_problem(r, 429, "rate-limited")
     assert r.json()["subject"] == "user"
+
+
+@pytest.mark.parametrize(("trusted", "limited"), [("", True), ("127.0.0.1", False)])
+def test_the_api_process_believes_forwarded_for_from_trusted_proxies_only(
+    trusted: str, limited: bool
+) -> None:
+    """``hiddenmodel api`` (uvicorn's proxy headers included) takes the client address from
+    X-Forwarded-For only when the peer is in HM_TRUSTED_PROXIES."""
+    from tests.conftest import _free_port
+    from tests.services import hiddenmodel, wait_port
+
+    port = _free_port()
+    server = hiddenmodel(
+        "api-trusted-proxies",
+        "api",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        env={"HM_ADDRESS_REQUESTS_PER_MINUTE": "2", "HM_TRUSTED_PROXIES": trusted},
+    )
+    try:
+        wait_port(port)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            codes = [
+                http.get("/v1/me", headers={"X-Forwarded-For": _address()}).status_code
+                for _ in range(3)
+            ]
+    finally:
+        server.stop()
+    # Untrusted: three requests of one address (the peer) against a limit of two.
+    assert codes == ([401, 401, 429] if limited else [401, 401, 401])
