@@ -378,3 +378,28 @@ def test_the_api_process_believes_forwarded_for_from_trusted_proxies_only(
         server.stop()
     # Untrusted: three requests of one address (the peer) against a limit of two.
     assert codes == ([401, 401, 429] if limited else [401, 401, 401])
+
+
+async def test_waits_double_then_the_lock_holds(strict: Any) -> None:
+    """The waits an account is given, failure after failure (each wait skipped by moving its
+    end into the past, as time would)."""
+    from hiddenmodel import authguard
+    from hiddenmodel.redis import async_redis
+
+    strict(auth_free_attempts=2, auth_lock_after=6, auth_backoff_base_seconds=1.0)
+    email, redis = f"{unique()}@example.com", async_redis()
+    waits = []
+    for _ in range(6):
+        attempt = await authguard.begin(authguard.Action.SIGN_IN, account=email, address=_address())
+        await authguard.failed(attempt)
+        key = attempt.subjects[0].key
+        until, locked = await redis.hmget(key, ["until", "locked"])
+        seconds, micros = await redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        waits.append((round((int(until) - now_ms) / 1000) if int(until) else 0, int(locked)))
+        if not int(locked):
+            await redis.hset(key, "until", 0)
+    lock = get_settings().auth_lock_seconds
+    assert waits == [(0, 0), (0, 0), (1, 0), (2, 0), (4, 0), (lock, 1)]
+    with pytest.raises(authguard.TooManyAttempts):
+        await authguard.begin(authguard.Action.SIGN_IN, account=email, address=_address())
