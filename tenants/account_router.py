@@ -1,5 +1,5 @@
-"""HTTP of a person's own account, in place of fastapi-users' register, forgot-password and
-``/users/me`` routes (same paths and operation names): their rules live in
+"""HTTP of a person's own account, in place of fastapi-users' register, forgot-password,
+request-verify-token and ``/users/me`` routes (same paths and operation names): their rules live in
 ``tenants.accounts`` and the guessing control of ``hiddenmodel.authguard``."""
 
 from __future__ import annotations
@@ -54,6 +54,20 @@ async def forgot_password(
 ) -> None:
     """Mail a password reset link, if the address has an account (the answer is the same)."""
     await manager.request_password_reset(str(email), request)
+
+
+@router.post(
+    "/auth/request-verify-token",
+    tags=["auth"],
+    name="verify:request-token",
+    status_code=status.HTTP_202_ACCEPTED,
+)
+async def request_verify_token(
+    request: Request, manager: UserManagerDep, email: Annotated[EmailStr, Body(embed=True)]
+) -> None:
+    """Mail a new verification link, if the address has an unverified account (the answer
+    is the same)."""
+    await manager.request_verification(str(email), request)
 
 
 @router.post(

@@ -182,6 +182,21 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         except (exceptions.UserNotExists, exceptions.UserInactive):
             pass
 
+    async def request_verification(self, email: str, request: Request | None = None) -> None:
+        """Mail a verification link when ``email`` has an unverified active account; the same
+        outcome otherwise. Every request counts: each one can send a mail."""
+        attempt = await authguard.begin(Action.VERIFY_REQUEST, account=email)
+        await authguard.failed(attempt)
+        try:
+            user = await self.get_by_email(email)
+            await self.request_verify(user, request)
+        except (
+            exceptions.UserNotExists,
+            exceptions.UserInactive,
+            exceptions.UserAlreadyVerified,
+        ):
+            pass
+
     async def reset_password(
         self, token: str, password: str, request: Request | None = None
     ) -> User:

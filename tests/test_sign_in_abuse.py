@@ -24,7 +24,7 @@ from tests.conftest import (
     register,
     unique,
 )
-from tests.factories import add_member, keyed_org
+from tests.factories import add_member, keyed_org, mail_count
 from tests.polling import until
 
 WRONG = "Wrong-password-1"
@@ -217,6 +217,24 @@ async def test_forgot_password_answers_alike_and_is_throttled(
             "/v1/auth/forgot-password", json={"email": email}, headers=behind_proxy
         )
         assert _retry_after(r) >= 1
+
+
+async def test_verification_requests_answer_alike_and_are_throttled(
+    client: httpx.AsyncClient, strict: Any, behind_proxy: dict[str, str]
+) -> None:
+    strict(auth_free_attempts=1, auth_lock_after=2, auth_backoff_base_seconds=0.001)
+    account = await register(client)  # unverified: a link was mailed at registration
+    for email in (account.email, f"{unique()}@example.com"):
+        for _ in range(2):
+            r = await client.post(
+                "/v1/auth/request-verify-token", json={"email": email}, headers=behind_proxy
+            )
+            assert r.status_code == 202, r.text
+        r = await client.post(
+            "/v1/auth/request-verify-token", json={"email": email}, headers=behind_proxy
+        )
+        assert _retry_after(r) >= 60
+    assert mail_count(account.email, "verify") == 3
 
 
 @pytest.mark.parametrize(

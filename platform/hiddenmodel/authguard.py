@@ -43,6 +43,7 @@ class Action(StrEnum):
     SIGN_IN = "sign_in"
     PASSWORD_RESET_REQUEST = "password_reset_request"  # noqa: S105 - a name
     PASSWORD_RESET = "password_reset"  # noqa: S105 - a name
+    VERIFY_REQUEST = "verify_request"
     VERIFY = "verify"
     INVITATION = "invitation"
     # A request whose API key or session token was refused.
@@ -51,7 +52,7 @@ class Action(StrEnum):
 
 # Actions whose account subject is an e-mail address, and the one keyed by the user's id:
 # what an organization's owner sees and clears for a member.
-EMAIL_ACTIONS = (Action.SIGN_IN, Action.PASSWORD_RESET_REQUEST)
+EMAIL_ACTIONS = (Action.SIGN_IN, Action.PASSWORD_RESET_REQUEST, Action.VERIFY_REQUEST)
 USER_ACTIONS = (Action.INVITATION,)
 
 _BEGIN = """

@@ -116,7 +116,11 @@ def create_app() -> FastAPI:
         prefix="/v1/auth",
         tags=auth_tags,
     )
-    app.include_router(fastapi_users.get_verify_router(UserRead), prefix="/v1/auth", tags=auth_tags)
+    app.include_router(
+        _without(fastapi_users.get_verify_router(UserRead), "verify:request-token"),
+        prefix="/v1/auth",
+        tags=auth_tags,
+    )
     app.include_router(
         _without(
             fastapi_users.get_users_router(UserRead, UserUpdate),
