@@ -6,15 +6,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request, status
+from fastapi import APIRouter, BackgroundTasks, Body, Depends, HTTPException, Request, status
 from fastapi_users import exceptions
 from fastapi_users.router.common import ErrorCode
 from pydantic import EmailStr
 
+from hiddenmodel.authguard import Action
 from tenants import accounts
 from tenants.auth import CurrentUser, cookie_csrf, request_token
 from tenants.schemas import AccountUpdate, EmailChangeConfirm, UserCreate, UserRead
-from tenants.users import GlobalSessionDep, UserManager, get_user_manager
+from tenants.users import (
+    GlobalSessionDep,
+    UserManager,
+    count_link_request,
+    get_user_manager,
+    mail_link,
+)
 
 router = APIRouter(prefix="/v1")
 
@@ -50,10 +57,11 @@ async def register(request: Request, data: UserCreate, manager: UserManagerDep) 
     status_code=status.HTTP_202_ACCEPTED,
 )
 async def forgot_password(
-    request: Request, manager: UserManagerDep, email: Annotated[EmailStr, Body(embed=True)]
+    email: Annotated[EmailStr, Body(embed=True)], background: BackgroundTasks
 ) -> None:
     """Mail a password reset link, if the address has an account (the answer is the same)."""
-    await manager.request_password_reset(str(email), request)
+    await count_link_request(Action.PASSWORD_RESET_REQUEST, str(email))
+    background.add_task(mail_link, Action.PASSWORD_RESET_REQUEST, str(email))
 
 
 @router.post(
@@ -63,11 +71,12 @@ async def forgot_password(
     status_code=status.HTTP_202_ACCEPTED,
 )
 async def request_verify_token(
-    request: Request, manager: UserManagerDep, email: Annotated[EmailStr, Body(embed=True)]
+    email: Annotated[EmailStr, Body(embed=True)], background: BackgroundTasks
 ) -> None:
     """Mail a new verification link, if the address has an unverified account (the answer
     is the same)."""
-    await manager.request_verification(str(email), request)
+    await count_link_request(Action.VERIFY_REQUEST, str(email))
+    background.add_task(mail_link, Action.VERIFY_REQUEST, str(email))
 
 
 @router.post(

@@ -171,32 +171,6 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
             await record_account_lock(Action.SIGN_IN, credentials.username)
         return user
 
-    async def request_password_reset(self, email: str, request: Request | None = None) -> None:
-        """Mail a reset link when ``email`` has an active account; the same outcome when it
-        has none. Every request counts: each one can send a mail."""
-        attempt = await authguard.begin(Action.PASSWORD_RESET_REQUEST, account=email)
-        await authguard.failed(attempt)
-        try:
-            user = await self.get_by_email(email)
-            await self.forgot_password(user, request)
-        except (exceptions.UserNotExists, exceptions.UserInactive):
-            pass
-
-    async def request_verification(self, email: str, request: Request | None = None) -> None:
-        """Mail a verification link when ``email`` has an unverified active account; the same
-        outcome otherwise. Every request counts: each one can send a mail."""
-        attempt = await authguard.begin(Action.VERIFY_REQUEST, account=email)
-        await authguard.failed(attempt)
-        try:
-            user = await self.get_by_email(email)
-            await self.request_verify(user, request)
-        except (
-            exceptions.UserNotExists,
-            exceptions.UserInactive,
-            exceptions.UserAlreadyVerified,
-        ):
-            pass
-
     async def reset_password(
         self, token: str, password: str, request: Request | None = None
     ) -> User:
@@ -228,6 +202,34 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
     async def on_after_reset_password(self, user: User, request: Request | None = None) -> None:
         # A new password ends every session opened with the old one.
         await self.session.execute(delete(AccessToken).where(AccessToken.user_id == user.id))
+
+
+async def count_link_request(action: Action, email: str) -> None:
+    """Count a request that may mail a link to ``email`` (reset, verification) against the
+    address and the client: each one can send a mail, so each one counts; 429 past the limit,
+    for an unknown address exactly as for a known one."""
+    await authguard.failed(await authguard.begin(action, account=email))
+
+
+async def mail_link(action: Action, email: str) -> None:
+    """Mail a password reset (or verification) link when ``email`` has an active (unverified)
+    account, in a session of its own. Run after the answer is sent, so neither the answer nor
+    its timing says whether the address has an account."""
+    async with async_global_session() as session:
+        manager = UserManager(SQLAlchemyUserDatabase(session, User))
+        try:
+            user = await manager.get_by_email(email)
+            if action == Action.PASSWORD_RESET_REQUEST:
+                await manager.forgot_password(user)
+            else:
+                await manager.request_verify(user)
+            await commit(session)
+        except (
+            exceptions.UserNotExists,
+            exceptions.UserInactive,
+            exceptions.UserAlreadyVerified,
+        ):
+            await rollback(session)
 
 
 async def get_user_manager(
