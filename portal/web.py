@@ -24,7 +24,6 @@ from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
-from hiddenmodel import ratelimit
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.errors import Problem
 from hiddenmodel.webhooks import service as webhooks_service
@@ -44,14 +43,12 @@ from tenants.auth import (
     OrgScope,
     Permission,
     Principal,
+    cookie_session_user,
     open_org_scope,
 )
 from tenants.models import User
 from tenants.users import (
-    COOKIE_NAME,
-    HashedAccessTokenDatabase,
     UserManager,
-    get_database_strategy,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -90,18 +87,13 @@ async def user_manager() -> AsyncIterator[UserManager]:
 
 
 async def session_user(request: Request) -> User | None:
-    """The user of the session cookie, or None (no cookie, expired, inactive)."""
-    token = request.cookies.get(COOKIE_NAME)
-    if not token:
-        return None
-    async with async_global_session() as session:
-        strategy = get_database_strategy(HashedAccessTokenDatabase(session))
-        user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
-        await commit(session)
-    if user is None or not user.is_active:
-        return None
-    await ratelimit.enforce_for_user(user.id)
-    return user
+    """The user of the session cookie, or None (no cookie, expired, inactive): read, and
+    counted against the user's rate limit, before the page (see
+    :func:`tenants.auth.limit_uncredentialed`)."""
+    if hasattr(request.state, "session_user"):
+        user: User | None = request.state.session_user
+        return user
+    return await cookie_session_user(request)
 
 
 async def require_user(request: Request) -> User:

@@ -274,16 +274,72 @@ async def refused_credentials() -> None:
 
 # Paths that answer without credentials and must not be throttled: load balancers' probes.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})
+# Path prefixes of pages that read the session cookie themselves (the portal registers its
+# own): the user is read before the page, counted per user, and handed to the page in
+# ``request.state.session_user``; without a working cookie, the request counts per address.
+SESSION_PATH_PREFIXES: list[str] = []
+# Dependencies that authenticate a route besides those in ACCEPTED_CREDENTIALS (fastapi-users'
+# own user routes register theirs).
+AUTHENTICATING_DEPENDENCIES: set[Callable[..., Any]] = set()
+_route_authenticates: dict[tuple[str, frozenset[str]], bool] = {}
+
+
+def _authenticates(route: Any) -> bool:
+    """Whether a route checks credentials (and so counts the request by whom they name)."""
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return False
+    key = (str(getattr(route, "path", "")), frozenset(getattr(route, "methods", None) or ()))
+    known = _route_authenticates.get(key)
+    if known is None:
+        calls: list[Callable[..., Any]] = []
+        pending = list(dependant.dependencies)
+        while pending:
+            sub = pending.pop()
+            if sub.call is not None:
+                calls.append(sub.call)
+            pending.extend(sub.dependencies)
+        known = _route_authenticates[key] = any(
+            c in ACCEPTED_CREDENTIALS or c in AUTHENTICATING_DEPENDENCIES for c in calls
+        )
+    return known
+
+
+def _sends_credentials(request: Request) -> bool:
+    return request.headers.get("authorization") is not None or bool(
+        request.cookies.get(COOKIE_NAME)
+    )
 
 
 async def limit_uncredentialed(request: Request) -> None:
-    """Every route: a request that sends no credentials is rate limited by client address.
-    Requests with credentials are limited by whom they authenticate (API key, user), and by
-    address when that fails."""
-    if request.url.path in UNLIMITED_PATHS:
+    """Every route: a request is rate limited by client address unless the route checks the
+    credentials it sends (those count it by API key or user, or by address when they fail).
+    Credentials sent to a route that never looks at them buy nothing."""
+    path = request.url.path
+    if path in UNLIMITED_PATHS:
         return
-    if request.headers.get("authorization") is None and not request.cookies.get(COOKIE_NAME):
-        await ratelimit.enforce_for_address()
+    if any(path.startswith(prefix) for prefix in SESSION_PATH_PREFIXES):
+        # Read the cookie once here; the page takes the user from request.state.
+        user = await cookie_session_user(request)
+        request.state.session_user = user
+        if user is not None:
+            await ratelimit.enforce_for_user(user.id)
+            return
+    elif _sends_credentials(request) and _authenticates(request.scope.get("route")):
+        return
+    await ratelimit.enforce_for_address()
+
+
+async def cookie_session_user(request: Request) -> User | None:
+    """The active user of the session cookie, or None (no cookie, expired, inactive)."""
+    token = request.cookies.get(COOKIE_NAME)
+    if not token:
+        return None
+    async with async_global_session() as session:
+        strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+        user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
+        await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
+    return user if user is not None and user.is_active else None
 
 
 @asynccontextmanager

@@ -313,9 +313,13 @@ async def test_requests_without_credentials_are_limited_by_address(
     # The headers agree: a request passes again in Retry-After seconds (one of 2 per minute).
     assert int(r.headers["retry-after"]) == t
     assert 25 <= t <= 30
-    # Sign-in and registration are requests without credentials too.
+    # Sign-in and registration are requests without credentials too, and credentials sent
+    # to a route that does not read them change nothing.
     r = await _login(client, f"{unique()}@example.com", WRONG, behind_proxy)
     assert_problem(r, 429, "rate-limited")
+    for credentials in ({"Cookie": "hm_session=forged"}, bearer("forged")):
+        r = await _login(client, f"{unique()}@example.com", WRONG, {**behind_proxy, **credentials})
+        assert_problem(r, 429, "rate-limited")
     # Health probes are never limited.
     assert (await client.get("/healthz", headers=behind_proxy)).status_code == 200
 
@@ -421,3 +425,24 @@ async def test_waits_double_then_the_lock_holds(strict: Any) -> None:
     assert waits == [(0, 0), (0, 0), (1, 0), (2, 0), (4, 0), (lock, 1)]
     with pytest.raises(authguard.TooManyAttempts):
         await authguard.begin(authguard.Action.SIGN_IN, account=email, address=_address())
+
+
+async def test_portal_pages_count_by_user_or_by_address(
+    client: httpx.AsyncClient, strict: Any, behind_proxy: dict[str, str]
+) -> None:
+    account = await register(client)
+    r = await client.post(
+        "/v1/auth/cookie/login", data={"username": account.email, "password": PASSWORD}
+    )
+    signed_in = {"Cookie": r.headers["set-cookie"].split(";")[0], **behind_proxy}
+    forged = {"Cookie": "hm_session=forged", **behind_proxy}
+    strict(address_requests_per_minute=2, user_requests_per_minute=3)
+    # A forged cookie is no credential: two pages for the address, then 429.
+    assert [(await client.get("/portal/", headers=forged)).status_code for _ in range(2)] == [
+        303,
+        303,
+    ]
+    assert (await client.get("/portal/", headers=forged)).status_code == 429
+    # The signed-in user, from the same address, has their own budget.
+    codes = [(await client.get("/portal/", headers=signed_in)).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]

@@ -34,7 +34,12 @@ from hiddenmodel.usage.router import router as usage_router
 from hiddenmodel.webhooks.router import router as webhooks_router
 from portal.app import install_portal
 from tenants.account_router import router as account_router
-from tenants.auth import API_KEY_HOOKS, cookie_csrf, limit_uncredentialed
+from tenants.auth import (
+    API_KEY_HOOKS,
+    AUTHENTICATING_DEPENDENCIES,
+    cookie_csrf,
+    limit_uncredentialed,
+)
 from tenants.router import router as tenants_router
 from tenants.schemas import UserRead, UserUpdate
 from tenants.users import bearer_backend, cookie_backend, fastapi_users, limit_signed_in_user
@@ -140,6 +145,7 @@ def create_app() -> FastAPI:
     app.include_router(webhooks_router)
     if enforce_for_key not in API_KEY_HOOKS:
         API_KEY_HOOKS.append(enforce_for_key)
+    AUTHENTICATING_DEPENDENCIES.add(limit_signed_in_user)
     app.include_router(health.router)
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_docs(app)
