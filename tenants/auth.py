@@ -272,8 +272,9 @@ async def refused_credentials() -> None:
     await ratelimit.enforce_for_address()
 
 
-# Paths that answer without credentials and must not be throttled: load balancers' probes.
-UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})
+# Paths that answer without credentials and must not be throttled by address: load
+# balancers' probes, and Stripe's signed events (a few Stripe addresses send them all).
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/v1/stripe/webhook"})
 # Path prefixes of pages that read the session cookie themselves (the portal registers its
 # own): the user is read before the page, counted per user, and handed to the page in
 # ``request.state.session_user``; without a working cookie, the request counts per address.

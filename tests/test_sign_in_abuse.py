@@ -320,8 +320,10 @@ async def test_requests_without_credentials_are_limited_by_address(
     for credentials in ({"Cookie": "hm_session=forged"}, bearer("forged")):
         r = await _login(client, f"{unique()}@example.com", WRONG, {**behind_proxy, **credentials})
         assert_problem(r, 429, "rate-limited")
-    # Health probes are never limited.
+    # Health probes and Stripe's signed events are never limited by address.
     assert (await client.get("/healthz", headers=behind_proxy)).status_code == 200
+    r = await client.post("/v1/stripe/webhook", content=b"{}", headers=behind_proxy)
+    assert r.status_code != 429, r.text
 
 
 async def test_failed_credentials_count_against_the_address_limit(
