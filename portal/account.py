@@ -8,9 +8,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi_users import exceptions as fu_exceptions
+from starlette.background import BackgroundTask
 
+from hiddenmodel import authguard
+from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
-from hiddenmodel.errors import Problem
+from hiddenmodel.errors import Gone, NotFound, Problem
 from hiddenmodel.security import keyed_hash
 from portal.security import (
     PREFIX,
@@ -29,6 +32,7 @@ from portal.web import (
     see_other,
     user_manager,
 )
+from tenants import accounts
 from tenants import repository as tenants_repository
 from tenants import service as tenants_service
 from tenants.models import Role, User
@@ -36,7 +40,9 @@ from tenants.users import (
     COOKIE_NAME,
     HashedAccessTokenDatabase,
     cookie_backend,
+    count_link_request,
     get_database_strategy,
+    mail_link,
 )
 
 
@@ -138,13 +144,11 @@ async def forgot_page(request: Request) -> HTMLResponse:
 async def forgot(request: Request) -> HTMLResponse:
     form = await checked_form(request)
     email = form_field(form, "email")
-    async with user_manager() as manager:
-        try:
-            user = await manager.get_by_email(email)
-            await manager.forgot_password(user, request)
-        except (fu_exceptions.UserNotExists, fu_exceptions.UserInactive):
-            pass  # the same answer either way: nobody learns who has an account
-    return render(request, "forgot.html", {"sent": True})
+    await count_link_request(Action.PASSWORD_RESET_REQUEST, email)
+    response = render(request, "forgot.html", {"sent": True})
+    # After the page is sent: the same answer, at the same speed, whoever has an account.
+    response.background = BackgroundTask(mail_link, Action.PASSWORD_RESET_REQUEST, email)
+    return response
 
 
 @router.get("/reset", response_class=HTMLResponse)
@@ -194,6 +198,35 @@ async def verify(request: Request) -> HTMLResponse:
     return render(request, "verify.html", {"done": True})
 
 
+@router.get("/confirm-email", response_class=HTMLResponse)
+async def confirm_email_page(request: Request, token: str = "") -> HTMLResponse:
+    # Confirmed with a button, like verification: a mail scanner changes nothing.
+    return render(request, "confirm_email.html", {"token": token})
+
+
+@router.post("/confirm-email", response_class=HTMLResponse)
+async def confirm_email(request: Request) -> HTMLResponse:
+    form = await checked_form(request)
+    token = form_field(form, "token")
+    try:
+        async with async_global_session() as session:
+            try:
+                user = await accounts.confirm_email_change(session, token)
+                email = user.email
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
+    except Problem as exc:
+        return render(
+            request,
+            "confirm_email.html",
+            {"token": token, "error": problem_message(exc)},
+            status_code=exc.status,
+        )
+    return render(request, "confirm_email.html", {"done": True, "email": email})
+
+
 @router.get("/invitations/accept", response_class=HTMLResponse)
 async def invitation_page(request: Request, token: str = "") -> HTMLResponse:
     user = await require_user(request)
@@ -232,14 +265,15 @@ async def accept_invitation(request: Request) -> Response:
     form = await checked_form(request)
     token = form_field(form, "token")
     try:
-        org_id = tenants_service.invitation_org_id(token)
-        async with async_tenant_session(org_id) as session:
-            try:
-                await tenants_service.accept_invitation(session, user, token)
-                await commit(session)
-            except BaseException:
-                await rollback(session)
-                raise
+        async with authguard.guarded(Action.INVITATION, str(user.id), (NotFound, Gone)):
+            org_id = tenants_service.invitation_org_id(token)
+            async with async_tenant_session(org_id) as session:
+                try:
+                    await tenants_service.accept_invitation(session, user, token)
+                    await commit(session)
+                except BaseException:
+                    await rollback(session)
+                    raise
     except Problem as exc:
         return render(
             request,

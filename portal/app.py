@@ -15,6 +15,7 @@ from hiddenmodel.errors import Problem
 from portal import account, batches, operator, tenant
 from portal.security import PREFIX, PortalMiddleware, csrf_token
 from portal.web import HERE, SignInRequired, router, templates
+from tenants.auth import SESSION_PATH_PREFIXES
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -63,6 +64,8 @@ PAGES = (account, tenant, batches, operator)
 def install_portal(app: FastAPI) -> None:
     """Add the portal to ``app``; call after the API's error handlers are installed."""
     app.include_router(router)
+    if PREFIX not in SESSION_PATH_PREFIXES:
+        SESSION_PATH_PREFIXES.append(PREFIX)
     app.mount(f"{PREFIX}/static", StaticFiles(directory=HERE / "static"), name="portal-static")
     for kind in (Problem, RequestValidationError, StarletteHTTPException, Exception):
         api_handler = app.exception_handlers[kind]

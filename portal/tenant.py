@@ -122,6 +122,7 @@ async def _members_context(scope: OrgScope, cursor: str | None) -> dict[str, Any
             if tenants_service.invitation_status(i) == "pending"
         ],
         "roles": [r.value for r in Role],
+        "locks": await tenants_service.sign_in_locks(scope),
     }
 
 
@@ -184,6 +185,18 @@ async def remove_member(request: Request, org_id: uuid.UUID, user_id: uuid.UUID)
         try:
             async with attempt(scope):
                 await tenants_service.remove_member(scope, user_id)
+        except Problem as exc:
+            return await _members_error(request, scope, problem_message(exc), exc.status)
+        return see_other(org_url(org_id, "members"))
+
+
+@router.post("/orgs/{org_id}/members/{user_id}/unlock", response_class=HTMLResponse)
+async def unlock_member(request: Request, org_id: uuid.UUID, user_id: uuid.UUID) -> Response:
+    async with org_page(request, org_id, MANAGE_MEMBERS) as scope:
+        await checked_form(request)
+        try:
+            async with attempt(scope):
+                await tenants_service.clear_sign_in_lock(scope, user_id)
         except Problem as exc:
             return await _members_error(request, scope, problem_message(exc), exc.status)
         return see_other(org_url(org_id, "members"))

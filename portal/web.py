@@ -43,15 +43,13 @@ from tenants.auth import (
     OrgScope,
     Permission,
     Principal,
+    cookie_session_user,
     open_org_scope,
 )
 from tenants.models import User
 from tenants.users import (
-    COOKIE_NAME,
-    HashedAccessTokenDatabase,
     UserDatabase,
     UserManager,
-    get_database_strategy,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -90,19 +88,16 @@ async def user_manager() -> AsyncIterator[UserManager]:
 
 
 async def session_user(request: Request) -> User | None:
-    """The user of the session cookie, or None (no cookie, expired, inactive)."""
-    token = request.cookies.get(COOKIE_NAME)
-    if not token:
-        return None
-    async with async_global_session() as session:
-        strategy = get_database_strategy(HashedAccessTokenDatabase(session))
-        user = await strategy.read_token(token, UserManager(UserDatabase(session)))
-        await commit(session)
-    if user is None or not user.is_active:
-        return None
-    # The page's later global transactions act for this user (app.user_id).
-    current_user_id.set(user.id)
-    return user
+    """The user of the session cookie, or None (no cookie, expired, inactive): read, and
+    counted against the user's rate limit, before the page (see
+    :func:`tenants.auth.limit_uncredentialed`)."""
+    if hasattr(request.state, "session_user"):
+        user: User | None = request.state.session_user
+        if user is not None:
+            # The page's later global transactions act for this user (app.user_id).
+            current_user_id.set(user.id)
+        return user
+    return await cookie_session_user(request)
 
 
 async def require_user(request: Request) -> User:

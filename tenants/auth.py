@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel import authguard, ratelimit
 from hiddenmodel.db import (
     async_global_session,
     async_tenant_session,
@@ -255,6 +256,97 @@ async def authenticate_api_key(
     return key, org
 
 
+def request_token(request: Request) -> str | None:
+    """The session token a request authenticates with (bearer or cookie), if any."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return request.cookies.get(COOKIE_NAME) or None
+
+
+async def refused_credentials() -> None:
+    """A request's credentials failed: it counts against its client address, both as a
+    request without credentials and as a guess (429 once the address must wait)."""
+    await authguard.refuse_credentials()
+    await ratelimit.enforce_for_address()
+
+
+# Paths that answer without credentials and must not be throttled by address: load
+# balancers' probes, and Stripe's signed events (a few Stripe addresses send them all).
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/v1/stripe/webhook"})
+# Path prefixes of pages that read the session cookie themselves (the portal registers its
+# own): the user is read before the page, counted per user, and handed to the page in
+# ``request.state.session_user``; without a working cookie, the request counts per address.
+SESSION_PATH_PREFIXES: list[str] = []
+# Dependencies that authenticate a route besides those in ACCEPTED_CREDENTIALS (fastapi-users'
+# own user routes register theirs).
+AUTHENTICATING_DEPENDENCIES: set[Callable[..., Any]] = set()
+_route_authenticates: dict[tuple[str, frozenset[str]], bool] = {}
+
+
+def _authenticates(route: Any) -> bool:
+    """Whether a route checks credentials (and so counts the request by whom they name)."""
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return False
+    key = (str(getattr(route, "path", "")), frozenset(getattr(route, "methods", None) or ()))
+    known = _route_authenticates.get(key)
+    if known is None:
+        calls: list[Callable[..., Any]] = []
+        pending = list(dependant.dependencies)
+        while pending:
+            sub = pending.pop()
+            if sub.call is not None:
+                calls.append(sub.call)
+            pending.extend(sub.dependencies)
+        known = _route_authenticates[key] = any(
+            c in ACCEPTED_CREDENTIALS or c in AUTHENTICATING_DEPENDENCIES for c in calls
+        )
+    return known
+
+
+def _sends_credentials(request: Request) -> bool:
+    return request.headers.get("authorization") is not None or bool(
+        request.cookies.get(COOKIE_NAME)
+    )
+
+
+async def limit_uncredentialed(request: Request) -> None:
+    """Every route: a request is rate limited by client address unless the route checks the
+    credentials it sends (those count it by API key or user, or by address when they fail).
+    Credentials sent to a route that never looks at them buy nothing."""
+    path = request.url.path
+    if path in UNLIMITED_PATHS:
+        return
+    if any(path.startswith(prefix) for prefix in SESSION_PATH_PREFIXES):
+        # Read the cookie once here; the page takes the user from request.state.
+        user = await cookie_session_user(request)
+        request.state.session_user = user
+        if user is not None:
+            await ratelimit.enforce_for_user(user.id)
+            return
+    elif _sends_credentials(request) and _authenticates(request.scope.get("route")):
+        return
+    await ratelimit.enforce_for_address()
+
+
+async def cookie_session_user(request: Request) -> User | None:
+    """The active user of the session cookie, or None (no cookie, expired, inactive)."""
+    token = request.cookies.get(COOKIE_NAME)
+    if not token:
+        return None
+    async with async_global_session() as session:
+        strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+        user = await strategy.read_token(token, UserManager(UserDatabase(session)))
+        await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
+    if user is None or not user.is_active:
+        return None
+    # The request's later global transactions act for this user (app.user_id).
+    current_user_id.set(user.id)
+    return user
+
+
 @asynccontextmanager
 async def authenticated(request: Request) -> AsyncIterator[Principal]:
     """Bearer API key (``hmk_…``), bearer session token, or the session cookie (unsafe methods
@@ -264,22 +356,32 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     session, with its open transaction, serves the rest of the request (see
     :func:`open_org_scope`): one transaction per request, committed before the response.
     """
-    token = _bearer_token(request)
+    try:
+        token = _bearer_token(request)
+    except Unauthorized:
+        await refused_credentials()
+        raise
     if token is None:
         token = request.cookies.get(COOKIE_NAME)
         if not token:
             raise Unauthorized("Send 'Authorization: Bearer <API key or session token>'.")
         check_cookie_request(request)
         if token.startswith(API_KEY_PREFIX + "_"):
+            await refused_credentials()
             raise Unauthorized("The session cookie carries a session, not an API key.")
     if token.startswith(API_KEY_PREFIX + "_"):
         try:
             parsed = parse_token(token, API_KEY_PREFIX)
         except InvalidToken as exc:
+            await refused_credentials()
             raise Unauthorized("Unknown API key.", kind="invalid-api-key") from exc
         async with async_tenant_session(parsed.org_id) as key_session:
             try:
-                key, org = await authenticate_api_key(key_session, parsed.org_id, token)
+                try:
+                    key, org = await authenticate_api_key(key_session, parsed.org_id, token)
+                except Unauthorized:
+                    await refused_credentials()
+                    raise
                 for hook in API_KEY_HOOKS:
                     await hook(key, key_session)
                 yield Principal(api_key=key, key_org=org, session=key_session)
@@ -297,9 +399,11 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
         user = await strategy.read_token(token, UserManager(UserDatabase(session)))
         await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
     if user is None or not user.is_active:
+        await refused_credentials()
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
     # The request's later global transactions act for this user (app.user_id).
     current_user_id.set(user.id)
+    await ratelimit.enforce_for_user(user.id)
     yield Principal(user=user)
 
 

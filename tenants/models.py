@@ -167,3 +167,30 @@ class AccessToken(Base):
         UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False
     )
     created_at: Mapped[datetime] = created_at_column()
+
+
+class EmailChange(Base):
+    """A requested change of a user's e-mail address, waiting for its confirmation link.
+
+    Belongs to no organization. Only the keyed hash of the link's token is stored; confirming
+    sets ``confirmed_at`` by compare-and-set, so a link works once.
+    """
+
+    __tablename__ = "email_changes"
+    __table_args__ = (
+        UniqueConstraint("token_hash", name="uq_email_changes_token_hash"),
+        Index("ix_email_changes_user_id", "user_id"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    new_email: Mapped[str] = mapped_column(String(320), nullable=False)
+    # Written, never read back by the app (hm_email_change_by_token finds a change by it).
+    token_hash: Mapped[str] = mapped_column(
+        String(64), nullable=False, deferred=True, deferred_raiseload=True
+    )
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = created_at_column()

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.db import Base
 from hiddenmodel.pagination import paginate
-from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Organization, Role, User
+from tenants.models import (
+    ApiKey,
+    AuditEvent,
+    EmailChange,
+    Invitation,
+    Membership,
+    Organization,
+    Role,
+    User,
+)
 
 _M = TypeVar("_M", bound=Base)
 
@@ -217,3 +227,70 @@ async def list_audit_events(
 
 def add_audit_event(session: AsyncSession, event: AuditEvent) -> None:
     session.add(event)
+
+
+async def user_by_email(session: AsyncSession, email: str) -> User | None:
+    return (
+        await session.scalars(
+            select(User).where(func.lower(User.__table__.c.email) == email.strip().lower())
+        )
+    ).one_or_none()
+
+
+async def member_users(session: AsyncSession) -> Sequence[tuple[uuid.UUID, str, str]]:
+    """Every member of the session's organization: user id, e-mail address, role."""
+    rows = await session.execute(
+        select(Membership.user_id, User.__table__.c.email, Membership.role)
+        .join(User, User.__table__.c.id == Membership.user_id)
+        .order_by(Membership.created_at, Membership.id)
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def add_email_change(session: AsyncSession, change: EmailChange) -> None:
+    session.add(change)
+    await session.flush()
+
+
+@dataclass(frozen=True)
+class PendingEmailChange:
+    """A change as ``hm_email_change_by_token`` answers it: without its hash."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    new_email: str
+    expires_at: datetime
+    confirmed_at: datetime | None
+
+
+async def get_email_change(session: AsyncSession, token_hash: str) -> PendingEmailChange | None:
+    row = (
+        await session.execute(text("SELECT * FROM hm_email_change_by_token(:h)"), {"h": token_hash})
+    ).one_or_none()
+    return None if row is None else PendingEmailChange(*row)
+
+
+async def consume_email_change(session: AsyncSession, change_id: uuid.UUID, now: datetime) -> bool:
+    """Compare-and-set: true for the one request that confirms an unexpired change."""
+    result = await session.execute(
+        update(EmailChange)
+        .where(
+            EmailChange.id == change_id,
+            EmailChange.confirmed_at.is_(None),
+            EmailChange.expires_at > now,
+        )
+        .values(confirmed_at=now)
+        .returning(EmailChange.id)
+    )
+    return result.first() is not None
+
+
+async def end_other_sessions(
+    session: AsyncSession, user_id: uuid.UUID, keep_token_hash: str | None
+) -> None:
+    """Delete every login session of a user but the one named (the caller's own); only for
+    the user the transaction acts for (the hashes are not the app's to read)."""
+    await session.execute(
+        text("SELECT hm_access_tokens_end_others(:u, :keep)"),
+        {"u": user_id, "keep": keep_token_hash},
+    )

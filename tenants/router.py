@@ -7,7 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
+from hiddenmodel import authguard
+from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_tenant_session, commit, rollback
+from hiddenmodel.errors import Gone, NotFound
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from tenants import repository, service
 from tenants.auth import (
@@ -37,6 +40,7 @@ from tenants.schemas import (
     OrganizationCreate,
     OrganizationRead,
     OrganizationUpdate,
+    SignInLockRead,
     UserRead,
 )
 from tenants.users import GlobalSessionDep
@@ -230,15 +234,16 @@ async def revoke_invitation(invitation_id: uuid.UUID, scope: OrgScopeDep) -> Inv
 )
 async def accept_invitation(data: InvitationAccept, user: CurrentUser) -> MyOrganization:
     """Join the organization that invited your e-mail address. Each token works once."""
-    org_id = service.invitation_org_id(data.token)
-    async with async_tenant_session(org_id) as session:
-        try:
-            membership = await service.accept_invitation(session, user, data.token)
-            org = await repository.get_organization(session, org_id)
-            await commit(session)
-        except BaseException:
-            await rollback(session)
-            raise
+    async with authguard.guarded(Action.INVITATION, str(user.id), (NotFound, Gone)):
+        org_id = service.invitation_org_id(data.token)
+        async with async_tenant_session(org_id) as session:
+            try:
+                membership = await service.accept_invitation(session, user, data.token)
+                org = await repository.get_organization(session, org_id)
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
     assert org is not None
     return MyOrganization(id=org.id, slug=org.slug, name=org.name, role=Role(membership.role))
 
@@ -297,3 +302,28 @@ async def list_audit_events(
     scope.require(READ_AUDIT)
     rows, next_cursor = await repository.list_audit_events(scope.session, cursor, limit, action)
     return Page(items=[AuditEventRead.model_validate(e) for e in rows], next_cursor=next_cursor)
+
+
+@router.get(
+    "/orgs/{org_id}/sign-in-locks",
+    tags=["members"],
+    operation_id="listSignInLocks",
+    response_model=list[SignInLockRead],
+)
+async def list_sign_in_locks(scope: OrgScopeDep) -> list[SignInLockRead]:
+    """Members' accounts locked after repeated failed sign-ins, reset requests or invitation
+    attempts; each lock ends by itself at ``locked_until``."""
+    scope.require(MANAGE_MEMBERS)
+    return await service.sign_in_locks(scope)
+
+
+@router.delete(
+    "/orgs/{org_id}/sign-in-locks/{user_id}",
+    tags=["members"],
+    operation_id="clearSignInLock",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+async def clear_sign_in_lock(user_id: uuid.UUID, scope: OrgScopeDep) -> None:
+    """Unlock a member's account at once and forget its failed attempts."""
+    scope.require(MANAGE_MEMBERS)
+    await service.clear_sign_in_lock(scope, user_id)

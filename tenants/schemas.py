@@ -26,6 +26,47 @@ class UserUpdate(fu_schemas.BaseUserUpdate):
     name: str | None = Field(default=None, max_length=200)
 
 
+class AccountUpdate(BaseModel):
+    """A change of the caller's own account. A new ``email`` or ``password`` needs
+    ``current_password``; the e-mail address changes once the link mailed to it is used."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"password": "A-new-strong-password-9", "current_password": "…"}]
+        },
+    )
+
+    name: str | None = Field(default=None, max_length=200)
+    email: EmailStr | None = Field(
+        default=None, description="Takes effect when the link mailed to it is used."
+    )
+    password: str | None = Field(default=None, max_length=256)
+    current_password: str | None = Field(default=None, max_length=256)
+
+    @field_validator("email", "password", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Leaving a field out keeps it; null would mean "no e-mail address / no password".
+        if value is None:
+            raise ValueError("may be left out, but not null")
+        return value
+
+
+class EmailChangeConfirm(BaseModel):
+    token: str = Field(min_length=1, max_length=200)
+
+
+class SignInLockRead(BaseModel):
+    user_id: uuid.UUID
+    email: str
+    action: str = Field(
+        description="What was guessed: sign_in, password_reset_request, invitation."
+    )
+    failures: int
+    locked_until: datetime
+
+
 class OrganizationCreate(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"slug": "acme-studio", "name": "Acme Studio"}]}
@@ -59,7 +100,9 @@ class MembershipRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     user_id: uuid.UUID
-    email: str
+    email: str | None = Field(
+        description="Shown to owners and admins, and to API keys with the admin scope."
+    )
     name: str | None
     role: Role
     created_at: datetime

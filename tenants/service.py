@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel import authguard
 from hiddenmodel.db import after_commit
 from hiddenmodel.errors import Conflict, Forbidden, Gone, NotFound, Problem
 from hiddenmodel.mail import Mail, send_mail
@@ -20,7 +21,7 @@ from hiddenmodel.security import (
     parse_token,
 )
 from hiddenmodel.settings import get_settings
-from tenants import repository
+from tenants import lockouts, repository
 from tenants.auth import (
     API_KEY_PREFIX,
     MANAGE_MEMBERS,
@@ -35,6 +36,7 @@ from tenants.schemas import (
     MembershipRead,
     OrganizationCreate,
     OrganizationUpdate,
+    SignInLockRead,
 )
 
 INVITATION_PREFIX = "hmi"
@@ -119,12 +121,15 @@ async def update_organization(scope: OrgScope, data: OrganizationUpdate) -> Orga
 async def list_members(
     scope: OrgScope, cursor: str | None, limit: int
 ) -> tuple[list[MembershipRead], str | None]:
+    """Members of the organization. E-mail addresses only for who manages members: owners
+    and admins, API keys with the admin scope (a key's scopes decide what it reads)."""
     rows, next_cursor = await repository.list_members(scope.session, cursor, limit)
     users = await repository.users_by_id(scope.session, [m.user_id for m in rows])
+    show_email = scope.allows(MANAGE_MEMBERS)
     items = [
         MembershipRead(
             user_id=m.user_id,
-            email=users[m.user_id].email,
+            email=users[m.user_id].email if show_email else None,
             name=users[m.user_id].name,
             role=Role(m.role),
             created_at=m.created_at,
@@ -197,6 +202,48 @@ async def remove_member(scope: OrgScope, user_id: uuid.UUID) -> None:
         "user",
         user_id,
         role=current.value,
+    )
+    await scope.session.flush()
+
+
+# --- sign-in locks ----------------------------------------------------------------------
+
+
+async def sign_in_locks(scope: OrgScope) -> list[SignInLockRead]:
+    """Locks in force on members' accounts (sign-in, reset requests, invitations)."""
+    members = await repository.member_users(scope.session)
+    locks = await authguard.account_locks(
+        [email for _, email, _ in members], [str(user_id) for user_id, _, _ in members]
+    )
+    return [
+        SignInLockRead(
+            user_id=user_id,
+            email=email,
+            action=lock.action.value,
+            failures=lock.failures,
+            locked_until=lock.locked_until,
+        )
+        for (user_id, email, _), member_locks in zip(members, locks, strict=True)
+        for lock in member_locks
+    ]
+
+
+async def clear_sign_in_lock(scope: OrgScope, user_id: uuid.UUID) -> None:
+    """Forget a member's failed attempts and locks; only an owner may clear an owner's."""
+    membership = await repository.get_membership(scope.session, user_id)
+    if membership is None:
+        raise NotFound("No such member.")
+    _require_may_touch(scope, Role(membership.role), None)
+    user = (await repository.users_by_id(scope.session, [user_id]))[user_id]
+    cleared = await authguard.clear_account(user.email, str(user_id))
+    audit(
+        scope.session,
+        scope.org_id,
+        scope.principal,
+        lockouts.CLEARED_ACTION,
+        "user",
+        user_id,
+        had_lock=cleared,
     )
     await scope.session.flush()
 

@@ -35,10 +35,13 @@ from sqlalchemy import delete, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
+from hiddenmodel import authguard, ratelimit
+from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_engine, async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
 from hiddenmodel.security import keyed_hash
 from hiddenmodel.settings import get_settings
+from tenants.lockouts import record_account_lock
 from tenants.models import AccessToken, User
 from tenants.schemas import UserCreate
 
@@ -165,7 +168,8 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         # In memory only: the hash is not a change to write back.
         set_committed_value(user, "hashed_password", hashed or "")
 
-    async def authenticate(self, credentials: OAuth2PasswordRequestForm) -> User | None:
+    async def _check_password(self, credentials: OAuth2PasswordRequestForm) -> User | None:
+        """fastapi-users' check, with the hash loaded for the comparison."""
         try:
             user = await self.get_by_email(credentials.username)
         except exceptions.UserNotExists:
@@ -187,7 +191,7 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         await self._load_password_hash(user)
         await super().forgot_password(user, request)
 
-    async def reset_password(
+    async def _reset_password(
         self, token: str, password: str, request: Request | None = None
     ) -> User:
         # fastapi-users' own steps, with the hash loaded before the fingerprint check.
@@ -254,9 +258,78 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
             )
         )
 
+    async def authenticate(self, credentials: OAuth2PasswordRequestForm) -> User | None:
+        """fastapi-users' check of e-mail and password, under guessing control: the account
+        and the client address wait, then lock, after repeated failures (429), known
+        account or not; the unknown address costs the same password hash as a known one."""
+        attempt = await authguard.begin(Action.SIGN_IN, account=credentials.username)
+        user = await self._check_password(credentials)
+        if user is not None and user.is_active:
+            await authguard.succeeded(attempt)
+        elif await authguard.failed(attempt):
+            await commit(self.session)
+            await record_account_lock(Action.SIGN_IN, credentials.username)
+        return user
+
+    async def reset_password(
+        self, token: str, password: str, request: Request | None = None
+    ) -> User:
+        attempt = await authguard.begin(Action.PASSWORD_RESET)
+        try:
+            user = await self._reset_password(token, password, request)
+        except (exceptions.InvalidResetPasswordToken, exceptions.UserInactive):
+            await authguard.failed(attempt)
+            raise
+        except exceptions.InvalidPasswordException:
+            await authguard.succeeded(attempt)  # a real token with a weak password: no guess
+            raise
+        await authguard.succeeded(attempt)
+        return user
+
+    async def verify(self, token: str, request: Request | None = None) -> User:
+        attempt = await authguard.begin(Action.VERIFY)
+        try:
+            user = await super().verify(token, request)
+        except (exceptions.InvalidVerifyToken, exceptions.UserNotExists):
+            await authguard.failed(attempt)
+            raise
+        except exceptions.UserAlreadyVerified:
+            await authguard.succeeded(attempt)
+            raise
+        await authguard.succeeded(attempt)
+        return user
+
     async def on_after_reset_password(self, user: User, request: Request | None = None) -> None:
         # A new password ends every session opened with the old one.
         await self.session.execute(delete(AccessToken).where(AccessToken.user_id == user.id))
+
+
+async def count_link_request(action: Action, email: str) -> None:
+    """Count a request that may mail a link to ``email`` (reset, verification) against the
+    address and the client: each one can send a mail, so each one counts; 429 past the limit,
+    for an unknown address exactly as for a known one."""
+    await authguard.failed(await authguard.begin(action, account=email))
+
+
+async def mail_link(action: Action, email: str) -> None:
+    """Mail a password reset (or verification) link when ``email`` has an active (unverified)
+    account, in a session of its own. Run after the answer is sent, so neither the answer nor
+    its timing says whether the address has an account."""
+    async with async_global_session() as session:
+        manager = UserManager(UserDatabase(session))
+        try:
+            user = await manager.get_by_email(email)
+            if action == Action.PASSWORD_RESET_REQUEST:
+                await manager.forgot_password(user)
+            else:
+                await manager.request_verify(user)
+            await commit(session)
+        except (
+            exceptions.UserNotExists,
+            exceptions.UserInactive,
+            exceptions.UserAlreadyVerified,
+        ):
+            await rollback(session)
 
 
 async def get_user_manager(
@@ -388,6 +461,11 @@ fastapi_users = FastAPIUsers[User, uuid.UUID](get_user_manager, [bearer_backend,
 
 current_active_user = fastapi_users.current_user(active=True)
 current_superuser = fastapi_users.current_user(active=True, superuser=True)
+
+
+async def limit_signed_in_user(user: Annotated[User, Depends(current_active_user)]) -> None:
+    """The per-user rate limit, for fastapi-users' own routes that take a session."""
+    await ratelimit.enforce_for_user(user.id)
 
 
 async def create_user(

@@ -53,6 +53,14 @@ os.environ.update(
         "HM_WEBHOOK_BACKOFF_CAP_SECONDS": "1",
         "HM_WEBHOOK_MAX_ATTEMPTS": "3",
         "HM_WEBHOOK_TIMEOUT_SECONDS": "1",
+        # Every test client shares one address and many share accounts' patterns: limits and
+        # guessing control far above what the suite does. Their own tests set low limits.
+        "HM_USER_REQUESTS_PER_MINUTE": "100000",
+        "HM_ADDRESS_REQUESTS_PER_MINUTE": "100000",
+        "HM_AUTH_ADDRESS_FREE_ATTEMPTS": "100000",
+        "HM_AUTH_ADDRESS_LOCK_AFTER": "100000",
+        "HM_AUTH_FREE_ATTEMPTS": "100",
+        "HM_AUTH_LOCK_AFTER": "1000",
     }
 )
 

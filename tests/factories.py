@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,7 +17,17 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import create_engine, pool, text
 
-from tests.conftest import Org, bearer, db_rows, make_key, make_org, superuser_url, unique
+from tests.conftest import (
+    Account,
+    Org,
+    bearer,
+    db_rows,
+    make_key,
+    make_org,
+    register,
+    superuser_url,
+    unique,
+)
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
@@ -175,3 +186,49 @@ def plan_body(**extra: Any) -> dict[str, Any]:
         "max_running_jobs": 32,
         **extra,
     }
+
+
+def last_mail(email: str, kind: str) -> str:
+    """The body of the newest mail of ``kind`` recorded for ``email``."""
+    rows = db_rows(
+        "SELECT body FROM email_messages WHERE to_address = :e AND kind = :k "
+        "ORDER BY created_at DESC LIMIT 1",
+        e=email.lower(),
+        k=kind,
+    )
+    assert rows, f"no {kind} mail to {email}"
+    body: str = rows[0][0]
+    return body
+
+
+def mail_count(email: str, kind: str) -> int:
+    return int(
+        db_rows(
+            "SELECT count(*) FROM email_messages WHERE to_address = :e AND kind = :k",
+            e=email.lower(),
+            k=kind,
+        )[0][0]
+    )
+
+
+def token_in(body: str) -> str:
+    """The ``token: ...`` line of a mail."""
+    match = re.search(r"^token: (\S+)$", body, re.M)
+    assert match, body
+    return match.group(1)
+
+
+async def add_member(client: httpx.AsyncClient, org: Org, role: str = "member") -> Account:
+    """A new account that joined ``org`` with ``role`` through an invitation."""
+    account = await register(client)
+    r = await client.post(
+        f"/v1/orgs/{org.id}/invitations",
+        json={"email": account.email, "role": role},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        "/v1/invitations/accept", json={"token": r.json()["token"]}, headers=account.headers
+    )
+    assert r.status_code == 200, r.text
+    return account

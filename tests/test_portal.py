@@ -899,3 +899,52 @@ async def test_operator_sets_plan_and_overrides(app: Any, client: httpx.AsyncCli
         row.action
         for row in db_rows("SELECT action FROM audit_events WHERE organization_id = :o", o=org.id)
     ]
+
+
+async def test_members_page_shows_and_clears_locks(
+    app: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hiddenmodel.settings import get_settings
+
+    settings = get_settings()
+    monkeypatch.setattr(settings, "auth_free_attempts", 1)
+    monkeypatch.setattr(settings, "auth_lock_after", 2)
+    org = await make_org(client)
+    member = await add_member(client, org, "member")
+    async with portal_client(app) as browser:
+        for status in (400, 400, 429):
+            r = await sign_in(browser, member.email, "Wrong-password-1")
+            assert r.status_code == status, r.text
+    async with portal_client(app, org.owner) as owner:
+        members = f"/portal/orgs/{org.id}/members"
+        page = await owner.get(members)
+        assert "Locked accounts" in page.text and member.email in page.text
+        r = await post_form(owner, members, f"{members}/{member.id}/unlock", {})
+        assert r.status_code == 303, r.text
+        assert "Locked accounts" not in (await owner.get(members)).text
+    async with portal_client(app) as browser:
+        assert (await sign_in(browser, member.email)).status_code == 303
+
+
+async def test_confirm_email_page(app: Any, client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    new_email = f"new{uuid.uuid4().hex[:10]}@example.com"
+    r = await client.patch(
+        "/v1/users/me",
+        json={"email": new_email, "current_password": PASSWORD},
+        headers=account.headers,
+    )
+    assert r.status_code == 200, r.text
+    body = db_scalar(
+        "SELECT body FROM email_messages WHERE to_address = :e AND kind = 'email_change'",
+        e=new_email,
+    )
+    link = re.search(r"(/portal/confirm-email\?token=\S+)", body)
+    assert link, body
+    token = link.group(1).split("=", 1)[1]
+    async with portal_client(app) as browser:
+        r = await post_form(browser, link.group(1), "/portal/confirm-email", {"token": token})
+        assert r.status_code == 200 and f"is now {new_email}" in r.text, r.text
+        r = await post_form(browser, link.group(1), "/portal/confirm-email", {"token": token})
+        assert r.status_code == 400
+    assert db_scalar("SELECT email FROM users WHERE id = :u", u=account.id) == new_email

@@ -279,6 +279,8 @@ async def test_rate_limits_per_key_and_org(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/jobs", headers=headers)
     assert_problem(r, 429, "rate-limited")
     assert int(r.headers["retry-after"]) >= 1 and r.json()["subject"] == "api_key"
+    # RateLimit names the limit that refused and, as t, the same wait as Retry-After.
+    assert r.headers["ratelimit"] == f'"api_key";r=0;t={r.headers["retry-after"]}'
     # Another key of the same org has its own budget, until the org's runs out.
     other = bearer((await make_key(client, org, ["jobs:read"]))["key"])
     assert [(await client.get("/v1/jobs", headers=other)).status_code for _ in range(3)] == [

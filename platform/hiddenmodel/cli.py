@@ -35,6 +35,9 @@ def _cmd_api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         proxy_headers=True,
+        # The proxies whose X-Forwarded-For/-Proto uvicorn believes are the ones the
+        # application believes (HM_TRUSTED_PROXIES): none unless set.
+        forwarded_allow_ips=[str(n) for n in get_settings().trusted_proxy_networks()],
         log_level=args.log_level,
         # JSON lines: uvicorn's loggers then go through the root handler (hiddenmodel.logs).
         log_config=None if get_settings().log_format == "json" else LOGGING_CONFIG,

@@ -1,4 +1,5 @@
-"""Request rate limits in Redis (GCRA), per API key and per organization.
+"""Request rate limits in Redis (GCRA): per API key and organization, per signed-in user,
+and per client address for requests without working credentials.
 
 GCRA keeps one timestamp per limited subject (the "theoretical arrival time"), so a check is
 one round trip and memory does not grow with traffic. The answer travels to the client as
@@ -9,6 +10,7 @@ fields) and, when refused, a 429 problem with ``Retry-After``.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -18,8 +20,10 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hiddenmodel.clientip import client_address
 from hiddenmodel.errors import Problem
 from hiddenmodel.redis import async_redis
+from hiddenmodel.settings import get_settings
 
 WINDOW_SECONDS = 60
 
@@ -98,16 +102,21 @@ async def enforce(checks: list[tuple[str, str, int | None]]) -> None:
         for (name, _, limit), r in zip(active, raw, strict=True)
     ]
     policy = ", ".join(f'"{d.name}";q={d.limit};w={WINDOW_SECONDS}' for d in decisions)
-    tightest = min(decisions, key=lambda d: (d.allowed, d.remaining))
-    state = f'"{tightest.name}";r={tightest.remaining};t={math.ceil(tightest.reset_ms / 1000)}'
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        # The limit that refused, and when the next request would pass: the same number in
+        # RateLimit's t and in Retry-After.
+        worst = max(refused, key=lambda d: d.retry_after_ms)
+        retry = max(1, math.ceil(worst.retry_after_ms / 1000))
+        state = f'"{worst.name}";r=0;t={retry}'
+    else:
+        tightest = min(decisions, key=lambda d: d.remaining)
+        state = f'"{tightest.name}";r={tightest.remaining};t={math.ceil(tightest.reset_ms / 1000)}'
     headers = {"RateLimit-Policy": policy, "RateLimit": state}
     holder = _headers.get()
     if holder is not None:
         holder.update(headers)
-    refused = [d for d in decisions if not d.allowed]
     if refused:
-        worst = max(refused, key=lambda d: d.retry_after_ms)
-        retry = max(1, math.ceil(worst.retry_after_ms / 1000))
         raise RateLimited(
             f"The {worst.name.replace('_', ' ')} limit of {worst.limit} requests per minute "
             f"is used up; retry in {retry} s.",
@@ -116,6 +125,17 @@ async def enforce(checks: list[tuple[str, str, int | None]]) -> None:
             window_seconds=WINDOW_SECONDS,
             subject=worst.name,
         )
+
+
+async def enforce_for_user(user_id: uuid.UUID) -> None:
+    """Count a request of a signed-in user (login token or session cookie)."""
+    await enforce([("user", f"user:{user_id}", get_settings().user_requests_per_minute)])
+
+
+async def enforce_for_address(address: str | None = None) -> None:
+    """Count a request with no credentials, or whose credentials failed, by client address."""
+    address = address or client_address()
+    await enforce([("address", f"addr:{address}", get_settings().address_requests_per_minute)])
 
 
 class RateLimitHeadersMiddleware:

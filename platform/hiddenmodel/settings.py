@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import make_url
 
@@ -19,6 +20,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HM_", env_file=None, extra="ignore")
 
+    # "production" turns the development conveniences into refusals at startup (see
+    # _production_refuses_development_switches); "development" turns some of them on.
     environment: str = "development"
     # "json": one JSON object per log line with the request, organization and job ids
     # (hiddenmodel.logs), for a log pipeline; "text": the human format.
@@ -78,6 +81,29 @@ class Settings(BaseSettings):
     reset_token_lifetime_seconds: int = 3600
     verify_token_lifetime_seconds: int = 86400
     invitation_ttl_hours: int = 72
+    # A requested e-mail change waits this long for its confirmation link.
+    email_change_token_lifetime_seconds: int = Field(default=86400, ge=60)
+
+    # Proxies (addresses or CIDR networks, comma-separated) whose X-Forwarded-For is believed:
+    # the client address is then the last one in that header added by no trusted proxy.
+    # Empty: the peer address is the client address, X-Forwarded-For is ignored.
+    trusted_proxies: str = ""
+    # Requests per minute of one signed-in user (login token or cookie), and of one client
+    # address for requests with no credentials or with credentials that fail (API keys have
+    # their plan's limits). 0: no limit.
+    user_requests_per_minute: int = Field(default=600, ge=0)
+    address_requests_per_minute: int = Field(default=120, ge=0)
+    # Guessing control on sign-in, password reset, verification, invitations and failed
+    # credentials: after this many failures in a row a subject (an account or a client
+    # address) waits base * 2^n seconds between attempts, and after the lock count it is
+    # locked for the lock time. Failures are forgotten after the window without attempts.
+    auth_free_attempts: int = Field(default=5, ge=1)
+    auth_lock_after: int = Field(default=10, ge=1)
+    auth_address_free_attempts: int = Field(default=20, ge=1)
+    auth_address_lock_after: int = Field(default=50, ge=1)
+    auth_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    auth_lock_seconds: int = Field(default=900, ge=1)
+    auth_failure_window_seconds: int = Field(default=3600, ge=1)
     # last_used_at of an API key is written at most once per this many seconds.
     api_key_last_used_resolution_seconds: int = 60
     password_min_length: int = 10
@@ -167,6 +193,21 @@ class Settings(BaseSettings):
     def is_production(self) -> bool:
         return self.environment == "production"
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)  # ValueError names the part
+        return value
+
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(p.strip(), strict=False)
+            for p in self.trusted_proxies.split(",")
+            if p.strip()
+        ]
+
     @model_validator(mode="after")
     def _development_defaults(self) -> Settings:
         if "webhook_allow_private_urls" not in self.model_fields_set:
@@ -175,6 +216,23 @@ class Settings(BaseSettings):
             self.database_worker_url = _as_role(self.database_url, "hm_worker")
         if not self.database_auth_url:
             self.database_auth_url = _as_role(self.database_url, "hm_auth")
+        return self
+
+    @model_validator(mode="after")
+    def _production_refuses_development_switches(self) -> Settings:
+        """Switches meant for a developer's machine stop a production process at startup
+        instead of quietly weakening it (every process reads its settings first)."""
+        if not self.is_production:
+            return self
+        if self.secret_key.get_secret_value() == DEV_SECRET_KEY:
+            raise ValueError(
+                "HM_SECRET_KEY must be set in production (the development key is public)"
+            )
+        if self.webhook_allow_private_urls:
+            raise ValueError(
+                "HM_WEBHOOK_ALLOW_PRIVATE_URLS is for development only: in production it would "
+                "let webhooks reach private and loopback addresses"
+            )
         return self
 
 

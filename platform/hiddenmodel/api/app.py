@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from enum import Enum
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 
 from hiddenmodel import __version__
@@ -18,6 +18,7 @@ from hiddenmodel.api.openapi import install_openapi_security
 from hiddenmodel.batches.router import router as batches_router
 from hiddenmodel.billing.router import router as billing_router
 from hiddenmodel.bodylimit import BodySizeLimitMiddleware
+from hiddenmodel.clientip import ClientAddressMiddleware
 from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
 from hiddenmodel.jobs.router import router as jobs_router
@@ -26,16 +27,22 @@ from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
 from hiddenmodel.retention.router import router as retention_router
-from hiddenmodel.settings import DEV_SECRET_KEY, get_settings
+from hiddenmodel.settings import get_settings
 from hiddenmodel.usage.ratelimits import enforce_for_key
 from hiddenmodel.usage.reports_router import router as usage_reports_router
 from hiddenmodel.usage.router import router as usage_router
 from hiddenmodel.webhooks.router import router as webhooks_router
 from portal.app import install_portal
-from tenants.auth import API_KEY_HOOKS, cookie_csrf
+from tenants.account_router import router as account_router
+from tenants.auth import (
+    API_KEY_HOOKS,
+    AUTHENTICATING_DEPENDENCIES,
+    cookie_csrf,
+    limit_uncredentialed,
+)
 from tenants.router import router as tenants_router
-from tenants.schemas import UserCreate, UserRead, UserUpdate
-from tenants.users import bearer_backend, cookie_backend, fastapi_users
+from tenants.schemas import UserRead, UserUpdate
+from tenants.users import bearer_backend, cookie_backend, fastapi_users, limit_signed_in_user
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -69,10 +76,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await dispose_engines()
 
 
+def _without(router: APIRouter, *names: str) -> APIRouter:
+    """fastapi-users' router less the routes this project serves itself (account_router)."""
+    router.routes = [r for r in router.routes if getattr(r, "name", None) not in names]
+    return router
+
+
 def create_app() -> FastAPI:
+    # Settings refuse development-only switches in production (Settings' own validation).
     settings = get_settings()
-    if settings.is_production and settings.secret_key.get_secret_value() == DEV_SECRET_KEY:
-        raise RuntimeError("HM_SECRET_KEY must be set in production")
     app = FastAPI(
         title="Hidden Model API",
         version=__version__,
@@ -88,6 +100,8 @@ def create_app() -> FastAPI:
         # Served by install_docs from local assets instead of FastAPI's CDN-backed pages.
         docs_url=None,
         redoc_url=None,
+        # Requests without credentials are rate limited by client address on every route.
+        dependencies=[Depends(limit_uncredentialed)],
     )
     install_error_handlers(app)
 
@@ -95,6 +109,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(batches_router)
     auth_tags: list[str | Enum] = ["auth"]
+    app.include_router(account_router)
     app.include_router(
         fastapi_users.get_auth_router(bearer_backend), prefix="/v1/auth", tags=auth_tags
     )
@@ -105,15 +120,24 @@ def create_app() -> FastAPI:
         dependencies=[Depends(cookie_csrf)],
     )
     app.include_router(
-        fastapi_users.get_register_router(UserRead, UserCreate), prefix="/v1/auth", tags=auth_tags
+        _without(fastapi_users.get_reset_password_router(), "reset:forgot_password"),
+        prefix="/v1/auth",
+        tags=auth_tags,
     )
-    app.include_router(fastapi_users.get_reset_password_router(), prefix="/v1/auth", tags=auth_tags)
-    app.include_router(fastapi_users.get_verify_router(UserRead), prefix="/v1/auth", tags=auth_tags)
     app.include_router(
-        fastapi_users.get_users_router(UserRead, UserUpdate),
+        _without(fastapi_users.get_verify_router(UserRead), "verify:request-token"),
+        prefix="/v1/auth",
+        tags=auth_tags,
+    )
+    app.include_router(
+        _without(
+            fastapi_users.get_users_router(UserRead, UserUpdate),
+            "users:current_user",
+            "users:patch_current_user",
+        ),
         prefix="/v1/users",
         tags=["users"],
-        dependencies=[Depends(cookie_csrf)],
+        dependencies=[Depends(cookie_csrf), Depends(limit_signed_in_user)],
     )
     app.include_router(tenants_router)
     app.include_router(usage_router)
@@ -124,6 +148,7 @@ def create_app() -> FastAPI:
     app.include_router(webhooks_router)
     if enforce_for_key not in API_KEY_HOOKS:
         API_KEY_HOOKS.append(enforce_for_key)
+    AUTHENTICATING_DEPENDENCIES.add(limit_signed_in_user)
     app.include_router(health.router)
     register_queue_metrics()
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
@@ -135,4 +160,5 @@ def create_app() -> FastAPI:
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ClientAddressMiddleware)
     return app
