@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from hiddenmodel.authguard import Action, lock_duration
 from hiddenmodel.clientip import client_address
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
+from hiddenmodel.tenancy import current_user_id
 from tenants import repository
 from tenants.models import AuditEvent
 
@@ -24,10 +25,18 @@ async def record_account_lock(action: Action, email: str) -> None:
     named by ``email``; nothing when no account has that address."""
     async with async_global_session() as session:
         user = await repository.user_by_email(session, email)
-        orgs = await repository.user_organizations(session, user.id) if user else []
         await commit(session)
     if user is None:
         return
+    # Nobody is signed in: the lookup of the account's organizations acts for the locked
+    # account (hm_user_organizations answers only for the user a transaction is bound to).
+    bound = current_user_id.set(user.id)
+    try:
+        async with async_global_session() as session:
+            orgs = await repository.user_organizations(session, user.id)
+            await commit(session)
+    finally:
+        current_user_id.reset(bound)
     locked_until = datetime.now(UTC) + lock_duration()
     for row in orgs:
         async with async_tenant_session(row.organization_id) as tenant_session:

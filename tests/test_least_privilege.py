@@ -42,6 +42,7 @@ HASH_COLUMNS = [
     ("access_tokens", "token_hash"),
     ("api_keys", "key_hash"),
     ("invitations", "token_hash"),
+    ("email_changes", "token_hash"),
 ]
 
 # Each worker-only function with arguments that make it run.
@@ -105,6 +106,12 @@ async def test_the_app_role_cannot_read_a_hash(
         headers=org.owner.headers,
     )
     assert r.status_code == 201, r.text
+    r = await client.patch(
+        "/v1/users/me",
+        json={"email": f"{unique('moved')}@example.com", "current_password": PASSWORD},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 200, r.text
     # The rows exist (the superuser reads them) ...
     assert db_scalar(f"SELECT count({column}) FROM {table}") > 0
     # ... and none of the roles that serve requests or run workers can read a hash.
@@ -158,7 +165,9 @@ async def test_sign_in_sign_out_reset_and_api_keys_work_without_reading_hashes(
     # A new password: the old one no longer signs in; reset ends the sessions.
     new_password = "Another-horse-43"
     r = await client.patch(
-        "/v1/users/me", json={"password": new_password}, headers=org.owner.headers
+        "/v1/users/me",
+        json={"password": new_password, "current_password": PASSWORD},
+        headers=org.owner.headers,
     )
     assert r.status_code == 200, r.text
     assert "hashed_password" not in r.text
@@ -228,6 +237,51 @@ async def test_a_session_token_lookup_answers_with_the_user_only(
         assert not conn.execute(
             text("SELECT * FROM hm_access_token_user(:h, NULL)"), {"h": keyed_hash("nope")}
         ).all()
+
+
+async def test_other_sessions_end_only_for_the_bound_user(
+    client: httpx.AsyncClient, as_app: Engine
+) -> None:
+    account = await register(client)
+    other = await register(client)
+    second = (
+        await client.post("/v1/auth/login", data={"username": account.email, "password": PASSWORD})
+    ).json()["access_token"]
+    tokens = "SELECT count(*) FROM access_tokens WHERE user_id = :u"
+    assert db_scalar(tokens, u=account.id) == 2
+    call = text("SELECT hm_access_tokens_end_others(:u, :keep)")
+    with as_app.begin() as conn:  # bound to another user: ends nothing
+        _bind(conn, "app.user_id", other.id)
+        assert conn.execute(call, {"u": account.id, "keep": None}).scalar() == 0
+    with as_app.begin() as conn:  # nobody bound: nothing either
+        assert conn.execute(call, {"u": account.id, "keep": None}).scalar() == 0
+    assert db_scalar(tokens, u=account.id) == 2
+    with as_app.begin() as conn:
+        _bind(conn, "app.user_id", account.id)
+        keep = keyed_hash(second)
+        assert conn.execute(call, {"u": account.id, "keep": keep}).scalar() == 1
+    assert (await client.get("/v1/users/me", headers=bearer(second))).status_code == 200
+    assert (await client.get("/v1/users/me", headers=account.headers)).status_code == 401
+
+
+async def test_an_email_change_lookup_answers_without_the_hash(
+    client: httpx.AsyncClient, as_app: Engine
+) -> None:
+    account = await register(client)
+    token = f"hme_{uuid.uuid4().hex}"
+    db_rows(
+        "INSERT INTO email_changes (id, user_id, new_email, token_hash, expires_at) "
+        "VALUES (gen_random_uuid(), :u, :e, :h, now() + interval '1 hour')",
+        u=account.id,
+        e=f"{unique('new')}@example.com",
+        h=keyed_hash(token),
+    )
+    call = text("SELECT * FROM hm_email_change_by_token(:h)")
+    with as_app.connect() as conn:
+        rows = conn.execute(call, {"h": keyed_hash(token)}).all()
+        assert len(rows) == 1 and str(rows[0].user_id) == account.id
+        assert "token_hash" not in rows[0]._mapping
+        assert conn.execute(call, {"h": keyed_hash("hme_nope")}).all() == []
 
 
 async def test_an_api_key_lookup_is_bound_to_its_organization_and_hides_the_hash(
@@ -406,7 +460,9 @@ async def test_a_failed_write_of_a_hash_leaves_no_hash_in_the_log(
         with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, "sqlalchemy.engine"):
             # A new password: the UPDATE's parameters hold its hash.
             r = await client.patch(
-                "/v1/users/me", json={"password": "Changed-horse-46"}, headers=account.headers
+                "/v1/users/me",
+                json={"password": "Changed-horse-46", "current_password": PASSWORD},
+                headers=account.headers,
             )
             assert_problem(r, 500, "internal-error")
             # A sign-in: the INSERT's parameters hold the new session token's hash.
