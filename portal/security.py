@@ -19,6 +19,7 @@ from starlette.requests import Request, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hiddenmodel.errors import Problem
+from hiddenmodel.inputs import text_problem
 from hiddenmodel.redis import async_redis
 from hiddenmodel.settings import get_settings
 
@@ -81,6 +82,18 @@ async def checked_form(request: Request) -> FormData:
             "This form is missing its security token or it has expired. "
             "Reload the page and send it again."
         )
+    # Urlencoded forms were checked before routing (hiddenmodel.inputguard); a multipart
+    # form's text fields are checked here, where they are first parsed.
+    for name, value in form.multi_items():
+        problem = text_problem(name) or (text_problem(value) if isinstance(value, str) else None)
+        if problem:
+            raise Problem(
+                f"{name}: {problem}.",
+                status=422,
+                kind="validation-error",
+                title="Validation error",
+                errors=[{"loc": ["body", name], "msg": problem, "type": "text_refused"}],
+            )
     return form
 
 
