@@ -235,6 +235,6 @@ register(
         extra_inputs=("mask", "body_mask", "interior"),
         example={"background": "white", "size": 1024, "steps": 30, "seed": 7},
         # Below this the garment is a handful of pixels: nothing to segment or reconstruct.
-        min_input_side=64,
+        min_input_side=32,
     )
 )
