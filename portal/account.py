@@ -11,7 +11,7 @@ from fastapi_users import exceptions as fu_exceptions
 
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
 from hiddenmodel.errors import Problem
-from hiddenmodel.security import keyed_hash
+from hiddenmodel.security import keyed_hashes
 from portal.security import (
     PREFIX,
     checked_form,
@@ -211,7 +211,7 @@ async def _invitation_for(user: User, token: str) -> dict[str, str] | None:
     except Problem:
         return None
     async with async_tenant_session(org_id) as session:
-        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hash(token))
+        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hashes(token))
         org = await tenants_repository.get_organization(session, org_id)
         found = (
             None

@@ -89,10 +89,13 @@ async def get_invitation(session: AsyncSession, invitation_id: uuid.UUID) -> Inv
     return await session.get(Invitation, invitation_id)
 
 
-async def get_invitation_by_hash(session: AsyncSession, token_hash: str) -> Invitation | None:
+async def get_invitation_by_hash(
+    session: AsyncSession, token_hashes: Sequence[str]
+) -> Invitation | None:
+    """The invitation whose token hashes to one of ``token_hashes`` (one per server key)."""
     return (
         await session.scalars(
-            select(Invitation).where(Invitation.token_hash == token_hash).with_for_update()
+            select(Invitation).where(Invitation.token_hash.in_(token_hashes)).with_for_update()
         )
     ).one_or_none()
 

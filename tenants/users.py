@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
-from hiddenmodel.security import keyed_hash
+from hiddenmodel.security import keyed_hash, keyed_hashes
 from hiddenmodel.settings import get_settings
 from tenants.models import AccessToken, User
 from tenants.schemas import UserCreate
@@ -178,7 +178,7 @@ class HashedAccessTokenDatabase:
     async def get_by_token(
         self, token: str, max_age: datetime | None = None
     ) -> IssuedAccessToken | None:
-        stmt = select(AccessToken).where(AccessToken.token_hash == keyed_hash(token))
+        stmt = select(AccessToken).where(AccessToken.token_hash.in_(keyed_hashes(token)))
         if max_age is not None:
             stmt = stmt.where(AccessToken.created_at >= max_age)
         row = (await self.session.scalars(stmt)).one_or_none()
@@ -200,7 +200,7 @@ class HashedAccessTokenDatabase:
 
     async def delete(self, access_token: IssuedAccessToken) -> None:
         await self.session.execute(
-            delete(AccessToken).where(AccessToken.token_hash == keyed_hash(access_token.token))
+            delete(AccessToken).where(AccessToken.token_hash.in_(keyed_hashes(access_token.token)))
         )
 
 
