@@ -10,6 +10,7 @@ the classes of bugs (a 500 on odd input, an undocumented answer) rather than exh
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
@@ -33,7 +36,8 @@ EXCLUDED = {
     # of the run out.
     ("PATCH", "/v1/users/me"),
 }
-EXAMPLES_PER_OPERATION = 4
+# Per operation and generation mode; HM_FUZZ_EXAMPLES raises it for a deeper run by hand.
+EXAMPLES_PER_OPERATION = int(os.environ.get("HM_FUZZ_EXAMPLES", "4"))
 
 
 @dataclass
@@ -91,12 +95,42 @@ def _credentials(operation: Any, a: Tenant) -> dict[str, str]:
     return {}
 
 
+def _with_nul(value: Any) -> Any:
+    """``value`` with a NUL in each string it holds: the character PostgreSQL refuses."""
+    if isinstance(value, str):
+        return value + "\x00"
+    if isinstance(value, dict):
+        return {key: _with_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_nul(item) for item in value]
+    return value
+
+
+def _nul_case(case: Any) -> Any:
+    if case.query:
+        case.query = _with_nul(case.query)
+    if isinstance(case.body, dict | list):
+        case.body = _with_nul(case.body)
+    return case
+
+
 def _fuzz(operation: Any, base: str, a: Tenant, b: Tenant, statuses: list[int]) -> None:
     """Generated requests for one operation; raises the first failure hypothesis keeps."""
 
-    @given(case=operation.as_strategy())
+    fixed = {"org_id": a.org_id} if "{org_id}" in operation.path else None
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
+    strategies = []
+    for mode in modes:
+        try:
+            strategies.append(operation.as_strategy(mode, path_parameters=fixed))
+        except Exception:  # an operation with nothing to negate has no negative cases
+            continue
+    # Valid requests with a NUL in every query and body string: text the database refuses.
+    strategies.append(strategies[0].map(_nul_case))
+
+    @given(case=st.one_of(strategies))
     @settings(
-        max_examples=EXAMPLES_PER_OPERATION,
+        max_examples=EXAMPLES_PER_OPERATION * len(strategies),
         deadline=None,
         derandomize=True,
         database=None,
@@ -104,8 +138,6 @@ def _fuzz(operation: Any, base: str, a: Tenant, b: Tenant, statuses: list[int]) 
         suppress_health_check=list(HealthCheck),
     )
     def run(case: Any) -> None:
-        if "org_id" in (case.path_parameters or {}):
-            case.path_parameters["org_id"] = a.org_id
         response = case.call_and_validate(
             base_url=base,
             headers=_credentials(operation, a),
@@ -133,7 +165,9 @@ def test_every_operation_survives_generated_requests(
         operations += 1
         try:
             _fuzz(operation, base, a, b, statuses)
-        except Exception as exc:  # every operation runs; all failures are reported together
+        # Every operation runs; all failures are reported together (schemathesis raises its
+        # findings as an exception group).
+        except (Exception, BaseExceptionGroup) as exc:
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}"[:3000])
     assert operations >= 70, operations
     # The requests reached the routes: most answer, some succeed.
