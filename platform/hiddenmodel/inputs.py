@@ -23,13 +23,11 @@ JSON documents that arrive as text (a job's ``params``, a Stripe event) are pars
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, BaseModel, ValidationInfo, field_validator
-
-# Tab, line feed and carriage return are ordinary in free text (descriptions, CSV cells).
-_TEXT_WHITESPACE: Final = frozenset("\t\n\r")
 
 RESERVED_SLUGS: Final = frozenset(
     {
@@ -84,16 +82,21 @@ def _describe(char: str) -> str:
     return f"U+{ord(char):04X}" + (f" ({name})" if name else "")
 
 
+# Unicode's control characters (category Cc: C0, DEL, C1) but tab, line feed and carriage
+# return, and the surrogate range (Cs), which no UTF-8 text can hold.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def text_problem(value: str) -> str | None:
     """Why ``value`` cannot be stored as free text, or None: NUL and other control characters
     (tab, line feed and carriage return excepted), and lone surrogates."""
-    for char in value:
-        category = unicodedata.category(char)
-        if category == "Cc" and char not in _TEXT_WHITESPACE:
-            return f"control character {_describe(char)} is not allowed"
-        if category == "Cs":
-            return f"unpaired surrogate {_describe(char)} is not allowed"
-    return None
+    found = _NOT_TEXT.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    if unicodedata.category(char) == "Cs":
+        return f"unpaired surrogate {_describe(char)} is not allowed"
+    return f"control character {_describe(char)} is not allowed"
 
 
 def name_problem(value: str) -> str | None:
