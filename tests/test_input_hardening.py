@@ -154,7 +154,7 @@ async def test_portal_forms_refuse_control_characters(client: httpx.AsyncClient)
     assert_names(r, "body", "email")
     # A multipart form is parsed by the page itself, after its CSRF check.
     page = await client.get("/portal/login")
-    token = page.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    token = _csrf(page.text)
     r = await client.post(
         "/portal/login",
         files={
@@ -206,6 +206,36 @@ async def test_names_in_other_scripts_are_accepted(client: httpx.AsyncClient) ->
         headers=owner.headers,
     )
     assert r.status_code == 201, r.text
+
+
+def _csrf(html: str) -> str:
+    return html.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+
+
+async def test_a_spoofing_key_name_in_the_portal_is_a_form_error(
+    client: httpx.AsyncClient,
+) -> None:
+    org = await make_org(client)
+    page = await client.get("/portal/login")
+    r = await client.post(
+        "/portal/login",
+        data={"email": org.owner.email, "password": PASSWORD, "csrf_token": _csrf(page.text)},
+    )
+    assert r.status_code in (302, 303), r.text
+    keys_page = f"/portal/orgs/{org.id}/api-keys"
+    page = await client.get(keys_page)
+    assert page.status_code == 200, page.text
+    r = await client.post(
+        keys_page,
+        data={"name": "ci\u202etoor", "scopes": "jobs:read", "csrf_token": _csrf(page.text)},
+    )
+    assert r.status_code == 422, r.text
+    assert "text/html" in r.headers["content-type"] and "U+202E" in r.text
+    assert (
+        db_scalar("SELECT count(*) FROM api_keys WHERE organization_id = :o", o=uuid.UUID(org.id))
+        == 0
+    )
+    client.cookies.clear()
 
 
 @pytest.mark.parametrize("slug", ["admin", "api", "portal", "www", "static", "docs"])
