@@ -98,9 +98,11 @@ def run_job(
     *,
     wait: bool,
     poll_s: float = 0.01,
+    operation: str = "resize",
+    params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One job from submit to downloaded output; times in ms, plus the job's timestamps."""
-    form = {"operation": "resize", "params": json.dumps(RESIZE)}
+    form = {"operation": operation, "params": json.dumps(RESIZE if params is None else params)}
     files = {"image": ("photo.png", image, "image/png")}
     extra = {"Prefer": "wait=30"} if wait else {}
     wall0 = time.time()
@@ -122,11 +124,12 @@ def run_job(
     t_done = time.perf_counter()
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
-    out = client.get(job["outputs"][0]["url"])
+    output = next(o for o in job["outputs"] if o["name"] == "output")
+    out = client.get(output["url"])
     out.raise_for_status()
     t_dl = time.perf_counter()
     body = out.content
-    if not body.startswith(b"\x89PNG") or len(body) != job["outputs"][0]["bytes"]:
+    if not body.startswith(b"\x89PNG") or len(body) != output["bytes"]:
         raise RuntimeError("the downloaded output is not the job's PNG")
     timings = job["timings"]
     created, started, finished = (

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hiddenmodel.errors import Problem
-from portal import account, operator, tenant
+from portal import account, batches, operator, tenant
 from portal.security import PREFIX, PortalMiddleware, csrf_token
 from portal.web import HERE, SignInRequired, router, templates
 
@@ -57,7 +57,7 @@ async def _sign_in(request: Request, exc: Exception) -> Response:
 
 
 # Importing the page modules registers their routes on ``router``.
-PAGES = (account, tenant, operator)
+PAGES = (account, tenant, batches, operator)
 
 
 def install_portal(app: FastAPI) -> None:

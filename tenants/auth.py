@@ -11,7 +11,6 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Path, Request
-from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.db import (
@@ -24,7 +23,7 @@ from hiddenmodel.db import (
 from hiddenmodel.errors import Forbidden, NotFound, Problem, Unauthorized
 from hiddenmodel.security import InvalidToken, keyed_hashes, parse_token
 from hiddenmodel.settings import get_settings
-from hiddenmodel.tenancy import current_org_id
+from hiddenmodel.tenancy import current_org_id, current_user_id
 from tenants import repository
 from tenants.models import ApiKey, Organization, Role, Scope, User
 from tenants.users import (
@@ -32,6 +31,7 @@ from tenants.users import (
     SESSION_COOKIE_SCHEME,
     SESSION_SCHEME,
     HashedAccessTokenDatabase,
+    UserDatabase,
     UserManager,
     get_database_strategy,
 )
@@ -298,10 +298,12 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
     # waiting beside the organization's session for the rest of the request.
     async with async_global_session() as session:
         strategy = get_database_strategy(HashedAccessTokenDatabase(session))
-        user = await strategy.read_token(token, UserManager(SQLAlchemyUserDatabase(session, User)))
+        user = await strategy.read_token(token, UserManager(UserDatabase(session)))
         await commit(session)  # nothing written; unlike a rollback, keeps `user` loaded
     if user is None or not user.is_active:
         raise Unauthorized("The session token is invalid or has expired.", kind="invalid-token")
+    # The request's later global transactions act for this user (app.user_id).
+    current_user_id.set(user.id)
     yield Principal(user=user)
 
 

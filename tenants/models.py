@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi_users_db_sqlalchemy import SQLAlchemyBaseUserTableUUID
 from sqlalchemy import (
@@ -41,6 +41,15 @@ class User(SQLAlchemyBaseUserTableUUID, Base):
     """A person. Platform operators are superusers."""
 
     __tablename__ = "users"
+
+    # The app role may not read it (column privileges): never loaded with the row. Sign-in
+    # reads it as hm_auth (tenants.users.password_hash_of).
+    if TYPE_CHECKING:  # as fastapi-users declares it, for its UserProtocol
+        hashed_password: str
+    else:
+        hashed_password: Mapped[str] = mapped_column(
+            String(length=1024), nullable=False, deferred=True, deferred_raiseload=True
+        )
 
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = created_at_column()
@@ -86,7 +95,10 @@ class Invitation(Base):
     organization_id: Mapped[uuid.UUID] = org_id_column()
     email: Mapped[str] = mapped_column(String(320), nullable=False)
     role: Mapped[str] = mapped_column(String(20), nullable=False)
-    token_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Unreadable to the app role: found through hm_invitation_by_token, never loaded.
+    token_hash: Mapped[str] = mapped_column(
+        String(64), nullable=False, deferred=True, deferred_raiseload=True
+    )
     invited_by_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("users.id", ondelete="SET NULL"), nullable=True
     )
@@ -111,7 +123,10 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     # The first characters of the token, shown in listings so a person can tell keys apart.
     prefix: Mapped[str] = mapped_column(String(32), nullable=False)
-    key_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # Unreadable to the app role: found through hm_api_key_for_request, never loaded.
+    key_hash: Mapped[str] = mapped_column(
+        String(64), nullable=False, deferred=True, deferred_raiseload=True
+    )
     scopes: Mapped[list[str]] = mapped_column(ARRAY(String(32)), nullable=False)
     created_by_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("users.id", ondelete="SET NULL"), nullable=True
@@ -140,7 +155,10 @@ class AuditEvent(Base):
 
 
 class AccessToken(Base):
-    """A login session (bearer or cookie); only the keyed hash of the token is stored."""
+    """A login session (bearer or cookie); only the keyed hash of the token is stored.
+
+    The app role may write rows but not read ``token_hash``: lookups and sign-out go through
+    ``hm_access_token_user`` and ``hm_access_token_delete``."""
 
     __tablename__ = "access_tokens"
 

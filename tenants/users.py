@@ -6,27 +6,36 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyCookie, OAuth2PasswordBearer
-from fastapi_users import BaseUserManager, FastAPIUsers, InvalidPasswordException, UUIDIDMixin
+from fastapi.security import APIKeyCookie, OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from fastapi_users import (
+    BaseUserManager,
+    FastAPIUsers,
+    InvalidPasswordException,
+    UUIDIDMixin,
+    exceptions,
+)
 from fastapi_users.authentication import (
     AuthenticationBackend,
     BearerTransport,
     CookieTransport,
 )
 from fastapi_users.authentication.strategy.db import DatabaseStrategy
+from fastapi_users.jwt import decode_jwt
 from fastapi_users.password import PasswordHelper
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
+from jwt import PyJWTError
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
-from hiddenmodel.db import async_global_session, commit, rollback
+from hiddenmodel.db import async_engine, async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
 from hiddenmodel.security import keyed_hash, keyed_hashes
 from hiddenmodel.settings import get_settings
@@ -55,8 +64,51 @@ async def get_global_db_session() -> AsyncIterator[AsyncSession]:
 GlobalSessionDep = Annotated[AsyncSession, Depends(get_global_db_session, scope="function")]
 
 
-async def get_user_db(session: GlobalSessionDep) -> SQLAlchemyUserDatabase[User, uuid.UUID]:
-    return SQLAlchemyUserDatabase(session, User)
+class UserDatabase(SQLAlchemyUserDatabase[User, uuid.UUID]):
+    """fastapi-users' adapter, minus the password hash: the app role may not read it.
+
+    Rows are read without ``hashed_password`` (deferred on the model); writing it is allowed.
+    After a write the row is read back without it.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        super().__init__(session, User)
+
+    async def create(self, create_dict: dict[str, Any]) -> User:
+        user = User(**create_dict)
+        self.session.add(user)
+        await self.session.commit()
+        await self.session.refresh(user, attribute_names=_READABLE_USER_COLUMNS)
+        return user
+
+    async def update(self, user: User, update_dict: dict[str, Any]) -> User:
+        for key, value in update_dict.items():
+            setattr(user, key, value)
+        self.session.add(user)
+        await self.session.commit()
+        await self.session.refresh(user, attribute_names=_READABLE_USER_COLUMNS)
+        return user
+
+
+_READABLE_USER_COLUMNS = [c.key for c in User.__table__.c if c.key != "hashed_password"]
+
+
+async def password_hash_of(user_id: uuid.UUID) -> str | None:
+    """A user's stored password hash, read as ``hm_auth`` (``HM_DATABASE_AUTH_URL``): the
+    one role that may read it, used by sign-in and password reset only."""
+    engine = async_engine(get_settings().database_auth_url)
+    async with engine.connect() as conn:
+        # Through the driver: SQLAlchemy's engine log, at DEBUG, would print the row.
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None  # a pooled connection that is open
+        async with raw.cursor() as cursor:
+            await cursor.execute("SELECT hashed_password FROM users WHERE id = %s", (user_id,))
+            row = await cursor.fetchone()
+    return None if row is None else str(row[0])
+
+
+async def get_user_db(session: GlobalSessionDep) -> UserDatabase:
+    return UserDatabase(session)
 
 
 @lru_cache
@@ -89,6 +141,9 @@ def validate_password_strength(password: str, email: str) -> None:
 
 
 class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
+    """fastapi-users' manager; the three steps that compare against the password hash load it
+    first through :func:`password_hash_of` (the user rows the app reads lack it)."""
+
     def __init__(self, user_db: SQLAlchemyUserDatabase[User, uuid.UUID]) -> None:
         super().__init__(user_db, password_helper())
         self.session = user_db.session
@@ -104,6 +159,56 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
             validate_password_strength(password, str(user.email))
         except ValueError as exc:
             raise InvalidPasswordException(reason=str(exc)) from exc
+
+    async def _load_password_hash(self, user: User) -> None:
+        hashed = await password_hash_of(user.id)
+        # In memory only: the hash is not a change to write back.
+        set_committed_value(user, "hashed_password", hashed or "")
+
+    async def authenticate(self, credentials: OAuth2PasswordRequestForm) -> User | None:
+        try:
+            user = await self.get_by_email(credentials.username)
+        except exceptions.UserNotExists:
+            # Hash anyway: an unknown address takes as long to refuse as a wrong password.
+            self.password_helper.hash(credentials.password)
+            return None
+        await self._load_password_hash(user)
+        verified, updated_password_hash = self.password_helper.verify_and_update(
+            credentials.password, user.hashed_password
+        )
+        if not verified:
+            return None
+        if updated_password_hash is not None:
+            await self.user_db.update(user, {"hashed_password": updated_password_hash})
+        return user
+
+    async def forgot_password(self, user: User, request: Request | None = None) -> None:
+        # The reset token carries a fingerprint of the current hash (spent by a new password).
+        await self._load_password_hash(user)
+        await super().forgot_password(user, request)
+
+    async def reset_password(
+        self, token: str, password: str, request: Request | None = None
+    ) -> User:
+        # fastapi-users' own steps, with the hash loaded before the fingerprint check.
+        try:
+            data = decode_jwt(
+                token, self.reset_password_token_secret, [self.reset_password_token_audience]
+            )
+            user_id, fingerprint = data["sub"], data["password_fgpt"]
+            parsed_id = self.parse_id(user_id)
+        except (PyJWTError, KeyError, exceptions.InvalidID) as exc:
+            raise exceptions.InvalidResetPasswordToken() from exc
+        user = await self.get(parsed_id)
+        await self._load_password_hash(user)
+        valid, _ = self.password_helper.verify_and_update(user.hashed_password, fingerprint)
+        if not valid:
+            raise exceptions.InvalidResetPasswordToken()
+        if not user.is_active:
+            raise exceptions.UserInactive()
+        updated = await self._update(user, {"password": password})
+        await self.on_after_reset_password(user, request)
+        return updated
 
     async def on_after_register(self, user: User, request: Request | None = None) -> None:
         if not user.is_verified:
@@ -175,23 +280,35 @@ class HashedAccessTokenDatabase:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
+    # The app role may write token_hash but not read it: lookups and sign-out go through
+    # definer functions that take the hash and answer with a verdict.
     async def get_by_token(
         self, token: str, max_age: datetime | None = None
     ) -> IssuedAccessToken | None:
-        stmt = select(AccessToken).where(AccessToken.token_hash.in_(keyed_hashes(token)))
-        if max_age is not None:
-            stmt = stmt.where(AccessToken.created_at >= max_age)
-        row = (await self.session.scalars(stmt)).one_or_none()
+        row = None
+        for token_hash in keyed_hashes(token):  # the old key's hash while a rotation is on
+            row = (
+                await self.session.execute(
+                    text("SELECT out_user, out_created FROM hm_access_token_user(:h, :not_before)"),
+                    {"h": token_hash, "not_before": max_age},
+                )
+            ).one_or_none()
+            if row is not None:
+                break
         if row is None:
             return None
-        return IssuedAccessToken(token=token, user_id=row.user_id, created_at=row.created_at)
+        return IssuedAccessToken(token=token, user_id=row.out_user, created_at=row.out_created)
 
     async def create(self, create_dict: dict[str, Any]) -> IssuedAccessToken:
         token = str(create_dict["token"])
-        row = AccessToken(token_hash=keyed_hash(token), user_id=create_dict["user_id"])
-        self.session.add(row)
-        await self.session.flush()
-        return IssuedAccessToken(token=token, user_id=row.user_id, created_at=datetime.now(UTC))
+        user_id = create_dict["user_id"]
+        created = await self.session.scalar(
+            insert(AccessToken)
+            .values(token_hash=keyed_hash(token), user_id=user_id)
+            .returning(AccessToken.created_at)
+        )
+        assert created is not None  # RETURNING of the row just inserted
+        return IssuedAccessToken(token=token, user_id=user_id, created_at=created)
 
     async def update(
         self, access_token: IssuedAccessToken, update_dict: dict[str, Any]
@@ -199,9 +316,8 @@ class HashedAccessTokenDatabase:
         return access_token
 
     async def delete(self, access_token: IssuedAccessToken) -> None:
-        await self.session.execute(
-            delete(AccessToken).where(AccessToken.token_hash.in_(keyed_hashes(access_token.token)))
-        )
+        for token_hash in keyed_hashes(access_token.token):
+            await self.session.execute(text("SELECT hm_access_token_delete(:h)"), {"h": token_hash})
 
 
 def get_access_token_db(session: GlobalSessionDep) -> HashedAccessTokenDatabase:
@@ -288,7 +404,7 @@ async def create_user(
     """Create a user outside a request (CLI, demo data), with the same password rules."""
     # The fastapi-users adapter commits by itself.
     async with async_global_session() as session:
-        manager = UserManager(SQLAlchemyUserDatabase(session, User))
+        manager = UserManager(UserDatabase(session))
         user = await manager.create(
             UserCreate(
                 email=email,

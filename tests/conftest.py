@@ -65,7 +65,7 @@ from hiddenmodel.migrate import migrate  # noqa: E402
 from hiddenmodel.settings import get_settings  # noqa: E402
 
 # Fixtures that live in modules of their own.
-pytest_plugins = ["tests.stripe_fixtures"]
+pytest_plugins = ["tests.stripe_fixtures", "tests.browser"]
 
 PASSWORD = "Correct-horse-42"
 

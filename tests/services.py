@@ -40,6 +40,8 @@ class Process:
         self.queues: set[str] = set()
         self.log_path = LOG_DIR / f"{name}.log"
         self._log = self.log_path.open("ab")
+        # The file keeps earlier runs' output; this process's begins here.
+        self._log_start = self._log.tell()
         self.popen = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -73,7 +75,10 @@ class Process:
         self._log.close()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """This process's output (not that of earlier processes with the same name)."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
 
 def hiddenmodel(name: str, *args: str, env: dict[str, str] | None = None) -> Process:
@@ -117,7 +122,7 @@ class Cluster:
         return worker
 
     @staticmethod
-    def _wait_ready(worker: Process, timeout: float = 30.0) -> None:
+    def _wait_ready(worker: Process, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if "ready." in worker.log():

@@ -63,6 +63,24 @@ async def test_redis_flushall_loses_no_job(client: httpx.AsyncClient, services: 
     )
 
 
+async def test_a_job_whose_input_is_gone_fails_at_once_unbilled(
+    client: httpx.AsyncClient, services: Any
+) -> None:
+    """An input deleted after the submit (a development S3 that kept nothing across a
+    restart) cannot come back: the job fails on its first attempt, not after retries."""
+    org, headers = await keyed_org(client)
+    services.stop_workers()
+    job = (await submit(client, headers)).json()
+    key = storage.object_key(uuid.UUID(org.id), uuid.UUID(job["id"]), "image", "png")
+    assert storage.delete_objects([key]) == set()
+    services.start_worker()
+    done = await wait_job(client, headers, job["id"], timeout=60)
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"]["code"] == "input-missing"
+    assert "submit the job again" in done["error"]["message"]
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job["id"]) == 0
+
+
 async def test_a_noisy_tenant_does_not_starve_the_others(
     client: httpx.AsyncClient, services: Any
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,52 @@ def test_batcher_pads_batches_and_crops_back(rt: ModelRuntime) -> None:
     # Padded into a larger batch, the small request still keeps every pixel outside its mask.
     kept = pixels(results[1].image)[50:, :20]
     assert np.abs(kept - pixels(small.image)[50:, :20]).max() < 1e-6
+
+
+def test_a_lone_job_does_not_wait_the_window(rt: ModelRuntime) -> None:
+    """With one announced job in the process nobody can join its batch: it runs at once. A
+    caller that announces nothing gets the whole window (no job is known)."""
+    from workers.batching import InpaintBatcher
+
+    batcher = InpaintBatcher(rt, max_batch=4, window=3.0)
+    batcher.inpaint(request(seed=1))  # warm: the first call pays for lazy set-up
+    started = time.perf_counter()
+    with batcher.job():
+        result = batcher.inpaint(request(seed=1))
+    assert result.batch_size == 1
+    assert time.perf_counter() - started < 2.0
+    started = time.perf_counter()
+    batcher.inpaint(request(seed=1))
+    assert time.perf_counter() - started >= 3.0
+
+
+def test_a_batch_waits_for_announced_jobs_that_may_still_ask(rt: ModelRuntime) -> None:
+    """Two announced jobs: the first request waits (within the window) for the second, which
+    asks a moment later, and both run in one batch; a third job still segmenting when both
+    asked would be waited for too, and one that ended is not."""
+    import threading
+
+    from workers.batching import InpaintBatcher
+
+    batcher = InpaintBatcher(rt, max_batch=4, window=10.0)
+    both_in = threading.Barrier(2)
+    results: list[Any] = []
+
+    def job(delay: float) -> None:
+        with batcher.job():
+            both_in.wait()
+            time.sleep(delay)
+            results.append(batcher.inpaint(request(seed=1)))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=job, args=(d,)) for d in (0.0, 0.3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [r.batch_size for r in results] == [2, 2]
+    # Ran as soon as the second job asked, long before the 10 s window.
+    assert time.perf_counter() - started < 8.0
 
 
 def test_one_job_canceling_does_not_stop_its_batch(rt: ModelRuntime) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,8 +13,6 @@ import pytest
 
 from tests.conftest import (
     PASSWORD,
-    Account,
-    Org,
     assert_problem,
     bearer,
     db_rows,
@@ -25,64 +21,9 @@ from tests.conftest import (
     make_org,
     register,
 )
-from tests.factories import png
-
-CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
-
-
-def csrf_of(html: str) -> str:
-    found = CSRF.search(html)
-    assert found, "no CSRF token on the page"
-    return found.group(1)
-
-
-@asynccontextmanager
-async def portal_client(
-    app: Any, account: Account | None = None
-) -> AsyncIterator[httpx.AsyncClient]:
-    """A browser-like client (cookies kept), signed in as ``account`` when given."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-        if account is not None:
-            r = await sign_in(client, account.email)
-            assert r.status_code == 303, r.text
-        yield client
-
-
-async def sign_in(
-    client: httpx.AsyncClient, email: str, password: str = PASSWORD
-) -> httpx.Response:
-    page = await client.get("/portal/login")
-    assert page.status_code == 200
-    return await client.post(
-        "/portal/login",
-        data={"email": email, "password": password, "csrf_token": csrf_of(page.text)},
-    )
-
-
-async def post_form(
-    client: httpx.AsyncClient, page_url: str, action: str, data: dict[str, Any]
-) -> httpx.Response:
-    """Post a form the way a browser does after loading ``page_url``."""
-    page = await client.get(page_url)
-    assert page.status_code == 200, page.text
-    return await client.post(action, data={**data, "csrf_token": csrf_of(page.text)})
-
-
-async def add_member(client: httpx.AsyncClient, org: Org, role: str) -> Account:
-    """A member with ``role``, through the API's invitation flow."""
-    account = await register(client)
-    r = await client.post(
-        f"/v1/orgs/{org.id}/invitations",
-        json={"email": account.email, "role": role},
-        headers=org.owner.headers,
-    )
-    assert r.status_code == 201, r.text
-    r = await client.post(
-        "/v1/invitations/accept", json={"token": r.json()["token"]}, headers=account.headers
-    )
-    assert r.status_code == 200, r.text
-    return account
+from tests.factories import png, submit
+from tests.polling import until_sync
+from tests.portal_http import add_member, csrf_of, portal_client, post_form, sign_in
 
 
 def org_pages(org_id: str) -> list[str]:
@@ -90,6 +31,7 @@ def org_pages(org_id: str) -> list[str]:
     return [
         base,
         f"{base}/jobs",
+        f"{base}/batches",
         f"{base}/members",
         f"{base}/api-keys",
         f"{base}/usage",
@@ -655,6 +597,54 @@ async def test_a_suspended_organizations_queued_jobs_wait(client: httpx.AsyncCli
         engine.dispose()
 
 
+async def test_a_job_dispatched_before_the_suspension_does_not_run(
+    client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    """A job whose message was sent before the suspension reaches a worker after it: the
+    worker leaves it queued and back in the outbox; restored, it runs once and is billed once."""
+    org = await make_org(client)
+    key = bearer((await make_key(client, org))["key"])
+    operator = await register(client)
+    db_rows("UPDATE users SET is_superuser = true WHERE id = :u", u=operator.id)
+    r = await submit(client, key)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    # The dispatcher sends it with no worker running: the message waits in the broker.
+    no_dispatch.start_dispatcher()
+    until_sync(
+        lambda: db_scalar("SELECT dispatched_at FROM jobs WHERE id = :j", j=job_id),
+        timeout=60,  # the dispatcher process starts first
+        what="the dispatch",
+    )
+    no_dispatch.stop()
+    r = await client.post(f"/v1/admin/orgs/{org.id}/suspend", headers=operator.headers)
+    assert r.status_code == 200, r.text
+    no_dispatch.start_worker()
+    until_sync(
+        lambda: db_scalar("SELECT count(*) FROM job_outbox WHERE job_id = :j", j=job_id) == 1,
+        timeout=60,
+        what="the job back in the outbox",
+    )
+    job = db_rows("SELECT status, attempts, dispatched_at FROM jobs WHERE id = :j", j=job_id)[0]
+    assert (job.status, job.attempts, job.dispatched_at) == ("queued", 0, None)
+
+    r = await client.post(f"/v1/admin/orgs/{org.id}/unsuspend", headers=operator.headers)
+    assert r.status_code == 200, r.text
+    no_dispatch.start_dispatcher()
+    until_sync(
+        lambda: db_scalar("SELECT status FROM jobs WHERE id = :j", j=job_id) == "succeeded",
+        timeout=60,
+        what="the job run after the restore",
+    )
+    assert db_scalar("SELECT attempts FROM jobs WHERE id = :j", j=job_id) == 1
+    until_sync(
+        lambda: db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id),
+        what="the job's usage event",
+    )
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id) == 1
+    no_dispatch.stop()
+
+
 async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClient) -> None:
     org = await make_org(client)
     url = f"/portal/orgs/{org.id}/webhooks"
@@ -700,9 +690,11 @@ async def test_webhook_endpoints_in_the_portal(app: Any, client: httpx.AsyncClie
         assert (await browser.get(page)).status_code == 404
 
 
-@pytest.mark.usefixtures("no_dispatch")
-async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncClient) -> None:
-
+async def test_operator_sees_queues_and_workers(
+    app: Any, client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    # A real worker process with nothing to run: listed from its liveness key.
+    idle = no_dispatch.start_worker()
     org = await make_org(client)
     key = bearer((await make_key(client, org))["key"])
     operator = await register(client)
@@ -736,7 +728,16 @@ async def test_operator_sees_queues_and_workers(app: Any, client: httpx.AsyncCli
     )
     assert row, page.text
     assert re.findall(r'<td class="num">(\d+)</td>', row.group(1))[:2] == ["1", "1"]
-    assert worker in page.text
+    # The worker named only by a job's heartbeat announces nothing: gone.
+    gone = re.search(rf'<tr data-worker="{re.escape(worker)}">(.*?)</tr>', page.text, re.S)
+    assert gone, page.text
+    assert "<td>gone</td>" in gone.group(1)
+    assert re.findall(r'<td class="num">(\d+)</td>', gone.group(1)) == ["0", "0"]
+    alive = re.search(rf'<tr data-worker="[^"]*#{idle.pid}-[0-9a-f]+">(.*?)</tr>', page.text, re.S)
+    assert alive, page.text
+    assert "<td>alive</td>" in alive.group(1)
+    assert f'<td class="num">{idle.pid}</td>' in alive.group(1)
+    no_dispatch.stop_workers()
     assert (
         db_scalar(
             "SELECT count(*) FROM operator_audit_events WHERE purpose = 'admin.queues.read' "

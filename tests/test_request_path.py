@@ -120,7 +120,7 @@ async def test_skipping_set_config_without_binding_fails_closed(
         await session.rollback()
 
 
-async def test_key_and_organization_come_back_with_every_column(
+async def test_key_and_organization_come_back_with_every_readable_column(
     client: httpx.AsyncClient,
 ) -> None:
     org, key = await _keyed(client)
@@ -141,7 +141,10 @@ async def test_key_and_organization_come_back_with_every_column(
             (Organization, found[1], loaded_org),
         ):
             for column in model.__table__.c:
+                if column.key == "key_hash":
+                    continue  # the app role may not read it; the function leaves it out
                 assert getattr(detached, column.key) == getattr(loaded, column.key), column.key
+        assert found[0].key_hash is None
         await session.rollback()
 
 

@@ -230,7 +230,7 @@ async def test_a_claim_on_a_dead_connection_is_delivered_again_and_logged_as_suc
     # now, so it does not ping them before its next claim.
     db_rows(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND usename = 'hm_app'"
+        "WHERE datname = current_database() AND usename IN ('hm_app', 'hm_worker')"
     )
     await dispose_engines()
     job_id = (await submit(client, headers)).json()["id"]

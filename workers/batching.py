@@ -5,15 +5,21 @@ that can share a pipeline call (same steps, strength and guidance), up to ``max_
 within ``window`` seconds of the first, pads them to a common size (padding is kept, not
 generated: its mask is 0) and runs them together. Each job gets its own result, its share of
 the device time, and may cancel without stopping the others.
+
+Jobs that run in the process announce themselves with :meth:`InpaintBatcher.job`. The window
+is then only waited while some announced job could still send a request: a lone job, or the
+last of a burst, runs at once instead of waiting for company that cannot come. Callers that
+announce nothing (no job is known) get the whole window, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -91,8 +97,29 @@ class InpaintBatcher:
         self.window = window
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._pending: list[_Item] = []
+        # Jobs in the process that may still send a request (see job()).
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="inpaint-batcher", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        """Around a job that may send requests: while it runs, a batch waits for it."""
+        with self._jobs_lock:
+            self._jobs += 1
+        try:
+            yield
+        finally:
+            with self._jobs_lock:
+                self._jobs -= 1
+
+    def _company_possible(self, waiting: int) -> bool:
+        """Whether another request may still join: no job is known (callers that announce
+        nothing), or some announced job has no request waiting yet."""
+        with self._jobs_lock:
+            jobs = self._jobs
+        return jobs == 0 or jobs > waiting
 
     def inpaint(
         self, request: InpaintRequest, progress: ProgressCallback | None = None
@@ -125,7 +152,10 @@ class InpaintBatcher:
         skipped: list[_Item] = []
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and self._queue.empty() and not self._pending:
+            nothing_waits = self._queue.empty() and not self._pending
+            if nothing_waits and (
+                remaining <= 0 or not self._company_possible(len(batch) + len(skipped))
+            ):
                 break
             item = self._next(max(0.0, remaining))
             if item is None:

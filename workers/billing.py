@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from hiddenmodel import metrics
 from hiddenmodel.billing import metering
 from hiddenmodel.settings import get_settings
 from workers.celery_app import app
@@ -40,6 +41,7 @@ def push_to_stripe(limit: int | None = None) -> dict[str, int]:
             break
     if total.get("due"):
         log.info("usage pushed to Stripe: %s", total)
+    metrics.record_stripe_push(total)
     return total
 
 

@@ -35,12 +35,12 @@ from typing import Any
 
 import redis
 
+from hiddenmodel.liveness import WORKER_PREFIX
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-WORKER_PREFIX = "hm:worker:"
 RECEIPT_PREFIX = "hm:receipt:"
 EPOCH_KEY = "hm:liveness:epoch"
 ID_SEPARATOR = "#"

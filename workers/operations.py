@@ -141,38 +141,41 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
 
     params = GhostMannequinParams.model_validate(ex.params)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-    metered = gpu.MeteredInpainter(gpu.inpainter(), ex.meter)
+    batcher = gpu.inpainter()
+    metered = gpu.MeteredInpainter(batcher, ex.meter)
     segmenter = gpu.segmenter()
 
     def on_step(step: int, total: int) -> None:
         ex.progress("inpainting", 0.1 + 0.8 * step / max(1, total))
 
     ex.progress("segmenting", 0.05)
-    try:
-        result = ghost_mannequin(
-            ex.images["image"],
-            inpainter=metered,
-            params=GhostParams(
-                background=params.background,
-                size=params.size,
-                steps=params.steps,
-                strength=params.strength,
-                guidance=params.guidance,
-                seed=seed,
-                shadow=params.shadow,
-                garment_type=params.garment_type,
-                debug_layers=params.debug_layers,
-            ),
-            garment_mask=_mask_array(ex.images.get("mask")),
-            body_mask=_mask_array(ex.images.get("body_mask")),
-            interior=ex.images.get("interior"),
-            progress=on_step,
-            segmenter=segmenter,
-        )
-    except NotAGhostPhoto as exc:
-        raise OperationFailed(exc.code, str(exc)) from exc
-    except ValueError as exc:
-        raise OperationFailed("ghost-not-possible", str(exc)) from exc
+    # Announced to the batcher: a batch waits for this job only while it may still ask.
+    with batcher.job():
+        try:
+            result = ghost_mannequin(
+                ex.images["image"],
+                inpainter=metered,
+                params=GhostParams(
+                    background=params.background,
+                    size=params.size,
+                    steps=params.steps,
+                    strength=params.strength,
+                    guidance=params.guidance,
+                    seed=seed,
+                    shadow=params.shadow,
+                    garment_type=params.garment_type,
+                    debug_layers=params.debug_layers,
+                ),
+                garment_mask=_mask_array(ex.images.get("mask")),
+                body_mask=_mask_array(ex.images.get("body_mask")),
+                interior=ex.images.get("interior"),
+                progress=on_step,
+                segmenter=segmenter,
+            )
+        except NotAGhostPhoto as exc:
+            raise OperationFailed(exc.code, str(exc)) from exc
+        except ValueError as exc:
+            raise OperationFailed("ghost-not-possible", str(exc)) from exc
     ex.progress("compositing", 0.92)
     outputs = [
         OutputImage("output", result.image, params.format, params.quality),

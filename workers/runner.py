@@ -12,12 +12,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from hiddenmodel import storage
+from hiddenmodel import logs, metrics, storage
 from hiddenmodel.db import tenant_session
 from hiddenmodel.images import (
     ImageRejected,
@@ -120,6 +121,14 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
         try:
             data = storage.get_object(meta["key"])
         except Exception as exc:
+            if storage.is_missing(exc):
+                # Stored before the job was committed, so it was deleted since (a development
+                # S3 that keeps nothing across a restart, a bucket emptied by hand): no other
+                # attempt would find it.
+                raise OperationFailed(
+                    "input-missing",
+                    f"The job's input '{name}' is no longer stored; submit the job again.",
+                ) from exc
             raise TransientError(f"reading input {name}: {exc}") from exc
         images[name] = decode_image(data, configured_limits(), validated_sha256=meta.get("sha256"))
     return images
@@ -161,12 +170,23 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     ended: list[lifecycle.Ended] = []
     job = None
     with tenant_session(org_id) as session:
-        current = repository.get_job_sync(session, job_id)
+        found = repository.get_job_to_start_sync(session, job_id)
+        current = found[0] if found else None
         if current is None or current.status != JobStatus.QUEUED.value:
             log.info(
                 "job %s: not started here, it is %s",
                 job_id,
                 current.status if current else "gone",
+            )
+            return None
+        if found and found[1]:
+            # Suspended after the dispatch: back to the outbox, where the dispatcher leaves a
+            # suspended organization's jobs until it is restored. Nothing ran, nothing billed.
+            held = repository.redispatch_sync(session, job_id, None)
+            log.info(
+                "job %s: its organization is suspended, %s",
+                job_id,
+                "back in the outbox" if held else "left as it is",
             )
             return None
         if repository.expire_sync(session, job_id):
@@ -212,12 +232,28 @@ def _finish(
     lifecycle.announce(ended)
     if not ended:
         log.warning("job %s attempt %s lost ownership before finishing", job.id, job.attempts)
+    else:
+        _measure(job, status, metered)
     return bool(ended)
+
+
+def _measure(job: Job, status: JobStatus, metered: lifecycle.Metered | None) -> None:
+    """The finished job in the platform's metrics (hiddenmodel.metrics)."""
+    now = datetime.now(UTC)
+    started = job.started_at or now
+    metrics.record_job_end(
+        job.operation,
+        job.queue,
+        status.value,
+        wait_s=(started - job.created_at).total_seconds(),
+        run_s=(now - started).total_seconds(),
+        gpu_s=metered.gpu_seconds if metered else 0.0,
+    )
 
 
 def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
     """Run a job if this delivery wins it. Returns what happened, for logs and tests."""
-    with org_context(org_id):
+    with org_context(org_id), logs.job_context(job_id):
         try:
             job = _claim(org_id, job_id, worker)
         except (OperationalError, InterfaceError) as exc:

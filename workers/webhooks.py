@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from hiddenmodel import metrics
 from hiddenmodel.tenancy import org_context
 from hiddenmodel.webhooks import delivery
 from workers.celery_app import app
@@ -35,4 +36,5 @@ def deliver(self: Any, org_id: str, delivery_id: str) -> str:
     if outcome.retry_in is not None:
         delivery.send_retry(org, target, outcome.retry_in)
     log.info("webhook delivery %s: %s", delivery_id, outcome.result)
+    metrics.record_webhook_delivery(outcome.result)
     return outcome.result

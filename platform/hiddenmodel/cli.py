@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hiddenmodel import logs
 from hiddenmodel.settings import get_settings
 
 log = logging.getLogger("hiddenmodel")
@@ -25,6 +26,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     uvicorn.run(
         "hiddenmodel.api.app:create_app",
@@ -34,6 +36,8 @@ def _cmd_api(args: argparse.Namespace) -> int:
         workers=args.workers,
         proxy_headers=True,
         log_level=args.log_level,
+        # JSON lines: uvicorn's loggers then go through the root handler (hiddenmodel.logs).
+        log_config=None if get_settings().log_format == "json" else LOGGING_CONFIG,
     )
     return 0
 
@@ -125,6 +129,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
+    if get_settings().log_format == "json":
+        # No start-up banner (a global option, before the sub-command): only log records.
+        argv.insert(0, "--quiet")
     app.worker_main(argv)
     return 0
 
@@ -260,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    get_settings()
+    logs.configure(args.log_level, get_settings().log_format)
     try:
         return int(args.func(args))
     except Exception as exc:

@@ -3,12 +3,19 @@
 Three kinds of session, each from its own factory:
 
 * ``global`` sessions (role ``hm_app``) for tables that belong to no organization (users,
-  mail). RLS tables read as empty from them: no ``app.org_id`` is set.
+  mail). RLS tables read as empty from them: no ``app.org_id`` is set. When a signed-in user
+  is known (:data:`hiddenmodel.tenancy.current_user_id`), each transaction binds
+  ``app.user_id`` to it.
 * ``tenant`` sessions (role ``hm_app``) bound to one organization. Every transaction begins
   with ``set_config('app.org_id', <org>, true)``; a tenant session with no organization raises
   before any SQL is sent.
 * the ``ops`` session (role ``hm_ops``, BYPASSRLS), reachable only through
   :func:`ops_session`, which writes an audit row for each use.
+
+The async sessions serve the API (role ``hm_app``); the sync sessions serve the worker
+processes and log in as ``hm_worker`` (``HM_DATABASE_WORKER_URL``), the one role that may run
+the cross-tenant sweeps. Every engine hides statement parameters from its error messages: a
+failed statement's parameters may hold a password hash or a token hash.
 
 Nobody commits but the owner of the session (the request dependency or the task).
 """
@@ -36,9 +43,10 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
 
 from hiddenmodel.settings import Settings, get_settings
-from hiddenmodel.tenancy import TenantContextMissing, current_org_id
+from hiddenmodel.tenancy import TenantContextMissing, current_org_id, current_user_id
 
 ORG_SETTING = "app.org_id"
+USER_SETTING = "app.user_id"
 
 
 class Base(DeclarativeBase):
@@ -83,8 +91,24 @@ def _bind_org_to_transaction(
     )
 
 
+@event.listens_for(GlobalSession, "after_begin")
+def _bind_user_to_transaction(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    user_id = current_user_id.get()
+    if user_id is None:
+        return
+    connection.exec_driver_sql(
+        "SELECT set_config(%(name)s, %(value)s, true)",
+        {"name": USER_SETTING, "value": str(user_id)},
+    )
+
+
 def _engine_kwargs(settings: Settings) -> dict[str, Any]:
     return {
+        # SQLAlchemy puts a failed statement's parameters into the exception's message, and
+        # messages end up in logs: a parameter may be a password hash or a token hash.
+        "hide_parameters": True,
         "pool_size": settings.database_pool_size,
         "max_overflow": settings.database_max_overflow,
         # Pinged on checkout only after idling (see _ping_idle_connections).
@@ -134,8 +158,9 @@ def async_engine(url: str | None = None) -> AsyncEngine:
 
 
 def sync_engine(url: str | None = None) -> Engine:
+    """An engine for the worker processes: by default it logs in as ``hm_worker``."""
     settings = get_settings()
-    url = url or settings.database_url
+    url = url or settings.database_worker_url
     engine = _sync_engines.get(url)
     if engine is None:
         engine = _sync_engines[url] = create_engine(url, **_engine_kwargs(settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 import redis.exceptions
@@ -166,7 +167,10 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
     database = isinstance(exc, DATABASE_UNAVAILABLE)
     kind = "database-unavailable" if database else "broker-unavailable"
     what = "database" if database else "queue"
-    log.warning("%s: %s", kind, getattr(exc, "orig", None) or exc)
+    if isinstance(exc, sa_exc.StatementError) and exc.statement is not None:
+        log.warning("%s: %s", kind, database_error_summary(exc))
+    else:  # a connection that failed: its message names the server, not a row
+        log.warning("%s: %s", kind, getattr(exc, "orig", None) or exc)
     retry = get_settings().dependency_retry_after_seconds
     return problem_response(
         503,
@@ -177,8 +181,36 @@ async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse
     )
 
 
+def database_error_summary(exc: sa_exc.StatementError) -> str:
+    """What went wrong in a statement, without its parameters or the server's detail.
+
+    A parameter may be a password hash or a token hash, and the server's detail may quote
+    the failing row or key: neither goes to a log. The SQLSTATE, the constraint and the
+    statement's text (placeholders, not values) say enough to find the fault.
+    """
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    facts = {
+        "sqlstate": getattr(orig, "sqlstate", None),
+        "table": getattr(diag, "table_name", None),
+        "column": getattr(diag, "column_name", None),
+        "constraint": getattr(diag, "constraint_name", None),
+    }
+    known = ", ".join(f"{k} {v}" for k, v in facts.items() if v)
+    return f"{type(orig or exc).__name__} ({known}) in statement: {exc.statement}"
+
+
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+    if isinstance(exc, sa_exc.StatementError):
+        # Not log.exception: the exception's text carries the server's detail (a failing
+        # row, a key's values) and its chained driver error says it again.
+        log.error(
+            "unhandled database error: %s\n%s",
+            database_error_summary(exc),
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+    else:
+        log.exception("unhandled error", exc_info=exc)
     return problem_response(500, "internal-error", "Internal server error")
 
 

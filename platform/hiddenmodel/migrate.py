@@ -10,7 +10,14 @@ from alembic.config import Config
 from sqlalchemy import create_engine, make_url, pool, text
 from sqlalchemy.engine import URL
 
-from hiddenmodel.migration_helpers import APP_ROLE, LOOKUP_ROLE, OPS_ROLE, OWNER_ROLE
+from hiddenmodel.migration_helpers import (
+    APP_ROLE,
+    AUTH_ROLE,
+    LOOKUP_ROLE,
+    OPS_ROLE,
+    OWNER_ROLE,
+    WORKER_ROLE,
+)
 from hiddenmodel.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,8 @@ ROLE_ATTRIBUTES = {
     APP_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB",
     OPS_ROLE: "LOGIN NOSUPERUSER BYPASSRLS NOCREATEROLE NOCREATEDB",
     LOOKUP_ROLE: "NOLOGIN NOSUPERUSER BYPASSRLS NOCREATEROLE NOCREATEDB",
+    WORKER_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB",
+    AUTH_ROLE: "LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB",
 }
 
 
@@ -36,6 +45,8 @@ def _role_urls(settings: Settings) -> dict[str, URL]:
         OWNER_ROLE: make_url(settings.database_owner_url),
         APP_ROLE: make_url(settings.database_url),
         OPS_ROLE: make_url(settings.database_ops_url),
+        WORKER_ROLE: make_url(settings.database_worker_url),
+        AUTH_ROLE: make_url(settings.database_auth_url),
     }
     for role, url in urls.items():
         if url.username != role:
@@ -67,11 +78,14 @@ def bootstrap(settings: Settings | None = None) -> None:
             if password:
                 conn.execute(text(f'ALTER ROLE "{role}" PASSWORD ' + _literal(str(password))))
         conn.execute(text(f'GRANT "{LOOKUP_ROLE}" TO "{OWNER_ROLE}"'))
+        # The workers act on tenant tables exactly as the app does (row-level security
+        # included); what they may do beyond it is granted to hm_worker alone.
+        conn.execute(text(f'GRANT "{APP_ROLE}" TO "{WORKER_ROLE}"'))
         if not conn.execute(
             text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
         ).scalar():
             conn.execute(text(f'CREATE DATABASE "{database}" OWNER "{OWNER_ROLE}"'))
-        for role in (APP_ROLE, OPS_ROLE):
+        for role in (APP_ROLE, OPS_ROLE, WORKER_ROLE, AUTH_ROLE):
             conn.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"'))
     admin.dispose()
 

@@ -10,6 +10,11 @@ APP_ROLE = "hm_app"
 OPS_ROLE = "hm_ops"
 OWNER_ROLE = "hm_owner"
 LOOKUP_ROLE = "hm_lookup"
+# The worker processes: a member of hm_app (the same rights on tables) that alone may run
+# the cross-tenant sweeps (dispatch, reconcile, retention, webhook and usage scans).
+WORKER_ROLE = "hm_worker"
+# Sign-in's password check: may read a user's id and password hash, nothing else.
+AUTH_ROLE = "hm_auth"
 
 
 def enable_tenant_rls(table: str, column: str = "organization_id") -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
 
 # Development only: production refuses to start with it (see hiddenmodel.api.app).
 DEV_SECRET_KEY = "hm-dev-secret-key-change-me-in-production-0123456789"  # noqa: S105
@@ -19,10 +20,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HM_", env_file=None, extra="ignore")
 
     environment: str = "development"
+    # "json": one JSON object per log line with the request, organization and job ids
+    # (hiddenmodel.logs), for a log pipeline; "text": the human format.
+    log_format: Literal["text", "json"] = "text"
 
     # Databases: the app role (RLS applies), the schema owner (migrations), the ops role
     # (cross-tenant, audited) and an admin that may create roles and databases (bootstrap only).
     database_url: str = "postgresql+psycopg://hm_app:hm_app@127.0.0.1:5432/hiddenmodel"
+    # The worker processes' role (the app's rights and the cross-tenant sweeps) and the role
+    # that reads password hashes for sign-in only. Unset: ``database_url`` with the role's
+    # name in place of ``hm_app`` (same password, host and database).
+    database_worker_url: str = ""
+    database_auth_url: str = ""
     database_owner_url: str = "postgresql+psycopg://hm_owner:hm_owner@127.0.0.1:5432/hiddenmodel"
     database_ops_url: str = "postgresql+psycopg://hm_ops:hm_ops@127.0.0.1:5432/hiddenmodel"
     database_admin_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -165,7 +174,16 @@ class Settings(BaseSettings):
     def _development_defaults(self) -> Settings:
         if "webhook_allow_private_urls" not in self.model_fields_set:
             self.webhook_allow_private_urls = self.environment == "development"
+        if not self.database_worker_url:
+            self.database_worker_url = _as_role(self.database_url, "hm_worker")
+        if not self.database_auth_url:
+            self.database_auth_url = _as_role(self.database_url, "hm_auth")
         return self
+
+
+def _as_role(url: str, role: str) -> str:
+    """``url`` logging in as ``role`` instead (its password kept)."""
+    return make_url(url).set(username=role).render_as_string(hide_password=False)
 
 
 @lru_cache

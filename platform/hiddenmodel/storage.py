@@ -82,16 +82,23 @@ def iter_object(key: str, chunk_size: int = 256 * 1024) -> Iterator[bytes]:
         body.close()
 
 
+def is_missing(exc: BaseException) -> bool:
+    """Whether S3 answered that the object (or its bucket) does not exist."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
 def object_exists(key: str) -> bool:
     """Whether ``key`` is stored: an output can outlive its object (a development S3 that
     kept nothing across a restart, a bucket emptied by hand)."""
-    from botocore.exceptions import ClientError
-
     try:
         s3_client().head_object(Bucket=get_settings().s3_bucket, Key=key)
-    except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+    except Exception as exc:
+        if is_missing(exc):
             return False
         raise
     return True

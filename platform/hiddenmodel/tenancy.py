@@ -8,6 +8,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 current_org_id: ContextVar[uuid.UUID | None] = ContextVar("hm_current_org_id", default=None)
+# The signed-in user a request acts for, set once its session token is verified; global
+# sessions bind it to each transaction (``app.user_id``) for the functions that answer only
+# for that user (``hm_user_organizations``).
+current_user_id: ContextVar[uuid.UUID | None] = ContextVar("hm_current_user_id", default=None)
 
 
 class TenantContextMissing(RuntimeError):

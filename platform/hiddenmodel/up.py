@@ -74,6 +74,8 @@ DATABASE_ENV = (
     "HM_DATABASE_URL",
     "HM_DATABASE_OWNER_URL",
     "HM_DATABASE_OPS_URL",
+    "HM_DATABASE_WORKER_URL",
+    "HM_DATABASE_AUTH_URL",
     "HM_DATABASE_ADMIN_URL",
 )
 S3_ENV = "HM_S3_ENDPOINT_URL"
@@ -612,6 +614,9 @@ def _use_database(children: Children, data_dir: Path, embedded: bool) -> str:
         ("HM_DATABASE_OPS_URL", "hm_ops"),
     ):
         os.environ[var] = f"postgresql+psycopg://{role}:{role}@/hiddenmodel?{query}"
+    # Derived from HM_DATABASE_URL (hm_worker, hm_auth with its password): the embedded server.
+    for var in ("HM_DATABASE_WORKER_URL", "HM_DATABASE_AUTH_URL"):
+        os.environ.pop(var, None)
     return f"PostgreSQL: embedded (pgserver), data in {data_dir / 'postgres'}, socket in {sockets}"
 
 

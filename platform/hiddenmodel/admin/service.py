@@ -6,6 +6,7 @@ Every function takes the ops session its caller opened (and audited); none commi
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hiddenmodel import liveness
 from hiddenmodel.admin import repository
 from hiddenmodel.admin.auth import Operator
 from hiddenmodel.admin.schemas import (
@@ -283,10 +285,45 @@ async def set_suspended(
     return (await _org_reads(session, [org], today))[0]
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker process as operators see it: its liveness key and the jobs it ran."""
+
+    id: str
+    alive: bool
+    host: str | None = None
+    pid: int | None = None
+    started: datetime | None = None
+    running: int = 0
+    last_heartbeat: datetime | None = None
+
+
 async def queues_and_workers(
     session: AsyncSession, now: datetime, window: timedelta
-) -> tuple[list[Any], list[Any]]:
-    """Queue depth per queue and organization, and the workers heard from within ``window``."""
+) -> tuple[list[Any], list[WorkerView]]:
+    """Queue depth per queue and organization; the worker processes announced in Redis now,
+    with the jobs each runs, and those whose jobs beat within ``window`` but that announce
+    themselves no more (gone: the reconciler hands their jobs back)."""
     queued = list(await repository.queued_jobs(session))
-    workers = list(await repository.worker_heartbeats(session, now - window))
+    by_jobs = {row.worker: row for row in await repository.worker_heartbeats(session, now - window)}
+    workers = []
+    for live in await liveness.live_workers():
+        row = by_jobs.pop(live.id, None)
+        workers.append(
+            WorkerView(
+                id=live.id,
+                alive=True,
+                host=live.host,
+                pid=live.pid,
+                started=live.started,
+                running=int(row.running) if row else 0,
+                last_heartbeat=row.last_heartbeat if row else None,
+            )
+        )
+    workers.extend(
+        WorkerView(
+            id=row.worker, alive=False, running=int(row.running), last_heartbeat=row.last_heartbeat
+        )
+        for row in by_jobs.values()
+    )
     return queued, workers

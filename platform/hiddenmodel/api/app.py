@@ -22,7 +22,7 @@ from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
 from hiddenmodel.inputguard import InputGuardMiddleware
 from hiddenmodel.jobs.router import router as jobs_router
-from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint
+from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint, register_queue_metrics
 from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
@@ -55,6 +55,9 @@ def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
         if path == "/v1/jobs":
             return 3 * max_upload_bytes + UPLOAD_OVERHEAD
         if path.startswith("/v1/batches/") and path.endswith("/items"):
+            return get_settings().batch_max_upload_bytes + UPLOAD_OVERHEAD
+        if path.startswith("/portal/orgs/") and path.endswith("/batches"):
+            # The portal's batch form: the same upload as the API's, with its form fields.
             return get_settings().batch_max_upload_bytes + UPLOAD_OVERHEAD
         return JSON_BODY_LIMIT
 
@@ -124,6 +127,7 @@ def create_app() -> FastAPI:
     if enforce_for_key not in API_KEY_HOOKS:
         API_KEY_HOOKS.append(enforce_for_key)
     app.include_router(health.router)
+    register_queue_metrics()
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_docs(app)
     install_portal(app)

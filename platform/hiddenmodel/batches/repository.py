@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,11 @@ async def list_batches(
         cursor=cursor,
         limit=limit,
     )
+
+
+async def delete_batch(session: AsyncSession, batch_id: uuid.UUID) -> None:
+    """The batch and (by cascade) its items."""
+    await session.execute(delete(Batch).where(Batch.id == batch_id))
 
 
 async def item_names(session: AsyncSession, batch_id: uuid.UUID) -> set[str]:

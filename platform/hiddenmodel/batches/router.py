@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import IO, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, Response, UploadFile, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from hiddenmodel.batches import archive, intake, repository, service
+from hiddenmodel.batches import repository, service
 from hiddenmodel.batches.schemas import (
     BatchCreate,
     BatchItemRead,
@@ -17,12 +17,9 @@ from hiddenmodel.batches.schemas import (
     BatchRead,
     ItemsAdded,
 )
-from hiddenmodel.batches.zipintake import ArchiveRefused, ZipLimits, ZipSource
-from hiddenmodel.errors import Problem
-from hiddenmodel.jobs.schemas import JobError, Price
-from hiddenmodel.jobs.service import error_status
+from hiddenmodel.batches.zipintake import ArchiveRefused
+from hiddenmodel.jobs.schemas import Price
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
-from hiddenmodel.settings import get_settings
 from tenants.auth import JOBS_READ, JOBS_WRITE, KeyOrgScopeDep
 
 router = APIRouter(prefix="/v1", tags=["batches"])
@@ -88,37 +85,12 @@ async def add_items(
     """Add items from many files or one ZIP. A hostile or malformed upload is refused whole
     (4xx naming the entry) with nothing stored; a damaged photo is kept as a rejected item."""
     scope.require(JOBS_WRITE)
-    settings = get_settings()
-    source: intake.Source
     try:
-        if archive_file is not None and not files and manifest is None:
-            source = ZipSource(
-                archive_file.file,
-                ZipLimits(
-                    max_entries=settings.zip_max_entries,
-                    max_total_bytes=settings.zip_max_total_bytes,
-                    max_member_bytes=settings.max_upload_bytes,
-                    max_ratio=settings.zip_max_ratio,
-                ),
-            )
-        elif files and archive_file is None:
-            named: list[tuple[str, IO[bytes]]] = []
-            for upload in files:
-                if not upload.filename:
-                    raise ArchiveRefused(
-                        "archive-unsafe-name", "Every file needs a file name.", entry=None
-                    )
-                named.append((upload.filename, upload.file))
-            source = intake.FilesSource(
-                named, manifest.file if manifest else None, settings.max_upload_bytes
-            )
-        else:
-            raise Problem(
-                "Send either `files` (with an optional `manifest`) or one `archive`.",
-                status=422,
-                kind="batch-upload-invalid",
-                title="Invalid upload",
-            )
+        source = service.upload_source(
+            [(upload.filename or "", upload.file) for upload in files or []],
+            archive_file.file if archive_file is not None else None,
+            manifest.file if manifest is not None else None,
+        )
     except ArchiveRefused as exc:
         raise service.refused(exc) from exc
     added = await service.add_items(scope, batch_id, source)
@@ -139,39 +111,8 @@ async def list_items(
 ) -> Page[BatchItemRead]:
     """Items in upload order, each with its job's status, progress, error and report."""
     scope.require(JOBS_READ)
-    await service.get(scope, batch_id)
     offset = int(cursor or 0)
-    rows = await repository.items_page(scope.session, batch_id, offset=offset, limit=limit + 1)
-    out = []
-    for item, job in rows[:limit]:
-        error: JobError | None = None
-        if item.error_code:
-            state = "rejected"
-            error = JobError(code=item.error_code, message=item.error_message or "", status=422)
-        elif job is None:
-            state = "pending"
-        else:
-            state = job.status
-            if job.error_code:
-                error = JobError(
-                    code=job.error_code,
-                    message=job.error_message or "",
-                    status=error_status(job.error_code),
-                )
-        out.append(
-            BatchItemRead(
-                id=item.id,
-                position=item.position,
-                name=item.name,
-                params=item.params,
-                job_id=job.id if job else None,
-                status=state,
-                progress=job.progress if job else 0.0,
-                error=error,
-                report=job.report if job else None,
-            )
-        )
-    more = len(rows) > limit
+    out, more = await service.item_views(scope, batch_id, offset=offset, limit=limit)
     return Page(items=out, next_cursor=str(offset + limit) if more else None)
 
 
@@ -228,18 +169,12 @@ async def cancel_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
 async def download_archive(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> StreamingResponse:
     """Streamed as it is written: the server never holds the archive."""
     scope.require(JOBS_READ)
-    batch = await service.get(scope, batch_id)
-    rows = await repository.archive_rows(scope.session, batch_id)
-    for row in rows:
-        for output in row.outputs:
-            if not output["key"].startswith(f"orgs/{scope.org_id}/"):
-                raise PermissionError("object does not belong to the organization")
-    stem = _UNSAFE_FILENAME.sub("-", batch.name or "").strip("-") or f"batch-{batch.id}"
+    filename, body = await service.archive_download(scope, batch_id)
     return StreamingResponse(
-        archive.stream(rows),
+        body,
         media_type="application/zip",
         headers={
-            "Content-Disposition": f'attachment; filename="{stem}.zip"',
+            "Content-Disposition": f'attachment; filename="{filename}"',
             "Cache-Control": "no-store",
         },
     )

@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import IO
 
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from hiddenmodel import storage
-from hiddenmodel.batches import completion, intake, repository
+from hiddenmodel.batches import archive, completion, intake, repository
 from hiddenmodel.batches.models import Batch, BatchItem, BatchStatus
-from hiddenmodel.batches.schemas import BatchCounts, BatchCreate, BatchRead, Eta
-from hiddenmodel.batches.zipintake import ArchiveRefused
+from hiddenmodel.batches.schemas import BatchCounts, BatchCreate, BatchItemRead, BatchRead, Eta
+from hiddenmodel.batches.zipintake import ArchiveRefused, ZipLimits, ZipSource
 from hiddenmodel.db import after_commit, commit, rollback
 from hiddenmodel.errors import Conflict, NotFound, Problem
 from hiddenmodel.jobs import events, lifecycle
 from hiddenmodel.jobs import repository as jobs_repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import get_operation
+from hiddenmodel.jobs.schemas import JobError
+from hiddenmodel.jobs.service import error_status
 from hiddenmodel.settings import get_settings
 from hiddenmodel.usage import quotas
 from tenants.auth import OrgScope
@@ -39,6 +44,37 @@ def refused(exc: ArchiveRefused) -> Problem:
         kind=exc.kind,
         title="Upload refused",
         entry=exc.entry,
+    )
+
+
+def upload_source(
+    files: list[tuple[str, IO[bytes]]], archive_file: IO[bytes] | None, manifest: IO[bytes] | None
+) -> intake.Source:
+    """What one upload holds: many files (with an optional manifest) or one ZIP, never both.
+    Raises :class:`ArchiveRefused` or a 422 :class:`Problem` before anything is read."""
+    settings = get_settings()
+    if archive_file is not None and not files and manifest is None:
+        return ZipSource(
+            archive_file,
+            ZipLimits(
+                max_entries=settings.zip_max_entries,
+                max_total_bytes=settings.zip_max_total_bytes,
+                max_member_bytes=settings.max_upload_bytes,
+                max_ratio=settings.zip_max_ratio,
+            ),
+        )
+    if files and archive_file is None:
+        for name, _ in files:
+            if not name:
+                raise ArchiveRefused(
+                    "archive-unsafe-name", "Every file needs a file name.", entry=None
+                )
+        return intake.FilesSource(files, manifest, settings.max_upload_bytes)
+    raise Problem(
+        "Send either `files` (with an optional `manifest`) or one `archive`.",
+        status=422,
+        kind="batch-upload-invalid",
+        title="Invalid upload",
     )
 
 
@@ -167,6 +203,20 @@ async def add_items(scope: OrgScope, batch_id: uuid.UUID, source: intake.Source)
         raise
     rejected = sum(1 for i in taken.items if i.error_code is not None)
     return Added(added=len(taken.items), rejected=rejected)
+
+
+async def create_with_items(scope: OrgScope, data: BatchCreate, source: intake.Source) -> Batch:
+    """A batch and its first upload together, or neither: when the upload is refused the
+    batch is deleted again, so a form posted with a bad file leaves nothing behind."""
+    batch = await create(scope, data)
+    try:
+        await add_items(scope, batch.id, source)
+    except BaseException:
+        await rollback(scope.session)
+        await repository.delete_batch(scope.session, batch.id)
+        await commit(scope.session)
+        raise
+    return await get(scope, batch.id)
 
 
 @dataclass(frozen=True)
@@ -303,6 +353,61 @@ async def cancel(scope: OrgScope, batch_id: uuid.UUID) -> Batch:
     after_commit(scope.session, _flag_and_finish)
     await commit(scope.session)
     return await get(scope, batch_id)
+
+
+async def item_views(
+    scope: OrgScope, batch_id: uuid.UUID, *, offset: int, limit: int
+) -> tuple[list[BatchItemRead], bool]:
+    """Items in upload order, each with its job's status, progress, error and report; and
+    whether more follow."""
+    await get(scope, batch_id)
+    rows = await repository.items_page(scope.session, batch_id, offset=offset, limit=limit + 1)
+    out = []
+    for item, job in rows[:limit]:
+        error: JobError | None = None
+        if item.error_code:
+            state = "rejected"
+            error = JobError(code=item.error_code, message=item.error_message or "", status=422)
+        elif job is None:
+            state = "pending"
+        else:
+            state = job.status
+            if job.error_code:
+                error = JobError(
+                    code=job.error_code,
+                    message=job.error_message or "",
+                    status=error_status(job.error_code),
+                )
+        out.append(
+            BatchItemRead(
+                id=item.id,
+                position=item.position,
+                name=item.name,
+                params=item.params,
+                job_id=job.id if job else None,
+                status=state,
+                progress=job.progress if job else 0.0,
+                error=error,
+                report=job.report if job else None,
+            )
+        )
+    return out, len(rows) > limit
+
+
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+async def archive_download(scope: OrgScope, batch_id: uuid.UUID) -> tuple[str, Iterator[bytes]]:
+    """The archive's file name and its bytes as they are written (the server never holds
+    the archive); every output is checked to be the organization's before anything is sent."""
+    batch = await get(scope, batch_id)
+    rows = await repository.archive_rows(scope.session, batch_id)
+    for row in rows:
+        for output in row.outputs:
+            if not output["key"].startswith(f"orgs/{scope.org_id}/"):
+                raise PermissionError("object does not belong to the organization")
+    stem = _UNSAFE_FILENAME.sub("-", batch.name or "").strip("-") or f"batch-{batch.id}"
+    return f"{stem}.zip", archive.stream(rows)
 
 
 async def view(scope: OrgScope, batch: Batch) -> BatchRead:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from hiddenmodel.jobs.models import Job, JobOutbox, JobStatus
 from hiddenmodel.pagination import paginate
+from tenants.models import Organization
 
 QUEUED = JobStatus.QUEUED.value
 RUNNING = JobStatus.RUNNING.value
@@ -200,6 +201,17 @@ def get_job_sync(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
+def get_job_to_start_sync(session: Session, job_id: uuid.UUID) -> tuple[Job, bool] | None:
+    """The job and whether its organization is suspended, in one round trip."""
+    row = session.execute(
+        select(Job, Organization.suspended_at.is_not(None))
+        .join(Organization, Organization.id == Job.organization_id)
+        .where(Job.id == job_id)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    return None if row is None else (row[0], bool(row[1]))
+
+
 def heartbeat_sync(
     session: Session,
     job_id: uuid.UUID,
@@ -290,14 +302,17 @@ def requeue_running_sync(
     return True
 
 
-def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int) -> bool:
-    """A queued job whose message was lost is put back in the outbox."""
+def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int | None) -> bool:
+    """A dispatched job that has not started goes back in the outbox: its message was lost
+    (``dispatch_count`` names the dispatch that was lost), or its worker must not run it now
+    (``None``: whatever dispatch delivered it)."""
+    same_dispatch = () if dispatch_count is None else (Job.dispatch_count == dispatch_count,)
     row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
             Job.status == QUEUED,
-            Job.dispatch_count == dispatch_count,
+            *same_dispatch,
             # Not dispatched: already waiting in the outbox.
             Job.dispatched_at.is_not(None),
         )

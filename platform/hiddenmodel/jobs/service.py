@@ -78,6 +78,7 @@ class Quote:
 _ERROR_STATUS = {
     "internal-error": 500,
     "operation-unavailable": 503,
+    "input-missing": 410,
     "canceled": 409,
     "expired": 408,
 }
