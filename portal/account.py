@@ -14,7 +14,7 @@ from hiddenmodel import authguard
 from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, rollback
 from hiddenmodel.errors import Gone, NotFound, Problem
-from hiddenmodel.security import keyed_hash
+from hiddenmodel.security import keyed_hashes
 from portal.security import (
     PREFIX,
     checked_form,
@@ -244,7 +244,7 @@ async def _invitation_for(user: User, token: str) -> dict[str, str] | None:
     except Problem:
         return None
     async with async_tenant_session(org_id) as session:
-        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hash(token))
+        invitation = await tenants_repository.get_invitation_by_hash(session, keyed_hashes(token))
         org = await tenants_repository.get_organization(session, org_id)
         found = (
             None

@@ -22,7 +22,7 @@ from hiddenmodel.db import (
     rollback,
 )
 from hiddenmodel.errors import Forbidden, NotFound, Problem, Unauthorized
-from hiddenmodel.security import InvalidToken, keyed_hash, parse_token
+from hiddenmodel.security import InvalidToken, keyed_hashes, parse_token
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import current_org_id, current_user_id
 from tenants import repository
@@ -237,7 +237,11 @@ async def authenticate_api_key(
     """Find a live key, and its organization, as the first statement of ``session``'s
     transaction, which binds it to ``org_id`` (the organization the token names)."""
     bind_org_with_first_statement(session)
-    found = await repository.get_api_key_with_org(session, org_id, keyed_hash(token))
+    found = None
+    for key_hash in keyed_hashes(token):  # a second try only while a key rotation is under way
+        found = await repository.get_api_key_with_org(session, org_id, key_hash)
+        if found is not None:
+            break
     if found is None:
         raise Unauthorized("Unknown API key.", kind="invalid-api-key")
     key, org = found

@@ -99,11 +99,18 @@ async def get_invitation(session: AsyncSession, invitation_id: uuid.UUID) -> Inv
     return await session.get(Invitation, invitation_id)
 
 
-async def get_invitation_by_hash(session: AsyncSession, token_hash: str) -> Invitation | None:
+async def get_invitation_by_hash(
+    session: AsyncSession, token_hashes: Sequence[str]
+) -> Invitation | None:
+    """The invitation whose token hashes to one of ``token_hashes`` (one per server key)."""
     # The app role may not read token_hash: a definer function names the invitation.
-    invitation_id = await session.scalar(
-        text("SELECT out_invitation FROM hm_invitation_by_token(:h)"), {"h": token_hash}
-    )
+    invitation_id = None
+    for token_hash in token_hashes:
+        invitation_id = await session.scalar(
+            text("SELECT out_invitation FROM hm_invitation_by_token(:h)"), {"h": token_hash}
+        )
+        if invitation_id is not None:
+            break
     if invitation_id is None:
         return None
     return (

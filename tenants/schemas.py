@@ -9,6 +9,7 @@ from typing import Literal
 from fastapi_users import schemas as fu_schemas
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
 
+from hiddenmodel.inputs import Name, RequestModel, Slug
 from tenants.models import Role, Scope
 
 SLUG_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])$"
@@ -18,15 +19,15 @@ class UserRead(fu_schemas.BaseUser[uuid.UUID]):
     name: str | None = None
 
 
-class UserCreate(fu_schemas.BaseUserCreate):
-    name: str | None = Field(default=None, max_length=200)
+class UserCreate(RequestModel, fu_schemas.BaseUserCreate):
+    name: Name | None = Field(default=None, max_length=200)
 
 
-class UserUpdate(fu_schemas.BaseUserUpdate):
-    name: str | None = Field(default=None, max_length=200)
+class UserUpdate(RequestModel, fu_schemas.BaseUserUpdate):
+    name: Name | None = Field(default=None, max_length=200)
 
 
-class AccountUpdate(BaseModel):
+class AccountUpdate(RequestModel):
     """A change of the caller's own account. A new ``email`` or ``password`` needs
     ``current_password``; the e-mail address changes once the link mailed to it is used."""
 
@@ -37,7 +38,7 @@ class AccountUpdate(BaseModel):
         },
     )
 
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = Field(default=None, max_length=200)
     email: EmailStr | None = Field(
         default=None, description="Takes effect when the link mailed to it is used."
     )
@@ -53,7 +54,7 @@ class AccountUpdate(BaseModel):
         return value
 
 
-class EmailChangeConfirm(BaseModel):
+class EmailChangeConfirm(RequestModel):
     token: str = Field(min_length=1, max_length=200)
 
 
@@ -67,17 +68,21 @@ class SignInLockRead(BaseModel):
     locked_until: datetime
 
 
-class OrganizationCreate(BaseModel):
+class OrganizationCreate(RequestModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"slug": "acme-studio", "name": "Acme Studio"}]}
     )
 
-    slug: str = Field(pattern=SLUG_PATTERN, description="Lowercase letters, digits and dashes.")
-    name: str = Field(min_length=1, max_length=200)
+    slug: Slug = Field(
+        pattern=SLUG_PATTERN,
+        description="Lowercase letters, digits and dashes; a few names of the platform's own "
+        "pages (`admin`, `api`, `portal`, `www`, ...) are reserved.",
+    )
+    name: Name = Field(min_length=1, max_length=200)
 
 
-class OrganizationUpdate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+class OrganizationUpdate(RequestModel):
+    name: Name = Field(min_length=1, max_length=200)
 
 
 class OrganizationRead(BaseModel):
@@ -108,11 +113,11 @@ class MembershipRead(BaseModel):
     created_at: datetime
 
 
-class MembershipUpdate(BaseModel):
+class MembershipUpdate(RequestModel):
     role: Role
 
 
-class InvitationCreate(BaseModel):
+class InvitationCreate(RequestModel):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"email": "ana@example.com", "role": "member"}]}
     )
@@ -138,18 +143,18 @@ class InvitationCreated(InvitationRead):
     token: str = Field(description="Shown once; also sent to the invitee by e-mail.")
 
 
-class InvitationAccept(BaseModel):
+class InvitationAccept(RequestModel):
     token: str = Field(min_length=1, max_length=200)
 
 
-class ApiKeyCreate(BaseModel):
+class ApiKeyCreate(RequestModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"name": "catalog sync", "scopes": ["jobs:write", "jobs:read"]}]
         }
     )
 
-    name: str = Field(min_length=1, max_length=100)
+    name: Name = Field(min_length=1, max_length=100)
     scopes: list[Scope] = Field(min_length=1)
     expires_at: datetime | None = None
 

@@ -18,6 +18,7 @@ from hiddenmodel.security import (
     display_prefix,
     generate_token,
     keyed_hash,
+    keyed_hashes,
     parse_token,
 )
 from hiddenmodel.settings import get_settings
@@ -337,7 +338,7 @@ async def accept_invitation(session: AsyncSession, user: User, token: str) -> Me
 
     ``session`` is bound to the organization named in the token.
     """
-    invitation = await repository.get_invitation_by_hash(session, keyed_hash(token))
+    invitation = await repository.get_invitation_by_hash(session, keyed_hashes(token))
     if invitation is None:
         raise NotFound("No such invitation.", kind="invitation-not-found")
     if invitation.email.lower() != user.email.lower():

@@ -39,7 +39,7 @@ from hiddenmodel import authguard, ratelimit
 from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_engine, async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
-from hiddenmodel.security import keyed_hash
+from hiddenmodel.security import keyed_hash, keyed_hashes
 from hiddenmodel.settings import get_settings
 from tenants.lockouts import record_account_lock
 from tenants.models import AccessToken, User
@@ -358,12 +358,16 @@ class HashedAccessTokenDatabase:
     async def get_by_token(
         self, token: str, max_age: datetime | None = None
     ) -> IssuedAccessToken | None:
-        row = (
-            await self.session.execute(
-                text("SELECT out_user, out_created FROM hm_access_token_user(:h, :not_before)"),
-                {"h": keyed_hash(token), "not_before": max_age},
-            )
-        ).one_or_none()
+        row = None
+        for token_hash in keyed_hashes(token):  # the old key's hash while a rotation is on
+            row = (
+                await self.session.execute(
+                    text("SELECT out_user, out_created FROM hm_access_token_user(:h, :not_before)"),
+                    {"h": token_hash, "not_before": max_age},
+                )
+            ).one_or_none()
+            if row is not None:
+                break
         if row is None:
             return None
         return IssuedAccessToken(token=token, user_id=row.out_user, created_at=row.out_created)
@@ -385,9 +389,8 @@ class HashedAccessTokenDatabase:
         return access_token
 
     async def delete(self, access_token: IssuedAccessToken) -> None:
-        await self.session.execute(
-            text("SELECT hm_access_token_delete(:h)"), {"h": keyed_hash(access_token.token)}
-        )
+        for token_hash in keyed_hashes(access_token.token):
+            await self.session.execute(text("SELECT hm_access_token_delete(:h)"), {"h": token_hash})
 
 
 def get_access_token_db(session: GlobalSessionDep) -> HashedAccessTokenDatabase:

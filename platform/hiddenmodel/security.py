@@ -39,10 +39,29 @@ class ParsedToken:
     token: str
 
 
+def server_keys() -> list[str]:
+    """The server secrets that verify, the signing one first: ``HM_SECRET_KEY``, then
+    ``HM_SECRET_KEY_PREVIOUS`` while a rotation is under way (docs/SECURITY.md)."""
+    settings = get_settings()
+    keys = [settings.secret_key.get_secret_value()]
+    if settings.secret_key_previous is not None:
+        keys.append(settings.secret_key_previous.get_secret_value())
+    return keys
+
+
+def _hmac(key: str, value: str) -> str:
+    return hmac.new(key.encode(), value.encode(), hashlib.sha256).hexdigest()
+
+
 def keyed_hash(value: str) -> str:
     """HMAC-SHA256 under the server secret: a stolen table yields no usable tokens."""
-    key = get_settings().secret_key.get_secret_value().encode()
-    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+    return _hmac(server_keys()[0], value)
+
+
+def keyed_hashes(value: str) -> list[str]:
+    """``value``'s hash under each key that verifies, for lookups: a token stored before a
+    rotation is still found."""
+    return [_hmac(key, value) for key in server_keys()]
 
 
 def _base62(number: int, width: int) -> str:

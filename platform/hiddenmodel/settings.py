@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # A GPU worker that has not loaded its models within this exits instead of reporting ready.
     gpu_model_load_timeout_seconds: float = Field(default=600.0, gt=0)
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    # The key in use before the last rotation: still accepted to verify what it signed
+    # (token hashes, sealed webhook secrets, portal CSRF tokens); never used to sign.
+    secret_key_previous: SecretStr | None = None
     data_dir: Path = Path("var")
 
     stripe_api_key: SecretStr | None = None

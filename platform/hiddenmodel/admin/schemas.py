@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from hiddenmodel.inputs import RequestModel, check_name
 from hiddenmodel.retention.schemas import RetentionDays
 from hiddenmodel.usage.quantities import GpuSeconds, LimitValues, OptionalGpuSeconds
 from hiddenmodel.usage.reports import UsageTotals
@@ -26,7 +27,7 @@ INT64_MAX = 2**63 - 1
 PLAN_CODE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 Code = Annotated[str, Field(pattern=PLAN_CODE_PATTERN, description="Lowercase, digits, - and _")]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(check_name)]
 StripePriceId = Annotated[str, Field(pattern=r"^price_[A-Za-z0-9_]{1,249}$")]
 Price = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=6, allow_inf_nan=False)]
 Currency = Annotated[
@@ -50,7 +51,7 @@ REQUIRED_PLAN_FIELDS = (
 )
 
 
-class PlanLimits(BaseModel):
+class PlanLimits(RequestModel):
     """The limits a plan sets and an organization may override; null means unlimited.
 
     Its fields are exactly ``hiddenmodel.usage.quotas.ORG_LIMITS``.
@@ -164,7 +165,7 @@ class PlanRead(BaseModel):
 LimitValue = StrictInt | StrictFloat | None
 
 
-class OrgPlanSet(BaseModel):
+class OrgPlanSet(RequestModel):
     """An organization's plan and its overrides, replacing earlier ones."""
 
     model_config = ConfigDict(

@@ -21,12 +21,14 @@ from hiddenmodel.bodylimit import BodySizeLimitMiddleware
 from hiddenmodel.clientip import ClientAddressMiddleware
 from hiddenmodel.db import dispose_engines
 from hiddenmodel.errors import PROBLEM_RESPONSE_SCHEMA, install_error_handlers
+from hiddenmodel.inputguard import InputGuardMiddleware
 from hiddenmodel.jobs.router import router as jobs_router
 from hiddenmodel.metrics import MetricsMiddleware, metrics_endpoint, register_queue_metrics
 from hiddenmodel.ratelimit import RateLimitHeadersMiddleware
 from hiddenmodel.redis import close_redis
 from hiddenmodel.requestid import RequestIdMiddleware
 from hiddenmodel.retention.router import router as retention_router
+from hiddenmodel.securityheaders import SecurityHeadersMiddleware
 from hiddenmodel.settings import get_settings
 from hiddenmodel.usage.ratelimits import enforce_for_key
 from hiddenmodel.usage.reports_router import router as usage_reports_router
@@ -156,9 +158,13 @@ def create_app() -> FastAPI:
     install_portal(app)
     install_openapi_security(app)
 
+    # Innermost: reads a form body only once the size limit has let it through.
+    app.add_middleware(InputGuardMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, limit_for=_body_limit(settings.max_upload_bytes))
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(ClientAddressMiddleware)
+    # Outermost: every answer gets the headers, refusals of the middlewares above included.
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

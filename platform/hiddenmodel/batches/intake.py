@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
@@ -34,6 +33,7 @@ from hiddenmodel.batches.zipintake import (
 from hiddenmodel.errors import Problem
 from hiddenmodel.images import ImageInfo, ImageRejected, configured_limits, content_type
 from hiddenmodel.images import inspect_image as inspect
+from hiddenmodel.inputs import JsonRefused, parse_json
 from hiddenmodel.jobs.operations import Operation
 
 ROLES = ("image", "mask", "body_mask", "interior")
@@ -170,9 +170,9 @@ def plan(source: Source, op: Operation) -> list[Planned]:
         params: dict[str, Any] = {}
         if cells.get("params"):
             try:
-                params = json.loads(cells["params"])
-            except json.JSONDecodeError as exc:
-                raise _manifest_problem("'params' is not valid JSON.", row) from exc
+                params = parse_json(cells["params"])
+            except JsonRefused as exc:
+                raise _manifest_problem(f"'params' is refused: {exc}.", row) from exc
             if not isinstance(params, dict):
                 raise _manifest_problem("'params' must be a JSON object.", row)
         items.append(Planned(name=files["image"], files=files, params=params, row=row))
@@ -262,7 +262,7 @@ def take(
                     taken.error_code = exc.kind
                     taken.error_message = f"{member}: {exc.detail}"
             if taken.error_code is None:
-                _check_sizes(taken, item, infos)
+                _check_sizes(taken, item, infos, op)
             if taken.error_code is not None:
                 continue
             estimate = op.estimate(model, infos["image"].width, infos["image"].height)
@@ -295,8 +295,15 @@ def take(
     return Taken(items=items, keys=keys)
 
 
-def _check_sizes(taken: TakenItem, item: Planned, infos: dict[str, ImageInfo]) -> None:
+def _check_sizes(
+    taken: TakenItem, item: Planned, infos: dict[str, ImageInfo], op: Operation
+) -> None:
     image = infos["image"]
+    too_small = op.check_input_size(image.width, image.height)
+    if too_small:
+        taken.error_code = "image-too-small"
+        taken.error_message = f"{item.files['image']}: {too_small}"
+        return
     for role in ("mask", "body_mask"):
         mask = infos.get(role)
         if mask is not None and (mask.width, mask.height) != (image.width, image.height):

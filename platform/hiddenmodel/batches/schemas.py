@@ -9,17 +9,18 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from hiddenmodel.batches.models import BatchStatus
+from hiddenmodel.inputs import Name, RequestModel
 from hiddenmodel.jobs.schemas import JobError, Price
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(RequestModel):
     operation: str = Field(max_length=64, examples=["resize"])
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="Params for every item (see GET /v1/operations); a manifest row's own "
         "params are laid over them.",
     )
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = Field(default=None, max_length=200)
     webhook_tag: str | None = Field(
         default=None, max_length=200, description="Echoed in the batch.completed event."
     )

@@ -7,8 +7,10 @@ from datetime import date, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hiddenmodel.inputs import RequestModel
 
-class CheckoutCreate(BaseModel):
+
+class CheckoutCreate(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"plan": "pro"}]})
 
     plan: str = Field(min_length=1, max_length=64, description="Code of the plan to subscribe to.")

@@ -8,8 +8,8 @@ create one customer.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
@@ -31,6 +31,7 @@ from hiddenmodel.billing.schemas import (
 )
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, ops_session, rollback
 from hiddenmodel.errors import Problem
+from hiddenmodel.inputs import JsonRefused, parse_json
 from hiddenmodel.settings import get_settings
 from hiddenmodel.usage.models import OrgBilling, Plan
 from tenants.auth import OrgScope, Permission
@@ -49,6 +50,11 @@ SUBSCRIPTION_EVENTS = (
 INVOICE_EVENTS = ("invoice.paid", "invoice.payment_failed")
 # Statuses of a subscription that still bills; an older one ending must not undo a newer one.
 LIVE_SUBSCRIPTION = frozenset({"active", "trialing", "past_due", "unpaid", "incomplete"})
+# Stripe's ids and event types are short ASCII words; its events nest a dozen levels at most.
+STRIPE_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
+STRIPE_EVENT_TYPE = re.compile(r"[a-z0-9_.]{1,255}")
+STRIPE_EVENT_MAX_BYTES = 1024 * 1024
+STRIPE_EVENT_MAX_DEPTH = 32
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -194,22 +200,43 @@ def _verified_event(payload: bytes, signature: str | None) -> dict[str, Any]:
     if secret is None:
         raise gateway.StripeNotConfigured("Stripe webhooks are not configured on this server.")
     try:
-        stripe.Webhook.construct_event(payload, signature or "", secret.get_secret_value())
-        event = json.loads(payload)
+        stripe.WebhookSignature.verify_header(
+            payload.decode("utf-8"),
+            signature or "",
+            secret.get_secret_value(),
+            stripe.Webhook.DEFAULT_TOLERANCE,
+        )
     except (ValueError, stripe.SignatureVerificationError) as exc:
         raise InvalidStripeSignature(
             "The Stripe-Signature header does not verify this body."
         ) from exc
+    # Signed by Stripe, yet parsed with limits: the body is stored as jsonb (no NUL), and a
+    # document nested beyond any real event would overflow the parser's stack.
+    try:
+        event = parse_json(
+            payload, max_bytes=STRIPE_EVENT_MAX_BYTES, max_depth=STRIPE_EVENT_MAX_DEPTH
+        )
+    except JsonRefused as exc:
+        raise _malformed(str(exc)) from exc
     if not (
         isinstance(event, dict)
         and isinstance(event.get("id"), str)
+        and STRIPE_ID.fullmatch(event["id"])
         and isinstance(event.get("type"), str)
-        and isinstance(event.get("created"), int)
+        and STRIPE_EVENT_TYPE.fullmatch(event["type"])
+        and type(event.get("created")) is int
         and isinstance(event.get("data"), dict)
         and isinstance(event["data"].get("object"), dict)
     ):
-        raise Problem("The event is not shaped like a Stripe event.", kind="malformed-stripe-event")
+        raise _malformed("not shaped like a Stripe event")
+    customer = event["data"]["object"].get("customer")
+    if isinstance(customer, str) and not STRIPE_ID.fullmatch(customer):
+        raise _malformed("the customer id is not a Stripe id")
     return event
+
+
+def _malformed(why: str) -> Problem:
+    return Problem(f"The event is refused: {why}.", kind="malformed-stripe-event")
 
 
 def _customer_of(event: dict[str, Any]) -> str | None:

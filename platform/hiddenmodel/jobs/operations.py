@@ -130,6 +130,18 @@ class Operation:
     extra_inputs: tuple[str, ...] = ()
     # Params that make a valid example (documentation and the cost shown per operation).
     example: dict[str, Any] = field(default_factory=dict)
+    # The shortest side, in pixels, of an ``image`` the operation can work on: checked at
+    # submit, so a photo it cannot use is refused before anything is stored or charged.
+    min_input_side: int = 8
+
+    def check_input_size(self, width: int, height: int) -> str | None:
+        """Why an image of this size cannot be used, or None."""
+        if min(width, height) < self.min_input_side:
+            return (
+                f"Operation '{self.name}' needs an image of at least {self.min_input_side} px "
+                f"on each side; this one is {width}x{height}."
+            )
+        return None
 
     def validate_params(self, raw: dict[str, Any]) -> BaseModel:
         try:
@@ -153,6 +165,7 @@ class Operation:
             "summary": self.summary,
             "queue": self.queue,
             "inputs": ["image", *self.extra_inputs],
+            "min_input_side": self.min_input_side,
             "params_schema": self.params_model.model_json_schema(),
             "example_params": self.example,
             "cost_estimate_1024px": self.estimate(
@@ -221,5 +234,7 @@ register(
         estimate=_ghost_estimate,
         extra_inputs=("mask", "body_mask", "interior"),
         example={"background": "white", "size": 1024, "steps": 30, "seed": 7},
+        # Below this the garment is a handful of pixels: nothing to segment or reconstruct.
+        min_input_side=32,
     )
 )

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from hiddenmodel import storage
 from hiddenmodel.db import async_tenant_session
 from hiddenmodel.errors import Gone, NotFound, Problem
+from hiddenmodel.inputs import FormText, JsonRefused, parse_json
 from hiddenmodel.jobs import events, repository, service
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import all_operations
@@ -42,13 +43,14 @@ async def list_operations() -> list[OperationRead]:
 
 def _parse_params(raw: str) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        value = parse_json(raw)
+    except JsonRefused as exc:
         raise Problem(
-            "`params` must be a JSON object.",
+            f"`params` must be a JSON object: {exc}.",
             status=422,
             kind="invalid-params",
             title="Invalid params",
+            errors=[{"loc": ["body", "params"], "msg": str(exc), "type": "json_refused"}],
         ) from exc
     if not isinstance(value, dict):
         raise Problem(
@@ -127,8 +129,8 @@ async def submit_job(
     scope: KeyOrgScopeDep,
     response: Response,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WEBP")],
-    operation: Annotated[str, Form(examples=["remove_background"])],
-    params: Annotated[str, Form(description="JSON object; see GET /v1/operations")] = "{}",
+    operation: Annotated[FormText, Form(examples=["remove_background"])],
+    params: Annotated[FormText, Form(description="JSON object; see GET /v1/operations")] = "{}",
     mask: Annotated[UploadFile | None, File(description="Optional mask, image-sized")] = None,
     body_mask: Annotated[
         UploadFile | None, File(description="Optional mannequin or person mask, image-sized")
@@ -137,7 +139,9 @@ async def submit_job(
     cancel_after: Annotated[
         int | None, Form(ge=1, le=7 * 86400, description="Expire if not started within N s")
     ] = None,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+    idempotency_key: Annotated[
+        FormText | None, Header(alias="Idempotency-Key", max_length=255)
+    ] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N ≤ 60)")] = None,
     dry_run: Annotated[
         bool, Form(description="Quote only: validate and price, create nothing")

@@ -87,6 +87,9 @@ class OperationRead(BaseModel):
     summary: str
     queue: str
     inputs: list[str]
+    min_input_side: int = Field(
+        description="Images with a shorter side than this (px) are refused at submit"
+    )
     params_schema: dict[str, Any]
     example_params: dict[str, Any]
     cost_estimate_1024px: dict[str, Any]

@@ -128,6 +128,16 @@ def _validate_uploads(op: Operation, uploads: list[Upload]) -> dict[str, ImageIn
     if "image" not in infos:
         raise Problem("The 'image' file is required.", status=422, kind="missing-image")
     image = infos["image"]
+    too_small = op.check_input_size(image.width, image.height)
+    if too_small:
+        raise Problem(
+            too_small,
+            status=422,
+            kind="image-too-small",
+            title="Image too small",
+            input="image",
+            min_input_side=op.min_input_side,
+        )
     for name in ("mask", "body_mask"):
         mask = infos.get(name)
         if mask is not None and (mask.width, mask.height) != (image.width, image.height):

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from hiddenmodel.inputs import RequestModel
+
 # A century: long enough for anything, short enough that date arithmetic never overflows.
 RetentionDays = Annotated[StrictInt, Field(ge=1, le=36500)]
 
@@ -23,7 +25,7 @@ class RetentionRead(BaseModel):
     )
 
 
-class RetentionSet(BaseModel):
+class RetentionSet(RequestModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"days": 14}]})
 
     days: RetentionDays | None = Field(

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hiddenmodel.inputs import RequestModel
 from hiddenmodel.usage import quantities
 
 
@@ -45,7 +46,7 @@ class LimitsRead(BaseModel):
     limits: list[LimitRead]
 
 
-class SubLimits(BaseModel):
+class SubLimits(RequestModel):
     """Limits a tenant admin sets for one member or one API key (null or absent: none)."""
 
     model_config = ConfigDict(

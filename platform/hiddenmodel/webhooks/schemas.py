@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hiddenmodel.inputs import RequestModel
 from hiddenmodel.webhooks.models import DeliveryStatus, EventType
 from hiddenmodel.webhooks.urls import MAX_URL_LENGTH
 
@@ -19,7 +20,7 @@ def _unique_sorted(values: list[EventType] | None) -> list[EventType] | None:
     return None if values is None else sorted(set(values))
 
 
-class WebhookEndpointCreate(BaseModel):
+class WebhookEndpointCreate(RequestModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -43,7 +44,7 @@ class WebhookEndpointCreate(BaseModel):
     _event_types = field_validator("event_types")(_unique_sorted)
 
 
-class WebhookEndpointUpdate(BaseModel):
+class WebhookEndpointUpdate(RequestModel):
     """Only the fields sent change."""
 
     model_config = ConfigDict(extra="forbid")

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from hiddenmodel.security import server_keys
 from hiddenmodel.settings import get_settings
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
@@ -129,6 +130,11 @@ def _aead() -> AESGCM:
     return AESGCM(_sealing_key(get_settings().secret_key.get_secret_value()))
 
 
+def _opening_aeads() -> list[AESGCM]:
+    """One per server key that verifies: a secret sealed before a key rotation still opens."""
+    return [AESGCM(_sealing_key(key)) for key in server_keys()]
+
+
 def _associated_data(org_id: uuid.UUID, endpoint_id: uuid.UUID) -> bytes:
     return b"webhook-endpoint:" + org_id.bytes + endpoint_id.bytes
 
@@ -143,8 +149,10 @@ def decrypt_secret(blob: bytes, *, org_id: uuid.UUID, endpoint_id: uuid.UUID) ->
     if blob[:1] != _SEAL_VERSION:
         raise SecretUnreadable("unknown secret sealing version")
     nonce, sealed = blob[1 : 1 + _NONCE_BYTES], blob[1 + _NONCE_BYTES :]
-    try:
-        plain = _aead().decrypt(nonce, sealed, _associated_data(org_id, endpoint_id))
-    except InvalidTag as exc:
-        raise SecretUnreadable("the secret does not decrypt with this server key") from exc
-    return plain.decode()
+    for aead in _opening_aeads():
+        try:
+            plain = aead.decrypt(nonce, sealed, _associated_data(org_id, endpoint_id))
+        except InvalidTag:
+            continue
+        return plain.decode()
+    raise SecretUnreadable("the secret does not decrypt with this server key")
