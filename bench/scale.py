@@ -20,7 +20,8 @@ reconciler's own functions, it measures p50/p99 latency and the server CPU per r
 API process plus the database backends serving it, read from /proc) of:
 
 submit (``POST /v1/jobs``, a small PNG, big and small organization); ``GET /v1/jobs`` first
-page, a page filtered by status and operation, a page 10,000 rows deep by cursor;
+page, a page filtered by status and operation, a page of queued jobs 10,000 rows deep by
+cursor;
 ``GET /v1/jobs/{id}`` (queued and finished jobs); the usage report by day and its CSV for last
 month, and last month's statement (big and small organization); one dispatcher claim
 (``hm_claim_dispatch``, rolled back so every repetition sees the same queue; how many
@@ -443,7 +444,7 @@ def measure_phase(
     out["list_first_page"] = measure("list, first page", get("/v1/jobs", big), n, cpu)
     out["list_filtered"] = measure(
         "list, filtered",
-        get("/v1/jobs", big, status="succeeded", operation="remove_background"),
+        get("/v1/jobs", big, status="queued", operation="resize"),
         n,
         cpu,
     )
@@ -451,7 +452,7 @@ def measure_phase(
     cursor = None
     depth = 0
     while depth < args.depth:
-        params: dict[str, Any] = {"limit": 200}
+        params: dict[str, Any] = {"limit": 200, "status": "queued"}
         if cursor:
             params["cursor"] = cursor
         page = client.get("/v1/jobs", params=params, headers=big.headers).json()
@@ -459,7 +460,8 @@ def measure_phase(
         if not page.get("next_cursor"):
             break
         cursor = page["next_cursor"]
-    deep: dict[str, Any] = {"cursor": cursor} if cursor else {}
+    # Queued jobs, like the first page: the same rows (no outputs to sign) at any depth.
+    deep: dict[str, Any] = {"status": "queued", **({"cursor": cursor} if cursor else {})}
     out["list_deep_page"] = measure(
         f"list, page {depth} rows deep", get("/v1/jobs", big, **deep), n, cpu
     )
@@ -537,7 +539,8 @@ def measure_phase(
     from workers import dispatcher
 
     h.superuser_sql(env, "UPDATE jobs SET heartbeat_at = now() WHERE status = 'running'")
-    app_engine = create_engine(settings.database_url, poolclass=pool.NullPool)
+    # Pooled: the backend stays, so its CPU time is counted.
+    app_engine = create_engine(settings.database_url, pool_size=1)
 
     def candidates(i: int) -> None:
         with Session(app_engine) as session:
@@ -593,6 +596,89 @@ def measure_phase(
     return out
 
 
+# The SQL that migration 0018 replaced, beside what replaced it, on the same data: the
+# superuser runs both (no RLS), each in a transaction that is rolled back.
+V2_CLAIM = Path(__file__).resolve().parents[1] / "migrations/sql/hm_claim_dispatch/v2.sql"
+BEFORE_AFTER = {
+    "submit_queue_counts": (
+        "SELECT count(*) FILTER (WHERE j.created_at < now()), count(*), "
+        "count(*) FILTER (WHERE j.user_id = :user), count(*) FILTER (WHERE j.api_key_id = :key) "
+        "FROM jobs j WHERE j.organization_id = :org AND j.status = 'queued'",
+        "SELECT coalesce(max(c.queued) FILTER (WHERE c.subject_type = 'org'), 0), "
+        "coalesce(max(c.queued) FILTER (WHERE c.subject_type = 'api_key'), 0) "
+        "FROM job_counts c WHERE c.organization_id = :org AND ((c.subject_type = 'org' "
+        "AND c.subject_id = :org) OR (c.subject_type = 'member' AND c.subject_id = :user) "
+        "OR (c.subject_type = 'api_key' AND c.subject_id = :key))",
+    ),
+    "month_by_day": (
+        "SELECT (created_at AT TIME ZONE 'UTC')::date, count(*), sum(gpu_seconds::numeric), "
+        "sum(images), sum(megapixels::numeric) FROM usage_events WHERE organization_id = :org "
+        "AND created_at >= :start AND created_at < :end GROUP BY 1 ORDER BY 1",
+        "SELECT day, sum(jobs), sum(gpu_seconds), sum(images), sum(megapixels) FROM usage_daily "
+        "WHERE organization_id = :org AND day >= :start AND day < :end GROUP BY 1 ORDER BY 1",
+    ),
+    "month_by_member": (
+        "SELECT user_id, count(*), sum(gpu_seconds::numeric), sum(images), "
+        "sum(megapixels::numeric) FROM usage_events WHERE organization_id = :org "
+        "AND created_at >= :start AND created_at < :end GROUP BY 1",
+        "SELECT user_id, sum(jobs), sum(gpu_seconds), sum(images), sum(megapixels) "
+        "FROM usage_daily WHERE organization_id = :org AND day >= :start AND day < :end "
+        "GROUP BY 1",
+    ),
+    "dispatcher_claim": (
+        "SELECT * FROM pg_temp.hm_claim_dispatch(4, 200)",
+        "SELECT * FROM public.hm_claim_dispatch(4, 200)",
+    ),
+}
+
+
+def before_after(env: h.BenchEnv, big: h.Tenant, reps: int) -> dict[str, Any]:
+    from sqlalchemy import create_engine, pool, text
+
+    start, end = last_month(datetime.now(UTC).date())
+    engine = create_engine(env.superuser_db_url, poolclass=pool.NullPool)
+    out: dict[str, Any] = {}
+    with engine.connect() as conn:
+        key = conn.execute(
+            text("SELECT id FROM api_keys WHERE organization_id = :o AND name = 'bulk'"),
+            {"o": big.org_id},
+        ).scalar()
+        user = conn.execute(
+            text("SELECT user_id FROM memberships WHERE organization_id = :o LIMIT 1"),
+            {"o": big.org_id},
+        ).scalar()
+        params = {
+            "org": big.org_id,
+            "key": key,
+            "user": user,
+            "start": start,
+            "end": end + timedelta(days=1),
+        }
+        # Version 2 of the claim, as a temporary function beside version 3.
+        conn.exec_driver_sql(
+            V2_CLAIM.read_text().replace("public.hm_claim_dispatch(", "pg_temp.hm_claim_dispatch("),
+            execution_options={"no_parameters": True},
+        )
+        conn.commit()
+        for name, pair in BEFORE_AFTER.items():
+            row: dict[str, Any] = {}
+            for label, sql in zip(("before", "after"), pair, strict=True):
+                times: list[float] = []
+                for i in range(reps + 1):
+                    tx = conn.begin()
+                    t0 = time.perf_counter()
+                    conn.execute(text(sql), params).all()
+                    elapsed = 1000 * (time.perf_counter() - t0)
+                    tx.rollback()
+                    if i:  # the first is a warm-up
+                        times.append(elapsed)
+                row[f"{label}_p50_ms"] = round(statistics.median(times), 2)
+            log(f"  before/after {name}: {row}")
+            out[name] = row
+    engine.dispose()
+    return out
+
+
 def run_phase(env: h.BenchEnv, jobs: int, args: argparse.Namespace) -> dict[str, Any]:
     phase: dict[str, Any] = {"jobs": jobs}
     t0 = time.perf_counter()
@@ -615,6 +701,7 @@ def run_phase(env: h.BenchEnv, jobs: int, args: argparse.Namespace) -> dict[str,
         for name, tenant in (("big", big), ("small", small))
     }
     log(f"phase with {jobs} jobs ready in {time.perf_counter() - t0:.0f} s: {phase['size']}")
+    phase["sql_before_after"] = before_after(env, big, args.sweeps)
     stack.start_api()
     try:
         phase["results"] = measure_phase(stack, big, small, args)

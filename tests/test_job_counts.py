@@ -276,3 +276,57 @@ def test_roll_ups_follow_events_written_and_deleted() -> None:
         )
         == 0
     )
+
+
+async def test_a_claim_takes_each_organizations_first_jobs_within_its_room(
+    client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    """hm_claim_dispatch reads organizations from their counters and each one's outbox from
+    the front: every organization with queued jobs is served, each gets its oldest jobs, no
+    more than its cap less what it has in flight, and a tight limit goes round the
+    organizations first. Claims run in rolled-back transactions."""
+    from sqlalchemy import create_engine, pool, text
+
+    from tests.conftest import superuser_url
+
+    orgs = [await keyed_org(client) for _ in range(3)]
+    admitted: dict[str, list[str]] = {}
+    for n, (org, headers) in zip((6, 2, 1), orgs, strict=True):
+        admitted[org.id] = [(await submit(client, headers)).json()["id"] for _ in range(n)]
+    first = orgs[0][0].id
+    engine = create_engine(superuser_url(), poolclass=pool.NullPool)
+
+    def claim(cap: int, limit: int, in_flight: int = 0) -> dict[str, list[str]]:
+        with engine.connect() as conn, conn.begin() as tx:
+            conn.execute(
+                text("DELETE FROM job_outbox WHERE organization_id <> ALL(CAST(:o AS uuid[]))"),
+                {"o": list(admitted)},
+            )
+            for job in admitted[first][:in_flight]:  # dispatched, not started
+                conn.execute(text("DELETE FROM job_outbox WHERE job_id = :j"), {"j": job})
+                conn.execute(
+                    text("UPDATE jobs SET dispatched_at = now() WHERE id = :j"), {"j": job}
+                )
+            rows = conn.execute(
+                text("SELECT out_org, out_job FROM hm_claim_dispatch(:cap, :limit)"),
+                {"cap": cap, "limit": limit},
+            ).all()
+            tx.rollback()
+        got: dict[str, set[str]] = {}
+        for row in rows:
+            got.setdefault(str(row.out_org), set()).add(str(row.out_job))
+        # In admission order, so a prefix check says "the oldest ones".
+        return {o: [j for j in admitted[o] if j in jobs] for o, jobs in got.items()}
+
+    try:
+        assert claim(3, 100) == {
+            first: admitted[first][:3],
+            orgs[1][0].id: admitted[orgs[1][0].id],
+            orgs[2][0].id: admitted[orgs[2][0].id],
+        }
+        assert claim(3, 100, in_flight=2)[first] == admitted[first][2:3]
+        tight = claim(3, 3)
+        assert {o: len(j) for o, j in tight.items()} == {o: 1 for o in admitted}
+        assert all(jobs == admitted[o][:1] for o, jobs in tight.items())
+    finally:
+        engine.dispose()

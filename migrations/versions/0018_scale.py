@@ -14,6 +14,11 @@
   ``user_id`` set to null by a user's deletion is a foreign-key action, not a tenant
   session, and must still be counted. Each touches only the rows of the job's or event's
   own organization.
+* ``hm_claim_dispatch`` v3: the organizations with queued jobs come from their counter rows,
+  each one's first outbox rows by admission from ``ix_job_outbox_org_created`` (an outbox row
+  now carries its job's admission time, also when recovery puts the job back), and what it has
+  in flight from ``ix_jobs_org_inflight`` (dispatched, unfinished jobs only): a wake no longer
+  ranks every queued job. Same order, same caps, same fairness as v2.
 * Both tables are filled from what exists (the owner reads past RLS for the length of this
   migration's transaction).
 
@@ -41,6 +46,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 LIVE = "('queued', 'running')"
+RECOUNTED = ("jobs", "usage_events", "job_counts", "usage_daily", "job_outbox")
 
 
 def _org() -> sa.Column[object]:
@@ -99,7 +105,7 @@ def upgrade() -> None:
 
     # What exists now, counted once, before the triggers keep it (the migration holds the
     # tables' locks, so nothing moves in between).
-    for table in ("jobs", "usage_events", "job_counts", "usage_daily"):
+    for table in RECOUNTED:
         op.execute(f"ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY")
     op.execute("LOCK TABLE jobs, usage_events IN SHARE MODE")
     for kind, column in (
@@ -128,7 +134,12 @@ def upgrade() -> None:
         GROUP BY 1, 2, 3, 4, 5
         """
     )
-    for table in ("jobs", "usage_events", "job_counts", "usage_daily"):
+    # Outbox rows carry their job's admission time (a re-queued job's row too, from now on).
+    op.execute(
+        "UPDATE job_outbox o SET created_at = j.created_at FROM jobs j "
+        "WHERE j.id = o.job_id AND o.created_at <> j.created_at"
+    )
+    for table in RECOUNTED:
         op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
 
     op.execute(
@@ -155,8 +166,24 @@ def upgrade() -> None:
 
     create_function("hm_submit_job", 2)
 
+    # The dispatcher reads each organization's first outbox rows by admission, and counts
+    # only what is in flight: a wake costs the same with 100 or 100,000 jobs queued.
+    op.create_index(
+        "ix_job_outbox_org_created", "job_outbox", ["organization_id", "created_at", "id"]
+    )
+    op.create_index(
+        "ix_jobs_org_inflight",
+        "jobs",
+        ["organization_id"],
+        postgresql_where=sa.text("status IN ('queued', 'running') AND dispatched_at IS NOT NULL"),
+    )
+    create_function("hm_claim_dispatch", 3)
+
 
 def downgrade() -> None:
+    create_function("hm_claim_dispatch", 2)
+    op.drop_index("ix_jobs_org_inflight", table_name="jobs")
+    op.drop_index("ix_job_outbox_org_created", table_name="job_outbox")
     create_function("hm_submit_job", 1)
     for trigger, table in (
         ("trg_jobs_count_insert", "jobs"),

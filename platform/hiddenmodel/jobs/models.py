@@ -96,6 +96,8 @@ class JobOutbox(Base):
         UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
     )
     queue: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The job's admission time (its ``created_at``), also when recovery puts it back: the
+    # dispatcher releases each organization's jobs in this order.
     created_at: Mapped[datetime] = created_at_column()
 
 

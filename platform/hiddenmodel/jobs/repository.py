@@ -302,13 +302,16 @@ def requeue_running_sync(
             worker=None,
             dispatched_at=func.now() if redeliver else None,
         )
-        .returning(Job.organization_id, Job.queue)
+        .returning(Job.organization_id, Job.queue, Job.created_at)
     ).one_or_none()
     if row is None:
         return False
     if not redeliver:
+        # The outbox row carries the job's admission time: it keeps its place in the queue.
         session.execute(
-            insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1])
+            insert(JobOutbox).values(
+                organization_id=row[0], job_id=job_id, queue=row[1], created_at=row[2]
+            )
         )
     return True
 
@@ -325,11 +328,15 @@ def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int) ->
             Job.dispatched_at.is_not(None),
         )
         .values(dispatched_at=None)
-        .returning(Job.organization_id, Job.queue)
+        .returning(Job.organization_id, Job.queue, Job.created_at)
     ).one_or_none()
     if row is None:
         return False
-    session.execute(insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1]))
+    session.execute(
+        insert(JobOutbox).values(
+            organization_id=row[0], job_id=job_id, queue=row[1], created_at=row[2]
+        )
+    )
     return True
 
 
