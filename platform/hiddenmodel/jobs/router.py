@@ -107,7 +107,7 @@ async def _wait_terminal(org_id: uuid.UUID, job_id: uuid.UUID, seconds: float) -
         return job
     finally:
         await pubsub.unsubscribe()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 @router.post(
@@ -302,7 +302,7 @@ async def _event_stream(scope: OrgScope, job_id: uuid.UUID) -> AsyncIterator[byt
                 yield b": keepalive\n\n"
     finally:
         await pubsub.unsubscribe()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 @router.get(
