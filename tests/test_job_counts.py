@@ -330,3 +330,28 @@ async def test_a_claim_takes_each_organizations_first_jobs_within_its_room(
         assert all(jobs == admitted[o][:1] for o, jobs in tight.items())
     finally:
         engine.dispose()
+
+
+async def test_queue_positions_of_a_page_and_of_one_job_agree(
+    client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    """A listing computes its page's queue positions in one query from the counters; they
+    are the jobs admitted before each, and what ``GET /v1/jobs/{id}`` says."""
+    _, headers = await keyed_org(client)
+    ids = [(await submit(client, headers)).json()["id"] for _ in range(4)]
+    r = await client.post(f"/v1/jobs/{ids[1]}/cancel", headers=headers)
+    assert r.status_code == 200, r.text
+    expected = {ids[0]: 0, ids[2]: 1, ids[3]: 2}
+    page = (await client.get("/v1/jobs", headers=headers)).json()["items"]
+    assert {j["id"]: j["queue_position"] for j in page} == {**expected, ids[1]: None}
+    deep = (await client.get("/v1/jobs", params={"limit": 2}, headers=headers)).json()
+    second = await client.get(
+        "/v1/jobs", params={"limit": 2, "cursor": deep["next_cursor"]}, headers=headers
+    )
+    assert [(j["id"], j["queue_position"]) for j in second.json()["items"]] == [
+        (ids[1], None),
+        (ids[0], 0),
+    ]
+    for job_id, position in expected.items():
+        one = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        assert one["queue_position"] == position
