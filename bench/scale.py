@@ -632,23 +632,6 @@ BEFORE_AFTER = {
 }
 
 
-def _sql_body(name: str, version: int, **literals: str) -> str:
-    """The body of a SQL-language function's file, its parameters replaced by literals."""
-    text = (SQL_DIR / name / f"v{version}.sql").read_text()
-    body = text.split("AS $function$", 1)[1].rsplit("$function$", 1)[0]
-    for param, value in literals.items():
-        body = body.replace(param, value)
-    return body
-
-
-SQL_DIR = Path(__file__).resolve().parents[1] / "migrations" / "sql"
-_RECONCILE = {"p_lease_seconds": "60", "p_grace_seconds": "10", "p_min_hard_limit_seconds": "600"}
-BEFORE_AFTER["reconcile_candidates"] = (
-    _sql_body("hm_jobs_to_reconcile", 1, **_RECONCILE),
-    _sql_body("hm_jobs_to_reconcile", 2, **_RECONCILE),
-)
-
-
 def before_after(env: h.BenchEnv, big: h.Tenant, reps: int) -> dict[str, Any]:
     from sqlalchemy import create_engine, pool, text
 

@@ -19,8 +19,6 @@
   now carries its job's admission time, also when recovery puts the job back), and what it has
   in flight from ``ix_jobs_org_inflight`` (dispatched, unfinished jobs only): a wake no longer
   ranks every queued job. Same order, same caps, same fairness as v2.
-* ``hm_jobs_to_reconcile`` v2: the reconciler's candidates from three partial indexes (in
-  flight, running, queued with a deadline) instead of a pass over every queued job.
 * Both tables are filled from what exists (the owner reads past RLS for the length of this
   migration's transaction).
 
@@ -181,26 +179,8 @@ def upgrade() -> None:
     )
     create_function("hm_claim_dispatch", 3)
 
-    # The reconciler's three sets, each in its own small partial index.
-    op.create_index(
-        "ix_jobs_org_running",
-        "jobs",
-        ["organization_id"],
-        postgresql_where=sa.text("status = 'running'"),
-    )
-    op.create_index(
-        "ix_jobs_org_deadline",
-        "jobs",
-        ["organization_id", "cancel_after"],
-        postgresql_where=sa.text("status = 'queued' AND cancel_after IS NOT NULL"),
-    )
-    create_function("hm_jobs_to_reconcile", 2)
-
 
 def downgrade() -> None:
-    create_function("hm_jobs_to_reconcile", 1)
-    op.drop_index("ix_jobs_org_deadline", table_name="jobs")
-    op.drop_index("ix_jobs_org_running", table_name="jobs")
     create_function("hm_claim_dispatch", 2)
     op.drop_index("ix_jobs_org_inflight", table_name="jobs")
     op.drop_index("ix_job_outbox_org_created", table_name="job_outbox")
