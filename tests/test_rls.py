@@ -182,6 +182,22 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "images": 1,
         "megapixels": 1.0,
     },
+    "usage_daily": lambda org, user: {
+        "organization_id": org,
+        "day": date(2026, 11, 1),
+        "operation": "rls-roll-up",
+        "jobs": 1,
+        "gpu_seconds": 1,
+        "images": 1,
+        "megapixels": 1,
+    },
+    "job_counts": lambda org, user: {
+        "organization_id": org,
+        "subject_type": "member",
+        "subject_id": uuid.uuid4(),
+        "queued": 0,
+        "running": 0,
+    },
     "billing_reconciliations": lambda org, user: {
         "id": uuid.uuid4(),
         "organization_id": org,

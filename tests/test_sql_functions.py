@@ -84,13 +84,25 @@ def test_plpgsql_functions_pass_plpgsql_check() -> None:
             .all()
         )
         assert functions, "no PL/pgSQL functions found"
+        # A trigger function is checked against the table its trigger is on.
+        trigger_tables: dict[str, str] = {
+            f: table
+            for f, table in conn.execute(
+                text(
+                    "SELECT DISTINCT ON (t.tgfoid) t.tgfoid::regprocedure::text, "
+                    "t.tgrelid::regclass::text FROM pg_trigger t "
+                    "JOIN pg_proc p ON p.oid = t.tgfoid WHERE p.proname LIKE 'hm\\_%'"
+                )
+            ).tuples()
+        }
         found = {
             f: conn.execute(
                 text(
                     "SELECT level, message, lineno FROM plpgsql_check_function_tb("
-                    "CAST(:f AS regprocedure), extra_warnings => true)"
+                    "CAST(:f AS regprocedure), coalesce(CAST(:rel AS regclass), 0), "
+                    "extra_warnings => true)"
                 ),
-                {"f": f},
+                {"f": f, "rel": trigger_tables.get(f)},
             ).all()
             for f in functions
         }

@@ -96,4 +96,23 @@ class JobOutbox(Base):
         UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
     )
     queue: Mapped[str] = mapped_column(String(16), nullable=False)
+    # The job's admission time (its ``created_at``), also when recovery puts it back: the
+    # dispatcher releases each organization's jobs in this order.
     created_at: Mapped[datetime] = created_at_column()
+
+
+class JobCount(Base):
+    """Queued and running jobs of an organization, a member or an API key.
+
+    Kept by a trigger on ``jobs`` (migration 0018) in the transaction that inserts a job or
+    changes its status, so admission reads a queue's length in constant time."""
+
+    __tablename__ = "job_counts"
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    subject_type: Mapped[str] = mapped_column(String(16), primary_key=True)
+    subject_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    running: Mapped[int] = mapped_column(Integer, nullable=False, default=0)

@@ -6,6 +6,7 @@ reconciler, which run on plain threads.
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from hiddenmodel.jobs.models import Job, JobOutbox, JobStatus
+from hiddenmodel.jobs.models import Job, JobCount, JobOutbox, JobStatus
 from hiddenmodel.pagination import paginate
 from tenants.models import Organization
 
@@ -39,13 +40,35 @@ async def clear_idempotency_key(session: AsyncSession, job_id: uuid.UUID) -> Non
     await session.execute(update(Job).where(Job.id == job_id).values(idempotency_key=None))
 
 
-async def queue_position(session: AsyncSession, job: Job) -> int:
-    ahead = await session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.status == QUEUED, Job.created_at < job.created_at)
+async def queue_positions(session: AsyncSession, jobs: Sequence[Job]) -> dict[uuid.UUID, int]:
+    """How many of the organization's queued jobs were admitted before each queued job of
+    ``jobs`` (a page of a listing, or one job).
+
+    One statement, so one snapshot: the organization's queued total from its counter row,
+    how many queued jobs were admitted since the oldest of ``jobs``, and the admission times
+    of those between the oldest and the newest. The cost follows the page and how far down
+    the queue it is, never the organization's whole history, and a page costs one query, not
+    one per job.
+    """
+    queued = [j for j in jobs if j.status == QUEUED]
+    if not queued:
+        return {}
+    oldest = min(j.created_at for j in queued)
+    newest = max(j.created_at for j in queued)
+    live = select(Job.created_at).where(Job.status == QUEUED, Job.created_at >= oldest)
+    total = (
+        select(JobCount.queued)
+        .where(JobCount.subject_type == "org", JobCount.subject_id == JobCount.organization_id)
+        .scalar_subquery()
     )
-    return int(ahead or 0)
+    since = select(func.count()).select_from(live.subquery()).scalar_subquery()
+    between = func.array(
+        live.where(Job.created_at <= newest).order_by(Job.created_at).scalar_subquery()
+    )
+    row = (await session.execute(select(total, since, between))).one()
+    before_oldest = (row[0] or 0) - row[1]
+    times: list[datetime] = list(row[2] or [])
+    return {j.id: max(0, before_oldest + bisect.bisect_left(times, j.created_at)) for j in queued}
 
 
 async def list_jobs(
@@ -291,13 +314,16 @@ def requeue_running_sync(
             worker=None,
             dispatched_at=func.now() if redeliver else None,
         )
-        .returning(Job.organization_id, Job.queue)
+        .returning(Job.organization_id, Job.queue, Job.created_at)
     ).one_or_none()
     if row is None:
         return False
     if not redeliver:
+        # The outbox row carries the job's admission time: it keeps its place in the queue.
         session.execute(
-            insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1])
+            insert(JobOutbox).values(
+                organization_id=row[0], job_id=job_id, queue=row[1], created_at=row[2]
+            )
         )
     return True
 
@@ -317,11 +343,15 @@ def redispatch_sync(session: Session, job_id: uuid.UUID, dispatch_count: int | N
             Job.dispatched_at.is_not(None),
         )
         .values(dispatched_at=None)
-        .returning(Job.organization_id, Job.queue)
+        .returning(Job.organization_id, Job.queue, Job.created_at)
     ).one_or_none()
     if row is None:
         return False
-    session.execute(insert(JobOutbox).values(organization_id=row[0], job_id=job_id, queue=row[1]))
+    session.execute(
+        insert(JobOutbox).values(
+            organization_id=row[0], job_id=job_id, queue=row[1], created_at=row[2]
+        )
+    )
     return True
 
 

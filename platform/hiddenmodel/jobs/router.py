@@ -213,7 +213,12 @@ async def list_jobs(
         cursor=cursor,
         limit=limit,
     )
-    return Page(items=[await service.view(scope, j) for j in rows], next_cursor=next_cursor)
+    # The page's queue positions in one query, not one count per queued job.
+    positions = await repository.queue_positions(scope.session, rows)
+    return Page(
+        items=[await service.view(scope, j, positions.get(j.id)) for j in rows],
+        next_cursor=next_cursor,
+    )
 
 
 @router.post("/jobs/{job_id}/cancel", operation_id="cancelJob", response_model=JobRead)

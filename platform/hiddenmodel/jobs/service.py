@@ -381,7 +381,7 @@ async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> 
         position = (
             queue_position
             if queue_position is not None
-            else await repository.queue_position(scope.session, job)
+            else (await repository.queue_positions(scope.session, [job])).get(job.id, 0)
         )
     ttl = get_settings().presigned_url_ttl_seconds
     expires = datetime.now(UTC) + timedelta(seconds=ttl)

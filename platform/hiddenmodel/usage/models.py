@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Identity,
     Integer,
     Numeric,
     String,
@@ -141,3 +142,24 @@ class UsageEvent(Base):
     stripe_next_attempt_at: Mapped[datetime] = created_at_column()
     stripe_last_error: Mapped[str | None] = mapped_column(Text)
     stripe_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class UsageDaily(Base):
+    """Usage events summed per organization, UTC day, operation, member and API key.
+
+    Kept by a trigger on ``usage_events`` (migration 0018), in the transaction that writes
+    the event; the reports read these rows, never the events. Sums are exact decimals of
+    the events' values."""
+
+    __tablename__ = "usage_daily"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    organization_id: Mapped[uuid.UUID] = org_id_column()
+    day: Mapped[date] = mapped_column(Date, nullable=False)
+    operation: Mapped[str] = mapped_column(String(64), nullable=False)
+    user_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    jobs: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    gpu_seconds: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
+    images: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    megapixels: Mapped[Decimal] = mapped_column(Numeric, nullable=False)

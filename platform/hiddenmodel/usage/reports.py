@@ -1,8 +1,11 @@
 """Usage reports: totals by day, member, API key, operation or organization; statements.
 
-Every number is summed in SQL over ``usage_events``. The session decides what is visible: a
-tenant session (RLS) sees its own organization, the operator's ops session sees them all, so
-the same queries serve tenants and operators.
+Every number is summed in SQL over ``usage_daily``: the usage events rolled up per
+organization, UTC day, operation, member and API key in the transaction that writes each
+event (migration 0018), so a month's report reads at most a few thousand rows whatever the
+number of jobs. The session decides what is visible: a tenant session (RLS) sees its own
+organization, the operator's ops session sees them all, so the same queries serve tenants
+and operators.
 
 Periods are UTC calendar days and include both ends: ``from=2026-01-01&to=2026-01-31`` is
 January. GPU-seconds and megapixels are summed as ``numeric`` so totals are exact decimals of
@@ -22,12 +25,12 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Date, Numeric, Select, cast, func, literal, select
+from sqlalchemy import Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel.errors import Problem
 from hiddenmodel.usage import quotas
-from hiddenmodel.usage.models import UsageEvent
+from hiddenmodel.usage.models import UsageDaily
 from hiddenmodel.usage.quantities import GPU_SECONDS_QUANTUM, GpuSeconds, Megapixels, exact
 from tenants.models import ApiKey, Organization, User
 
@@ -237,24 +240,23 @@ class Sums:
 
 
 def _sums() -> tuple[Any, ...]:
+    # The roll-up's sums are numeric sums of the events' values: exact, in any order.
     return (
-        func.count().label("jobs"),
-        func.coalesce(func.sum(cast(UsageEvent.gpu_seconds, Numeric)), 0).label("gpu_seconds"),
-        func.coalesce(func.sum(UsageEvent.images), 0).label("images"),
-        func.coalesce(func.sum(cast(UsageEvent.megapixels, Numeric)), 0).label("megapixels"),
+        func.coalesce(func.sum(UsageDaily.jobs), 0).label("jobs"),
+        func.coalesce(func.sum(UsageDaily.gpu_seconds), 0).label("gpu_seconds"),
+        func.coalesce(func.sum(UsageDaily.images), 0).label("images"),
+        func.coalesce(func.sum(UsageDaily.megapixels), 0).label("megapixels"),
     )
 
 
 def _in_period(stmt: Select[Any], period: Period) -> Select[Any]:
-    # A range on created_at (not a function of it) keeps ix_usage_events_org_created usable.
-    return stmt.where(
-        UsageEvent.created_at >= period.starts_at, UsageEvent.created_at < period.ends_at
-    )
+    # Periods are whole UTC days, the roll-up's unit: a range of uq_usage_daily_group.
+    return stmt.where(UsageDaily.day >= period.start, UsageDaily.day <= period.end)
 
 
 def _grouped(dimension: Dimension) -> Select[Any]:
     if dimension == "day":
-        day = cast(func.timezone("UTC", UsageEvent.created_at), Date)
+        day = UsageDaily.day
         return (
             select(day.label("key"), literal(None).label("label"), *_sums())
             .group_by(day)
@@ -262,39 +264,39 @@ def _grouped(dimension: Dimension) -> Select[Any]:
         )
     if dimension == "operation":
         return (
-            select(UsageEvent.operation.label("key"), literal(None).label("label"), *_sums())
-            .group_by(UsageEvent.operation)
-            .order_by(*_largest_first(UsageEvent.operation))
+            select(UsageDaily.operation.label("key"), literal(None).label("label"), *_sums())
+            .group_by(UsageDaily.operation)
+            .order_by(*_largest_first(UsageDaily.operation))
         )
     if dimension == "member":
         users = User.__table__.c
         email = users.email
         return (
-            select(UsageEvent.user_id.label("key"), email.label("label"), *_sums())
-            .outerjoin(User, users.id == UsageEvent.user_id)
-            .group_by(UsageEvent.user_id, email)
+            select(UsageDaily.user_id.label("key"), email.label("label"), *_sums())
+            .outerjoin(User, users.id == UsageDaily.user_id)
+            .group_by(UsageDaily.user_id, email)
             .order_by(*_largest_first(email))
         )
     if dimension == "api_key":
         name = ApiKey.name + " (" + ApiKey.prefix + ")"
         return (
-            select(UsageEvent.api_key_id.label("key"), name.label("label"), *_sums())
-            .outerjoin(ApiKey, ApiKey.id == UsageEvent.api_key_id)
-            .group_by(UsageEvent.api_key_id, ApiKey.name, ApiKey.prefix)
+            select(UsageDaily.api_key_id.label("key"), name.label("label"), *_sums())
+            .outerjoin(ApiKey, ApiKey.id == UsageDaily.api_key_id)
+            .group_by(UsageDaily.api_key_id, ApiKey.name, ApiKey.prefix)
             .order_by(*_largest_first(ApiKey.name))
         )
     return (
-        select(UsageEvent.organization_id.label("key"), Organization.slug.label("label"), *_sums())
-        .outerjoin(Organization, Organization.id == UsageEvent.organization_id)
-        .group_by(UsageEvent.organization_id, Organization.slug)
+        select(UsageDaily.organization_id.label("key"), Organization.slug.label("label"), *_sums())
+        .outerjoin(Organization, Organization.id == UsageDaily.organization_id)
+        .group_by(UsageDaily.organization_id, Organization.slug)
         .order_by(*_largest_first(Organization.slug))
     )
 
 
 def _largest_first(tiebreak: Any) -> tuple[Any, ...]:
     return (
-        func.sum(cast(UsageEvent.gpu_seconds, Numeric)).desc(),
-        func.count().desc(),
+        func.sum(UsageDaily.gpu_seconds).desc(),
+        func.sum(UsageDaily.jobs).desc(),
         tiebreak.asc().nulls_last(),
     )
 
@@ -339,9 +341,9 @@ async def usage_sums_by_org(
     if not org_ids:
         return {}
     stmt = (
-        select(UsageEvent.organization_id, *_sums())
-        .where(UsageEvent.organization_id.in_(org_ids))
-        .group_by(UsageEvent.organization_id)
+        select(UsageDaily.organization_id, *_sums())
+        .where(UsageDaily.organization_id.in_(org_ids))
+        .group_by(UsageDaily.organization_id)
     )
     result = await session.execute(_in_period(stmt, period))
     return {row.organization_id: Sums.of(row) for row in result}
