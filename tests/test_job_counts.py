@@ -134,7 +134,13 @@ async def test_counters_equal_a_recount_through_concurrent_submits_cancels_expir
 
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(stop))
+    # No worker while the jobs come in, so those with a one-second deadline surely expire
+    # (on a quick machine the worker would run them first); then it runs the rest.
+    services.stop_workers()
     jobs = await asyncio.gather(*(one(i) for i in range(30)))
+    # Waiting for the clock itself: the deadlines (cancel_after 1 s) pass.
+    await asyncio.sleep(1.2)
+    services.start_worker()
     ended = [await wait_job(client, job["headers"], job["id"], timeout=90) for job in jobs]
     stop.set()
     await watcher
