@@ -362,7 +362,7 @@ def test_a_worker_function_is_refused_to_the_app_role(
         conn.rollback()
 
 
-@pytest.mark.usefixtures("s3")
+@pytest.mark.usefixtures("no_dispatch")
 async def test_dispatch_in_another_organizations_context_claims_nothing(
     client: httpx.AsyncClient, as_app: Engine, as_worker: Engine
 ) -> None:

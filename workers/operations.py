@@ -6,6 +6,7 @@ GPU operations are added where the model runtime lives; nothing here imports tor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import Callable
@@ -137,6 +138,7 @@ def _mask_array(image: Image.Image | None) -> Any:
 def _ghost_mannequin(ex: Execution) -> ExecutionResult:
     # Imported here: only GPU workers load OpenCV and the model runtime.
     from workers import gpu
+    from workers.batching import InpaintBatcher
     from workers.pipelines.ghost.pipeline import GhostParams, NotAGhostPhoto, ghost_mannequin
 
     params = GhostMannequinParams.model_validate(ex.params)
@@ -150,7 +152,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
 
     ex.progress("segmenting", 0.05)
     # Announced to the batcher: a batch waits for this job only while it may still ask.
-    with batcher.job():
+    with batcher.job() if isinstance(batcher, InpaintBatcher) else contextlib.nullcontext():
         try:
             result = ghost_mannequin(
                 ex.images["image"],
