@@ -48,6 +48,14 @@ ADMIN_URL = os.environ.get(
 )
 
 
+# Every child started through spawn(), stopped newest first.
+_RUNNING = Children()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def install_cleanup() -> None:
     """Stop every child started through :func:`spawn` at exit, Ctrl-C or SIGTERM."""
     atexit.register(_RUNNING.stop_all)
@@ -55,14 +63,6 @@ def install_cleanup() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
-
-
-# Every child started through spawn(), stopped newest first.
-_RUNNING = Children()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
