@@ -3,23 +3,21 @@
 ``Stack`` brings up, as child processes of the benchmark: moto's S3 server, the API under
 uvicorn (one worker), the dispatcher and Celery workers, against a database and a Redis
 database number of its own, and provisions one organization with an API key. Every child
-runs in its own process group and is stopped (SIGTERM, then SIGKILL) when the stack stops,
-on normal exit, on Ctrl-C and on SIGTERM.
+runs in its own process group and is stopped (SIGTERM, then SIGKILL to its group) when the
+stack stops, on normal exit, on Ctrl-C and on SIGTERM, through :mod:`hiddenmodel.processes`.
 
 The ``HM_*`` environment must be set before any project module reads its settings, so
-project modules are imported inside the functions here, after :func:`configure_env`.
+project modules are imported inside the functions here, after :func:`configure_env`; only
+:mod:`hiddenmodel.processes`, which reads no settings, is imported at the top.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import io
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -31,6 +29,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from hiddenmodel.processes import (
+    WORKER_READY,
+    Child,
+    Children,
+    free_port,
+    hiddenmodel_argv,
+    wait_for_output,
+    wait_http,
+    wait_port,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO / "var" / "bench-logs"
 PG_HOSTPORT = os.environ.get("BENCH_PG_HOSTPORT", "127.0.0.1:5432")
@@ -39,71 +48,8 @@ ADMIN_URL = os.environ.get(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: Proc | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
-class Proc:
-    """A child process in its own process group, output in var/bench-logs/<name>.log."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.log_path = LOG_DIR / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        if not self._log.closed:
-            self._log.close()
-
-
-_RUNNING: list[Proc] = []
-
-
-def _stop_all() -> None:
-    while _RUNNING:
-        _RUNNING.pop().stop()
+# Every child started through spawn(), stopped newest first.
+_RUNNING = Children()
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -112,27 +58,33 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def install_cleanup() -> None:
     """Stop every child started through :func:`spawn` at exit, Ctrl-C or SIGTERM."""
-    atexit.register(_stop_all)
+    atexit.register(_RUNNING.stop_all)
     # Explicit: a shell that starts the benchmark in the background ignores SIGINT for it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
 
 
-def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-    proc = Proc(name, argv, env)
-    _RUNNING.append(proc)
-    return proc
+def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    """A child in its own process group, output in var/bench-logs/<name>.log (overwritten)."""
+    return _RUNNING.start(
+        Child(
+            name=name,
+            argv=argv,
+            env=dict(env or {}),
+            log_path=LOG_DIR / f"{name}.log",
+            append_log=False,
+            cwd=REPO,
+        )
+    )
 
 
-def stop(proc: Proc) -> None:
-    proc.stop()
-    if proc in _RUNNING:
-        _RUNNING.remove(proc)
+def stop(proc: Child) -> None:
+    _RUNNING.stop(proc)
 
 
-def hiddenmodel(name: str, *args: str, log_level: str = "info") -> Proc:
-    return spawn(name, [sys.executable, "-m", "hiddenmodel.cli", "--log-level", log_level, *args])
+def hiddenmodel(name: str, *args: str, log_level: str = "info") -> Child:
+    return spawn(name, hiddenmodel_argv(*args, log_level=log_level))
 
 
 # --- environment ---------------------------------------------------------------------------
@@ -297,10 +249,10 @@ def provision_tenant(slug: str = "bench") -> Tenant:
 class Stack:
     env: BenchEnv
     api_port: int = 0
-    s3: Proc | None = None
-    api: Proc | None = None
-    dispatcher: Proc | None = None
-    workers: list[Proc] = field(default_factory=list)
+    s3: Child | None = None
+    api: Child | None = None
+    dispatcher: Child | None = None
+    workers: list[Child] = field(default_factory=list)
     tenant: Tenant | None = None
 
     @property
@@ -314,7 +266,7 @@ class Stack:
             "moto",
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.env.s3_port)],
         )
-        wait_port(self.env.s3_port, proc=self.s3)
+        wait_port(self.env.s3_port, child=self.s3)
         storage.s3_client.cache_clear()
         storage.ensure_bucket()
 
@@ -323,25 +275,19 @@ class Stack:
         self.api = hiddenmodel(
             "api", "api", "--port", str(self.api_port), "--workers", "1", log_level=log_level
         )
-        wait_http(f"{self.api_url}/healthz", proc=self.api)
+        wait_http(f"{self.api_url}/healthz", child=self.api)
 
     def start_dispatcher(self) -> None:
         self.dispatcher = hiddenmodel("dispatcher", "dispatcher")
 
-    def start_worker(self, queues: str = "cpu") -> Proc:
+    def start_worker(self, queues: str = "cpu") -> Child:
         n = len(self.workers) + 1
         worker = hiddenmodel(
             f"worker-{n}", "worker", "--queues", queues, "--hostname", f"bench-{n}@%h"
         )
         self.workers.append(worker)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if "ready." in worker.log_path.read_text(errors="replace"):
-                return worker
-            if not worker.alive():
-                raise RuntimeError(f"worker exited:\n{worker.tail()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready:\n{worker.tail()}")
+        wait_for_output(worker, WORKER_READY, f"worker {worker.name}", timeout=60)
+        return worker
 
     def stop_workers_and_dispatcher(self) -> None:
         for worker in self.workers:
@@ -350,22 +296,6 @@ class Stack:
         if self.dispatcher is not None:
             stop(self.dispatcher)
             self.dispatcher = None
-
-
-def wait_http(url: str, timeout: float = 60.0, proc: Proc | None = None) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer")
 
 
 def start_stack(

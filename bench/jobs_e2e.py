@@ -345,7 +345,7 @@ def serve_bare(port: int) -> None:
     uvicorn.run(make_bare_app(), host="127.0.0.1", port=port, workers=1, log_level="warning")
 
 
-def start_bare(env: h.BenchEnv) -> tuple[h.Proc, int]:
+def start_bare(env: h.BenchEnv) -> tuple[h.Child, int]:
     import boto3
 
     h.superuser_sql(
@@ -374,7 +374,7 @@ def start_bare(env: h.BenchEnv) -> tuple[h.Proc, int]:
             "BENCH_BARE_BUCKET": bucket,
         },
     )
-    h.wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    h.wait_http(f"http://127.0.0.1:{port}/healthz", child=proc)
     return proc, port
 
 

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,18 +39,13 @@ import psycopg
 import redis
 from PIL import Image
 
+from hiddenmodel.processes import free_port
 from tests.services import LOG_DIR, REPO, Process, wait_port
 
 TERMINAL = ("succeeded", "failed", "canceled", "expired")
 PASSWORD = "Correct-horse-42"
 BUCKET = "hm-chaos"
 DATABASE = "hm_chaos"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def postgres_bin() -> Path:

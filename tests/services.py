@@ -1,31 +1,24 @@
-"""Real service processes for tests: moto's S3 server, Celery workers, the dispatcher."""
+"""Real service processes for tests: moto's S3 server, Celery workers, the dispatcher.
+
+Started, awaited and stopped through :mod:`hiddenmodel.processes`, as ``hiddenmodel up`` and
+the benchmarks start theirs.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
+
+from hiddenmodel.processes import WORKER_READY, Child, hiddenmodel_argv, wait_for_output, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_DIR = REPO / "var" / "test-logs"
 
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
+__all__ = ["LOG_DIR", "REPO", "Cluster", "Process", "hiddenmodel", "wait_port"]
 
 
-class Process:
-    """A child process with its output in var/test-logs/<name>.log."""
+class Process(Child):
+    """A child process, started at once, with its output in var/test-logs/<name>.log."""
 
     def __init__(
         self,
@@ -35,56 +28,30 @@ class Process:
         *,
         inherit_env: bool = True,
     ) -> None:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.queues: set[str] = set()
-        self.log_path = LOG_DIR / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        # The file keeps earlier runs' output; this process's begins here.
-        self._log_start = self._log.tell()
-        self.popen = subprocess.Popen(
-            argv,
+        super().__init__(
+            name=name,
+            argv=argv,
+            log_path=LOG_DIR / f"{name}.log",
             cwd=REPO,
-            env={**(os.environ if inherit_env else {}), **(env or {})},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            env=dict(env or {}),
+            inherit_env=inherit_env,
         )
+        # The Celery queues a worker consumes (empty for other processes).
+        self.queues: set[str] = set()
+        self.start()
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-    def kill(self) -> None:
-        """kill -9, as a crash would."""
-        if self.alive():
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(10)
-        self._log.close()
+    def popen(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None
+        return self.process
 
     def log(self) -> str:
-        """This process's output (not that of earlier processes with the same name)."""
-        with self.log_path.open("rb") as f:
-            f.seek(self._log_start)
-            return f.read().decode(errors="replace")
+        """What this run of the process has logged so far."""
+        return self.output()
 
 
 def hiddenmodel(name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-    return Process(
-        name, [sys.executable, "-m", "hiddenmodel.cli", "--log-level", "info", *args], env
-    )
+    return Process(name, hiddenmodel_argv(*args, log_level="info"), env)
 
 
 class Cluster:
@@ -122,15 +89,8 @@ class Cluster:
         return worker
 
     @staticmethod
-    def _wait_ready(worker: Process, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if "ready." in worker.log():
-                return
-            if not worker.alive():
-                raise RuntimeError(f"worker exited:\n{worker.log()[-3000:]}")
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready:\n{worker.log()[-3000:]}")
+    def _wait_ready(worker: Child, timeout: float = 120.0) -> None:
+        wait_for_output(worker, WORKER_READY, f"worker {worker.name}", timeout=timeout)
 
     def stop_workers(self) -> None:
         for worker in self.workers:

@@ -35,6 +35,7 @@ PRIMITIVES = (
     "hiddenmodel.errors",
     "hiddenmodel.requestid",
     "hiddenmodel.security",
+    "hiddenmodel.processes",
 )
 # What identity and access (``tenants``) sits below.
 CORE_DOMAINS = (

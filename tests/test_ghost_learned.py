@@ -332,12 +332,13 @@ def test_a_gpu_worker_with_a_half_present_segmenter_refuses_to_start(copied: Pat
 def test_up_refuses_a_half_present_segmenter(
     copied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hiddenmodel import up
+    from hiddenmodel.up import UpError
+    from hiddenmodel.up.model import MODEL_ENV, plan_model
 
     (copied / "segmentation" / "clothes" / "preprocessor_config.json").unlink()
-    monkeypatch.setenv(up.MODEL_ENV, str(copied))
-    with pytest.raises(up.UpError, match=r"missing segmentation/clothes/preprocessor_config"):
-        up._plan_model(tmp_path)
+    monkeypatch.setenv(MODEL_ENV, str(copied))
+    with pytest.raises(UpError, match=r"missing segmentation/clothes/preprocessor_config"):
+        plan_model(tmp_path)
 
 
 # --- segment() and the job

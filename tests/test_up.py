@@ -21,7 +21,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from hiddenmodel.up import Child, Children, ModelPlan, UpError, _review_failures
+from hiddenmodel.processes import Child, ChildExited, Children
+from hiddenmodel.up.model import ModelPlan
+from hiddenmodel.up.proof import review_failures
 from tests.conftest import PG
 from tests.up_harness import (
     JOB_TIMEOUT_S,
@@ -281,9 +283,9 @@ def test_up_fails_loudly_when_its_ghost_demo_is_flagged(
 def test_only_a_random_models_seam_is_excused() -> None:
     reasons = {"reasons": ["visible seam: median ΔE 45.5", "residual body pixels 3.80% > 0.30%"]}
     random_model = ModelPlan(Path("m"), random_weights=True)
-    assert _review_failures(reasons, random_model) == ["residual body pixels 3.80% > 0.30%"]
-    assert _review_failures(reasons, ModelPlan(Path("m"))) == reasons["reasons"]
-    assert _review_failures({"reasons": []}, ModelPlan(Path("m"))) == []
+    assert review_failures(reasons, random_model) == ["residual body pixels 3.80% > 0.30%"]
+    assert review_failures(reasons, ModelPlan(Path("m"))) == reasons["reasons"]
+    assert review_failures({"reasons": []}, ModelPlan(Path("m"))) == []
 
 
 def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:
@@ -301,7 +303,7 @@ def test_a_child_that_dies_shows_its_own_output(tmp_path: Path) -> None:
     )
     assert child.process is not None
     child.process.wait(10)
-    with pytest.raises(UpError, match="worker exited with code 3") as failure:
+    with pytest.raises(ChildExited, match="worker exited with code 3") as failure:
         children.ensure_running()
     assert "bad setting" in str(failure.value)
     assert "earlier run" not in str(failure.value)

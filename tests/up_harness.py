@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, pool, text
 
+from hiddenmodel.processes import free_port
 from tests.conftest import TEST_DB
 
 # Its own database: up migrates and seeds it, and nothing else may depend on its contents.
@@ -25,12 +26,6 @@ JOB_TIMEOUT_S = 30
 KEY_LINE = re.compile(r"^\s*API key:\s+(\S+)\s*$")
 # The banner's process table: "  worker      pid 1234     log /…/worker.log".
 PROCESS_LINE = re.compile(r"^\s+(\S+)\s+pid (\d+)\s")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def drop_database(name: str) -> None:
