@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
-from tests.conftest import db_scalar, unique
+import httpx
+
+from tests.conftest import db_rows, db_scalar, make_org, unique
 
 HIDDENMODEL = [sys.executable, "-m", "hiddenmodel.cli"]
 
@@ -75,3 +78,36 @@ def test_create_user_org_and_key() -> None:
     assert r.returncode == 2 and "at least" in r.stderr and "Traceback" not in r.stderr
     r = _run("create-user", "--email", email, "--password", "Cli-password-42")
     assert r.returncode == 2 and "exists" in r.stderr
+
+
+async def test_up_demo_limits_are_set_once_and_an_operators_plan_is_kept(
+    client: httpx.AsyncClient,
+) -> None:
+    """up's demo organization gets development limits when nobody assigned it a plan; a plan an
+    operator assigned later is never overwritten by the next run of up."""
+    from hiddenmodel import provisioning
+    from hiddenmodel.up.demo import DEMO_LIMITS
+
+    org = await make_org(client)
+
+    async def limits() -> dict[str, Any]:
+        r = await client.get(f"/v1/orgs/{org.id}/usage/limits", headers=org.owner.headers)
+        assert r.status_code == 200, r.text
+        return {x["name"]: x["limit"] for x in r.json()["limits"] if x["subject"] == "org"}
+
+    overrides = "SELECT overrides FROM org_billing WHERE organization_id = :o"
+    assert db_scalar(overrides, o=org.id) is None  # on the default plan, nothing assigned
+    assert await provisioning.set_limits_if_unassigned(org.slug, DEMO_LIMITS) is True
+    assert db_scalar(overrides, o=org.id) == DEMO_LIMITS
+    now = await limits()
+    assert now["monthly_images"] is None and now["monthly_gpu_seconds"] is None
+    plan_cap = db_scalar("SELECT max_running_jobs FROM plans WHERE is_default")
+    assert now["max_running_jobs"] == plan_cap  # caps stay the plan's
+    # An operator's choice is kept by the next run.
+    db_rows(
+        "UPDATE org_billing SET overrides = CAST(:ov AS jsonb) WHERE organization_id = :o",
+        ov='{"requests_per_minute": 7}',
+        o=org.id,
+    )
+    assert await provisioning.set_limits_if_unassigned(org.slug, DEMO_LIMITS) is False
+    assert db_scalar(overrides, o=org.id) == {"requests_per_minute": 7}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
+from typing import Any
 
 from fastapi_users.exceptions import InvalidPasswordException, UserAlreadyExists
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from hiddenmodel.db import async_global_session, async_tenant_session, commit, ops_session
 from hiddenmodel.errors import Conflict, NotFound, Problem
@@ -95,3 +97,21 @@ async def create_api_key(org: str, name: str, scopes: list[str]) -> str:
         )
         await commit(session)
     return token
+
+
+async def set_limits_if_unassigned(org: str, overrides: dict[str, Any]) -> bool:
+    """Put the organization on the default plan with these limit overrides, unless an operator
+    (or Stripe) has given it a plan already: that choice is kept. True when set here."""
+    org_id = await find_org_id(org)
+    async with ops_session(
+        actor="cli", purpose="set limits of an unassigned organization", detail={"org": org}
+    ) as s:
+        result = await s.execute(
+            text(
+                "INSERT INTO org_billing (organization_id, plan_id, overrides) "
+                "SELECT :o, id, CAST(:ov AS jsonb) FROM plans WHERE is_default "
+                "ON CONFLICT (organization_id) DO NOTHING RETURNING organization_id"
+            ),
+            {"o": org_id, "ov": json.dumps(overrides)},
+        )
+        return result.first() is not None

@@ -29,6 +29,17 @@ GHOST_PHOTO_FILE = "demo-garment.png"
 GHOST_INTERIOR_FILE = "demo-garment-inside.png"
 # The picture the printed resize example sends.
 DEMO_IMAGE_FILE = "demo.png"
+# The demo organization is a development machine's tenant: no monthly quota (each run of up
+# sends demo jobs, and trying the API by hand or benchmarking it would use a free plan's 200
+# images a month up), and request rates no client on one machine reaches. The in-flight and
+# queue caps stay the plan's. Set once; an operator's later plan assignment is kept.
+DEMO_LIMITS: dict[str, int | None] = {
+    "monthly_images": None,
+    "monthly_gpu_seconds": None,
+    "storage_bytes": None,
+    "requests_per_minute": 600_000,
+    "org_requests_per_minute": 600_000,
+}
 
 
 async def seed_demo() -> str:
@@ -46,6 +57,7 @@ async def seed_demo() -> str:
             await provisioning.create_user(DEMO_EMAIL, DEMO_PASSWORD)
         with contextlib.suppress(Conflict):
             await provisioning.create_org(DEMO_ORG_SLUG, DEMO_ORG_NAME, DEMO_EMAIL)
+        await provisioning.set_limits_if_unassigned(DEMO_ORG_SLUG, DEMO_LIMITS)
         now = datetime.datetime.now(datetime.UTC)
         return await provisioning.replace_api_keys(
             DEMO_ORG_SLUG,
