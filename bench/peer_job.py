@@ -34,7 +34,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ import _harness as h
 import httpx
 import jobs_e2e
 
+from hiddenmodel.processes import free_port
+
 PARAMS: dict[str, dict[str, Any]] = {
     "resize": {"width": 512, "height": 512, "mode": "fit"},
     "remove_background": {},
@@ -60,12 +61,6 @@ START_TIMEOUT_S = 180
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the platform -----------------------------------------------------------------------------
