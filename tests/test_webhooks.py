@@ -95,7 +95,7 @@ def no_sends(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
     def hold(org_id: uuid.UUID, ids: Any, *, countdown: float | None = None) -> None:
         held.extend(ids)
 
-    monkeypatch.setattr(delivery, "send_deliveries", hold)
+    monkeypatch.setattr(enqueue, "send_deliveries", hold)
     return held
 
 
