@@ -1,9 +1,12 @@
 """The import contract of docs/ARCHITECTURE.md, checked on the source with ``ast``.
 
 Every import counts, also those inside functions (a lazy import still makes the API process
-load the module when it runs); only the cycle check looks at module-level imports alone, as
-Python does. Each rule is also run on a small tree that breaks it, so a checker that stopped
-seeing violations would fail here too.
+load the module when it runs); only the general cycle check looks at module-level imports
+alone, as Python does. Inside ``workers`` even a lazy import may not close a cycle: of two
+modules, one imports the other, never both. The API app's whole import graph is walked too: it
+may load no worker module and no module that makes outgoing webhook requests. Each rule is
+also run on a small tree that breaks it, so a checker that stopped seeing violations would
+fail here too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ EXECUTION_LIBRARIES = {"torch", "diffusers", "transformers", "accelerate", "safe
 # Launchers compose the whole system (they start workers): they may import anything.
 LAUNCHERS = ("hiddenmodel.cli", "hiddenmodel.up")
 COMPOSITION_ROOT = "hiddenmodel.api.app"
+# The modules that make outgoing webhook requests: run by workers, never loaded by the API.
+WEBHOOK_SENDERS = ("hiddenmodel.webhooks.delivery",)
 # Primitives every layer builds on; they import no domain and no identity code.
 PRIMITIVES = (
     "hiddenmodel.settings",
@@ -130,14 +135,62 @@ def violations(root: Path) -> list[str]:
             i.name, "tenants", *CORE_DOMAINS, *LAUNCHERS, "workers", "portal"
         ):
             found.append(f"{where}: primitives import no domain")
-    found += [f"import cycle: {' -> '.join(c)}" for c in cycles(known, all_imports(root))]
+        if _within(i.name, *WEBHOOK_SENDERS) and not _within(i.module, "workers", *WEBHOOK_SENDERS):
+            found.append(f"{where}: only workers import the webhook delivery (it makes requests)")
+        if (
+            i.name.split(".")[0] == "httpx"
+            and _within(i.module, "hiddenmodel.webhooks")
+            and not _within(i.module, *WEBHOOK_SENDERS)
+        ):
+            found.append(f"{where}: webhook requests are made by the delivery module only")
+    everything = all_imports(root)
+    found += [f"import cycle: {' -> '.join(c)}" for c in cycles(known, everything)]
+    in_workers = {m: p for m, p in known.items() if _within(m, "workers")}
+    found += [
+        f"import cycle inside workers: {' -> '.join(c)}"
+        for c in cycles(in_workers, everything, top_level_only=False)
+    ]
+    for module, path in loaded_by(COMPOSITION_ROOT, known, everything).items():
+        if _within(module, "workers", *WEBHOOK_SENDERS):
+            found.append(f"the API app loads {module} (via {' -> '.join(path)})")
     return found
 
 
-def cycles(known: dict[str, Path], found: list[Import]) -> list[list[str]]:
+def loaded_by(start: str, known: dict[str, Path], found: list[Import]) -> dict[str, list[str]]:
+    """Every module that loading ``start`` may load, lazy imports included (a package's
+    ``__init__`` with each of its modules), with one import path to each."""
     graph: dict[str, set[str]] = {m: set() for m in known}
     for i in found:
-        if i.top_level and i.name in known and i.name != i.module:
+        parts = i.name.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[:n])
+            if name in known and name != i.module:
+                graph[i.module].add(name)
+    if start not in known:
+        return {}
+    paths = {start: [start]}
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        for nxt in sorted(graph[node]):
+            if nxt not in paths:
+                paths[nxt] = [*paths[node], nxt]
+                todo.append(nxt)
+    return paths
+
+
+def cycles(
+    known: dict[str, Path], found: list[Import], *, top_level_only: bool = True
+) -> list[list[str]]:
+    """Import cycles among ``known``; with ``top_level_only=False`` lazy imports count too."""
+    graph: dict[str, set[str]] = {m: set() for m in known}
+    for i in found:
+        if (
+            (i.top_level or not top_level_only)
+            and i.module in known
+            and i.name in known
+            and i.name != i.module
+        ):
             graph[i.module].add(i.name)
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -204,6 +257,43 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         (
             {"workers/a.py": "import workers.b\n", "workers/b.py": "from workers import a\n"},
             "import cycle: workers.a -> workers.b -> workers.a",
+        ),
+        (
+            {
+                "workers/a.py": "import workers.b\n",
+                "workers/b.py": "def f():\n    from workers import a\n",
+            },
+            "import cycle inside workers: workers.a -> workers.b -> workers.a",
+        ),
+        (
+            {"platform/hiddenmodel/batches.py": "from hiddenmodel.webhooks import delivery\n"},
+            "hiddenmodel.batches:1 imports hiddenmodel.webhooks.delivery: only workers import",
+        ),
+        (
+            {"platform/hiddenmodel/webhooks/enqueue.py": "def f():\n    import httpx\n"},
+            "hiddenmodel.webhooks.enqueue:2 imports httpx: webhook requests are made by the",
+        ),
+        (
+            {
+                "platform/hiddenmodel/api/__init__.py": "",
+                "platform/hiddenmodel/api/app.py": "from hiddenmodel.jobs import lifecycle\n",
+                "platform/hiddenmodel/jobs/__init__.py": "",
+                "platform/hiddenmodel/jobs/lifecycle.py": "import hiddenmodel.webhooks.enqueue\n",
+                "platform/hiddenmodel/webhooks/__init__.py": "from . import delivery\n",
+                "platform/hiddenmodel/webhooks/enqueue.py": "",
+                "platform/hiddenmodel/webhooks/delivery.py": "",
+            },
+            "the API app loads hiddenmodel.webhooks.delivery (via hiddenmodel.api.app -> "
+            "hiddenmodel.jobs.lifecycle -> hiddenmodel.webhooks -> hiddenmodel.webhooks.delivery)",
+        ),
+        (
+            {
+                "platform/hiddenmodel/api/__init__.py": "",
+                "platform/hiddenmodel/api/app.py": "def f():\n    from hiddenmodel import up\n",
+                "platform/hiddenmodel/up.py": "import workers.dispatcher\n",
+                "workers/dispatcher.py": "",
+            },
+            "the API app loads workers.dispatcher (via hiddenmodel.api.app -> hiddenmodel.up -> ",
         ),
     ],
 )

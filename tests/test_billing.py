@@ -381,7 +381,7 @@ async def test_events_without_customer_or_too_old_are_not_sent(
 async def test_push_runs_as_a_celery_task(
     client: httpx.AsyncClient, recorder: StripeRecorder
 ) -> None:
-    from workers.billing import push_to_stripe
+    from workers.tasks.billing import push_to_stripe
 
     org, _ = await billed_org(client)
     event_id = plant_usage_event(org.id, gpu_seconds=0.25)
@@ -397,7 +397,7 @@ async def test_push_runs_as_a_celery_task(
             "workers.celery_app",
             "worker",
             "--include",
-            "workers.billing",
+            "workers.tasks.billing",
             "--queues",
             queue,
             "--pool",

@@ -405,7 +405,7 @@ def test_foreground_box_spans_the_subject_not_specks(tee: Scene) -> None:
 def test_the_job_passes_the_segmenter_and_reports_it(
     tee: Scene, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.operations import EXECUTORS, Execution
+    from workers.executors import EXECUTORS, Execution
 
     fake = GroundTruth(tee)
     monkeypatch.setattr(gpu, "inpainter", DiffusionTestInpainter)

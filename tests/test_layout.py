@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +27,7 @@ PROBE = """
 import json, os, sys
 import {module}
 import platform
+import re
 print(json.dumps({{
     "platform_file": platform.__file__,
     "system": platform.system(),
@@ -77,3 +79,50 @@ def test_project_processes_import_the_standard_platform(module: str, source: str
     assert probe["system"] == platform.system(), probe
     module_file = Path(str(probe["module_file"])).resolve()
     assert module_file.is_relative_to(ROOT / source), probe
+
+
+# What a worker does at start before it consumes: import the modules the app includes.
+REGISTERED = """
+import json
+from workers.celery_app import app
+app.loader.import_default_modules()
+print(json.dumps(sorted(name for name in app.tasks if not name.startswith("celery."))))
+"""
+# Queued messages and the dispatcher name tasks by these: a module move must keep them.
+TASK_NAMES = {
+    "jobs.run",
+    "webhooks.deliver",
+    "usage.push_to_stripe",
+    "billing.reconcile",
+    "mail.deliver_outbox",
+    "maintenance.sweep_orphans",
+    "maintenance.expire_outputs",
+}
+
+
+def test_a_worker_registers_every_task_under_its_name() -> None:
+    """The worker's ``[tasks]``: every task of ``workers/tasks/`` under the name its messages
+    carry, which covers every name the code sends."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'platform'}{os.pathsep}{ROOT}"}
+    result = subprocess.run(
+        [sys.executable, "-c", REGISTERED],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    registered = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert registered == TASK_NAMES
+    sources = [*(ROOT / "workers").rglob("*.py"), *(ROOT / "platform").rglob("*.py")]
+    sent = {
+        name
+        for path in sources
+        for name in re.findall(r"send_task\(\s*\"([\w.]+)\"", path.read_text())
+    }
+    from hiddenmodel.webhooks import enqueue
+
+    assert sent | {enqueue.TASK_NAME} <= registered
+    assert len(sent) >= 6, sent

@@ -73,7 +73,7 @@ def test_the_maintenance_task_sweeps_with_the_configured_grace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from hiddenmodel.settings import get_settings
-    from workers import tasks
+    from workers.tasks import maintenance
 
     calls: list[dict[str, object]] = []
 
@@ -82,7 +82,7 @@ def test_the_maintenance_task_sweeps_with_the_configured_grace(
         return orphans.Sweep(listed=3, deleted=1, finished=True)
 
     monkeypatch.setattr(orphans, "sweep_orphans", fake)
-    assert tasks.sweep_orphans() == {"listed": 3, "deleted": 1, "finished": True}
+    assert maintenance.sweep_orphans() == {"listed": 3, "deleted": 1, "finished": True}
     settings = get_settings()
     assert calls == [
         {

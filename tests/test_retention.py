@@ -257,10 +257,10 @@ def test_rules_go_to_the_shortest_retentions_when_there_is_no_room_for_all() -> 
 
 @pytest.mark.usefixtures("services")
 async def test_the_maintenance_task_runs_the_sweep(client: httpx.AsyncClient) -> None:
-    from workers import tasks
+    from workers.tasks import maintenance
 
     org = await make_org(client)
     await _finished_job(client, org)
-    result = tasks.expire_outputs.run()
+    result = maintenance.expire_outputs.run()
     assert result["finished"] is True and result["refused"] == 0
     assert result["lifecycle_rules"] is not None and result["lifecycle_rules"] >= 1

@@ -25,7 +25,7 @@ from PIL import Image
 from hiddenmodel.db import async_tenant_session, commit, tenant_session
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
-from hiddenmodel.webhooks import delivery, service, signing, urls
+from hiddenmodel.webhooks import delivery, enqueue, service, signing, urls
 from tests.conftest import (
     Org,
     assert_problem,
@@ -95,7 +95,7 @@ def no_sends(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
     def hold(org_id: uuid.UUID, ids: Any, *, countdown: float | None = None) -> None:
         held.extend(ids)
 
-    monkeypatch.setattr(delivery, "send_deliveries", hold)
+    monkeypatch.setattr(enqueue, "send_deliveries", hold)
     return held
 
 
@@ -294,7 +294,7 @@ async def test_emitting_failed_and_canceled_job_events(
         with pytest.raises(ValueError, match="running"):
             service.emit_job_event_sync(session, job, JobStatus.RUNNING)
     assert len(ids) == 1
-    delivery.send_deliveries(org_id, ids)
+    enqueue.send_deliveries(org_id, ids)
     (failed,) = await receiver.wait(paths["failures"], 1)
     body = failed.json()
     assert body["type"] == "job.failed" and body["data"]["id"] == str(job_ids[0])
@@ -674,7 +674,7 @@ async def test_sweeper_resends_deliveries_whose_message_was_lost(
         "'1 minute' WHERE id = :id",
         id=abandoned["id"],
     )
-    assert await asyncio.to_thread(delivery.sweep_due_deliveries) >= 2
+    assert await asyncio.to_thread(enqueue.sweep_due_deliveries) >= 2
     first = await wait_delivery(client, org, lost["id"])
     second = await wait_delivery(client, org, abandoned["id"])
     assert (first["status"], first["attempts"]) == ("succeeded", 1)
@@ -686,7 +686,7 @@ async def test_sweeper_resends_deliveries_whose_message_was_lost(
         "interval '1 minute', enqueued_at = now() WHERE id = :id",
         id=lost["id"],
     )
-    swept = await asyncio.to_thread(delivery.sweep_due_deliveries)
+    swept = await asyncio.to_thread(enqueue.sweep_due_deliveries)
     assert (
         db_scalar("SELECT status FROM webhook_deliveries WHERE id = :id", id=lost["id"])
         == "pending"

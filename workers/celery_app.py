@@ -11,6 +11,7 @@ from kombu.entity import Queue
 
 from hiddenmodel.settings import get_settings
 from workers import liveness
+from workers.tasks import MODULES as TASK_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def make_celery() -> Celery:
     app = Celery(
         "hiddenmodel",
         broker=settings.redis_url,
-        include=["workers.tasks", "workers.webhooks", "workers.billing"],
+        include=list(TASK_MODULES),
     )
     app.conf.update(
         task_serializer="json",
@@ -60,7 +61,7 @@ app = make_celery()
 def _announce_worker(sender: Any = None, **_: Any) -> None:
     """The worker's main process announces itself before it consumes anything."""
     liveness.start(getattr(sender, "hostname", None))
-    # The job's fate is logged by the job code (workers.tasks, workers.runner); Celery's
+    # The job's fate is logged by the job code (workers.tasks.jobs, workers.runner); Celery's
     # "Task ... succeeded" says only that the function returned, so it stays out of the logs.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
 

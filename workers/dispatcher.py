@@ -33,7 +33,7 @@ from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
-from hiddenmodel.webhooks import delivery as webhook_delivery
+from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from workers import liveness
 from workers.celery_app import QUEUES, app
 
@@ -310,7 +310,7 @@ def run_forever(stop: threading.Event | None = None) -> None:
                 recover_from_dead_workers()
             if reconcile.due(now):
                 reconcile_once()
-                webhook_delivery.sweep_due_deliveries()
+                webhook_enqueue.sweep_due_deliveries()
             if settings.stripe_api_key is not None and usage_push.due(now):
                 # A push that waited longer than the interval is superseded by the next one.
                 app.send_task("usage.push_to_stripe", expires=settings.stripe_push_interval_seconds)

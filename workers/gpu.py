@@ -2,6 +2,8 @@
 optional learned segmenters.
 
 Loaded once per process (after any fork) and shared by every job thread of the process.
+Per-job accounting (the GPU meter) is the executors' (``workers.executors``): this module
+imports none of them, the executors import it when a GPU operation runs.
 """
 
 from __future__ import annotations
@@ -11,20 +13,11 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hiddenmodel.settings import get_settings
 from workers.batching import InpaintBatcher
-from workers.operations import GpuMeter
-from workers.pipelines.contracts import (
-    Inpainter,
-    InpaintRequest,
-    InpaintResult,
-    JobCancelled,
-    ProgressCallback,
-)
 
 if TYPE_CHECKING:
     from workers.pipelines.ghost.learned import CombinedSegmenter
@@ -132,31 +125,3 @@ def _forget_segmenter_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_segmenter_in_child)
-
-
-class MeteredInpainter:
-    """Counts each request's device time into the job's meter; a request canceled midway
-    is counted by wall time while it held the GPU."""
-
-    def __init__(self, inner: Inpainter, meter: GpuMeter) -> None:
-        self.inner = inner
-        self.meter = meter
-        self.batch_sizes: list[int] = []
-
-    def inpaint(
-        self, request: InpaintRequest, progress: ProgressCallback | None = None
-    ) -> InpaintResult:
-        started = time.perf_counter()
-        try:
-            result = self.inner.inpaint(request, progress)
-        except JobCancelled:
-            self.meter.add(time.perf_counter() - started)
-            raise
-        self.meter.add(result.gpu_seconds)
-        self.batch_sizes.append(result.batch_size)
-        return result
-
-    def inpaint_batch(
-        self, requests: Sequence[InpaintRequest], progress: ProgressCallback | None = None
-    ) -> list[InpaintResult]:
-        return [self.inpaint(r, progress) for r in requests]

@@ -31,7 +31,7 @@ from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import org_context
-from workers.operations import EXECUTORS, Execution, ExecutionResult, GpuMeter, OperationFailed
+from workers.executors import EXECUTORS, Execution, ExecutionResult, GpuMeter, OperationFailed
 from workers.pipelines.contracts import JobCancelled
 
 log = logging.getLogger(__name__)

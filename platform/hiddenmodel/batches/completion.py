@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from hiddenmodel.batches import repository
 from hiddenmodel.batches.models import Batch, BatchStatus
 from hiddenmodel.db import async_tenant_session, tenant_session
-from hiddenmodel.webhooks import delivery as webhook_delivery
+from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from hiddenmodel.webhooks import service as webhooks
 from hiddenmodel.webhooks.models import EventType
 
@@ -70,7 +70,7 @@ def finish_if_done_sync(org_id: uuid.UUID, batch_id: uuid.UUID) -> None:
     """After a batch job's end has committed: end the batch if that was its last job."""
     with tenant_session(org_id) as session:
         deliveries = finish_in(session, batch_id)
-    webhook_delivery.send_deliveries(org_id, deliveries)
+    webhook_enqueue.send_deliveries(org_id, deliveries)
 
 
 async def finish_if_done(org_id: uuid.UUID, batch_id: uuid.UUID) -> None:
@@ -79,4 +79,4 @@ async def finish_if_done(org_id: uuid.UUID, batch_id: uuid.UUID) -> None:
         deliveries: list[uuid.UUID] = await session.run_sync(finish_in, batch_id)
         await session.commit()
     if deliveries:
-        await run_in_threadpool(webhook_delivery.send_deliveries, org_id, deliveries)
+        await run_in_threadpool(webhook_enqueue.send_deliveries, org_id, deliveries)

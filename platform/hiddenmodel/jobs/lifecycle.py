@@ -20,7 +20,7 @@ from hiddenmodel.db import after_commit
 from hiddenmodel.jobs import events
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.usage.repository import settle, settle_sync
-from hiddenmodel.webhooks import delivery as webhook_delivery
+from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from hiddenmodel.webhooks import service as webhooks
 
 
@@ -78,7 +78,7 @@ def announce(ended: list[Ended]) -> None:
     the batch of any job that was its batch's last."""
     for end in ended:
         events.publish(end.job_id, {"type": "status", "status": end.status.value})
-        webhook_delivery.send_deliveries(end.org_id, end.deliveries)
+        webhook_enqueue.send_deliveries(end.org_id, end.deliveries)
     if ended:
         events.wake_dispatcher_sync()
     for org_id, batch_id in dict.fromkeys((e.org_id, e.batch_id) for e in ended if e.batch_id):

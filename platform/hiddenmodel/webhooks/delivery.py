@@ -1,8 +1,11 @@
-"""Getting deliveries to receivers: enqueue, one attempt, retries with backoff, the sweeper.
+"""Getting deliveries to receivers, in the worker: one attempt, signed, and retries with
+backoff. The ``webhooks.deliver`` task (``workers.tasks.webhooks``) runs it.
 
 The delivery row is the truth. A Celery message only names it, and every step is a
 compare-and-set on the row, so a duplicated message is harmless and a lost one is found again
-by :func:`sweep_due_deliveries`. No transaction stays open while a receiver is called.
+by :func:`hiddenmodel.webhooks.enqueue.sweep_due_deliveries`. No transaction stays open while
+a receiver is called. The API never imports this module (it makes the outgoing requests):
+it queues deliveries with :mod:`hiddenmodel.webhooks.enqueue`.
 """
 
 from __future__ import annotations
@@ -12,20 +15,16 @@ import logging
 import random
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 import httpx
-from celery import Celery
 from sqlalchemy.orm import Session
 
-from hiddenmodel.db import global_session, tenant_session
+from hiddenmodel.db import tenant_session
 from hiddenmodel.settings import Settings, get_settings
-from hiddenmodel.webhooks import repository, signing, urls
+from hiddenmodel.webhooks import enqueue, repository, signing, urls
 from hiddenmodel.webhooks.models import (
     DeliveryStatus,
     WebhookDeliveryAttempt,
@@ -34,55 +33,10 @@ from hiddenmodel.webhooks.models import (
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "webhooks.deliver"
-QUEUE = "webhooks"
 USER_AGENT = "HiddenModel-Webhooks/1"
 RESPONSE_SNIPPET_BYTES = 1024
 ERROR_MAX_CHARS = 500
-SWEEP_BATCH = 500
 MAX_COUNTDOWN_SECONDS = 600.0
-
-
-@lru_cache
-def _producer() -> Celery:
-    """A send-only Celery client, so the API and the dispatcher enqueue deliveries without
-    importing the worker application. It publishes the same JSON protocol to the same broker."""
-    client = Celery("hiddenmodel-webhooks", broker=get_settings().redis_url, set_as_current=False)
-    client.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        # A broker outage must not hold an API response for long: the sweeper re-sends.
-        task_publish_retry_policy={
-            "max_retries": 2,
-            "interval_start": 0.1,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
-        },
-    )
-    return client
-
-
-def send_deliveries(
-    org_id: uuid.UUID, delivery_ids: Iterable[uuid.UUID], *, countdown: float | None = None
-) -> None:
-    """Queue ``webhooks.deliver`` for each delivery; call after the commit that wrote them.
-
-    A broker failure is logged, not raised: the rows stay due and the sweeper sends them.
-    """
-    for delivery_id in delivery_ids:
-        try:
-            _producer().send_task(
-                TASK_NAME,
-                args=[str(org_id), str(delivery_id)],
-                queue=QUEUE,
-                countdown=countdown,
-            )
-        except Exception:
-            log.warning(
-                "could not queue webhook delivery %s; the sweeper will", delivery_id, exc_info=True
-            )
-            return
 
 
 def send_retry(org_id: uuid.UUID, delivery_id: uuid.UUID, delay: float) -> None:
@@ -90,7 +44,7 @@ def send_retry(org_id: uuid.UUID, delivery_id: uuid.UUID, delay: float) -> None:
     sweeper: a message held that long by a worker would outlive the broker's visibility
     timeout and be delivered twice anyway."""
     if delay <= MAX_COUNTDOWN_SECONDS:
-        send_deliveries(org_id, [delivery_id], countdown=delay)
+        enqueue.send_deliveries(org_id, [delivery_id], countdown=delay)
 
 
 def backoff_seconds(attempt: int, settings: Settings | None = None) -> float:
@@ -348,20 +302,3 @@ def attempt_delivery(org_id: uuid.UUID, delivery_id: uuid.UUID) -> Outcome:
     if retry_in is not None:
         return Outcome("retrying", retry_in=retry_in)
     return Outcome("failed")
-
-
-def sweep_due_deliveries(limit: int = SWEEP_BATCH) -> int:
-    """Re-queue deliveries whose message may be lost (Redis flushed, a worker killed during
-    an attempt): due, or past their lease, for longer than ``redispatch_grace_seconds``.
-    For the dispatcher's reconcile pass; returns how many were sent."""
-    grace = get_settings().redispatch_grace_seconds
-    with global_session() as session:
-        due = repository.due_deliveries_sync(session, grace, limit)
-    by_org: dict[uuid.UUID, list[uuid.UUID]] = defaultdict(list)
-    for org_id, delivery_id in due:
-        by_org[org_id].append(delivery_id)
-    for org_id, ids in by_org.items():
-        send_deliveries(org_id, ids)
-    if due:
-        log.info("re-queued %d webhook deliveries", len(due))
-    return len(due)

@@ -1,8 +1,8 @@
 """Rules of webhooks: endpoints and their secrets, job events, test events, redelivery.
 
 No HTTP and no commit here. Deliveries created in a transaction are handed to the queue only
-after it commits (``after_commit`` in the API; the job runner calls
-:func:`hiddenmodel.webhooks.delivery.send_deliveries` itself).
+after it commits (:func:`hiddenmodel.webhooks.enqueue.send_after_commit` in the API; the job
+runner calls :func:`hiddenmodel.webhooks.enqueue.send_deliveries` itself).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from hiddenmodel.db import after_commit
 from hiddenmodel.errors import Conflict, NotFound, Problem
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
-from hiddenmodel.webhooks import delivery, repository, signing, urls
+from hiddenmodel.webhooks import enqueue, repository, signing, urls
 from hiddenmodel.webhooks.models import (
     DeliveryStatus,
     EventType,
@@ -61,16 +60,6 @@ async def _check_url(url: str) -> None:
         await run_in_threadpool(urls.check_url, url, allow_private=allow_private)
     except urls.UrlNotAllowed as exc:
         raise WebhookUrlNotAllowed(f"The URL is not allowed: {exc.reason}.", url=url) from exc
-
-
-def _send_after_commit(session: AsyncSession, org_id: uuid.UUID, ids: list[uuid.UUID]) -> None:
-    if not ids:
-        return
-
-    async def _send() -> None:
-        await run_in_threadpool(delivery.send_deliveries, org_id, ids)
-
-    after_commit(session, _send)
 
 
 # --- endpoints ---------------------------------------------------------------------------
@@ -241,7 +230,7 @@ async def send_test(scope: OrgScope, endpoint_id: uuid.UUID) -> WebhookDelivery:
         endpoint.id,
         delivery_id=str(test.id),
     )
-    _send_after_commit(scope.session, scope.org_id, [test.id])
+    enqueue.send_after_commit(scope.session, scope.org_id, [test.id])
     return await get_delivery(scope, test.id)
 
 
@@ -310,7 +299,7 @@ async def redeliver(scope: OrgScope, delivery_id: uuid.UUID) -> WebhookDelivery:
         redelivery_id=str(copy.id),
         endpoint_id=str(endpoint.id),
     )
-    _send_after_commit(scope.session, scope.org_id, [copy.id])
+    enqueue.send_after_commit(scope.session, scope.org_id, [copy.id])
     return await get_delivery(scope, copy.id)
 
 
@@ -379,7 +368,7 @@ def emit_job_event_sync(
     """Record one delivery of the job's terminal event per subscribed, enabled endpoint.
 
     Call inside the transaction that finishes the job, so the event exists exactly when the
-    new state does; send the returned ids with ``delivery.send_deliveries`` after the commit.
+    new state does; send the returned ids with ``enqueue.send_deliveries`` after the commit.
     ``job`` is a job or its id: the finished row is read here, so a stale copy will do.
     """
     event = _job_event_type(status)
@@ -425,5 +414,5 @@ async def emit_job_event(
     session.add_all(rows)
     await session.flush()
     ids = [r.id for r in rows]
-    _send_after_commit(session, fresh.organization_id, ids)
+    enqueue.send_after_commit(session, fresh.organization_id, ids)
     return ids

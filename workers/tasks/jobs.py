@@ -1,4 +1,4 @@
-"""Celery entry points: thin; they take ids only and re-enter the organization's context."""
+"""Celery entry point of jobs: thin; ids only, the run itself lives in workers.runner."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from typing import Any
 
 import redis
 
-from hiddenmodel.jobs import orphans
-from hiddenmodel.retention import sweep as retention_sweep
-from hiddenmodel.settings import get_settings
 from workers import liveness
 from workers.celery_app import app
 from workers.runner import TransientError, requeue_after_transient, run_job
@@ -71,39 +68,3 @@ def _forget_receipt(task_id: str) -> None:
     # Else the receipt expires, and its job is no longer queued under this delivery.
     with contextlib.suppress(redis.RedisError):
         liveness.forget_receipt(task_id)
-
-
-@app.task(name="mail.deliver_outbox", acks_late=True)  # type: ignore[untyped-decorator]
-def deliver_outbox() -> dict[str, int]:
-    """Retry the outgoing mail that is due (see hiddenmodel.smtp)."""
-    from hiddenmodel import smtp
-
-    return smtp.deliver_due()
-
-
-@app.task(name="maintenance.sweep_orphans", acks_late=True)  # type: ignore[untyped-decorator]
-def sweep_orphans() -> dict[str, Any]:
-    """Delete input objects whose submit never committed (see hiddenmodel.jobs.orphans)."""
-    settings = get_settings()
-    done = orphans.sweep_orphans(
-        grace_seconds=settings.orphan_grace_seconds,
-        # Within one interval: a run never overlaps the next.
-        budget_seconds=settings.orphan_sweep_interval_seconds / 2,
-    )
-    return {"listed": done.listed, "deleted": done.deleted, "finished": done.finished}
-
-
-@app.task(name="maintenance.expire_outputs", acks_late=True)  # type: ignore[untyped-decorator]
-def expire_outputs() -> dict[str, Any]:
-    """Delete the objects of jobs past their organization's retention, mark the jobs
-    expired, and keep the bucket's lifecycle rules in step (see hiddenmodel.retention)."""
-    budget = get_settings().retention_sweep_interval_seconds / 2
-    rules = retention_sweep.sync_lifecycle_rules()
-    done = retention_sweep.expire_due_jobs(budget_seconds=budget)
-    return {
-        "jobs": done.jobs,
-        "objects": done.objects,
-        "refused": done.refused,
-        "finished": done.finished,
-        "lifecycle_rules": rules,
-    }

@@ -10,14 +10,14 @@ from sqlalchemy.exc import OperationalError
 
 from hiddenmodel import metrics
 from hiddenmodel.tenancy import org_context
-from hiddenmodel.webhooks import delivery
+from hiddenmodel.webhooks import delivery, enqueue
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 
 
 @app.task(  # type: ignore[untyped-decorator]
-    name=delivery.TASK_NAME,
+    name=enqueue.TASK_NAME,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -1,4 +1,4 @@
-"""Operation implementations, looked up by the registry's names.
+"""Operation executors, looked up by the registry's names (``EXECUTORS``).
 
 Each executor turns decoded inputs and validated params into output images and a report.
 GPU operations are added where the model runtime lives; nothing here imports torch.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,13 @@ from hiddenmodel.jobs.operations import (
     ResizeParams,
 )
 from workers.pipelines.background import remove_background
+from workers.pipelines.contracts import (
+    Inpainter,
+    InpaintRequest,
+    InpaintResult,
+    JobCancelled,
+    ProgressCallback,
+)
 from workers.pipelines.resize import resize
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -71,6 +79,34 @@ class Execution:
 
 
 Executor = Callable[[Execution], ExecutionResult]
+
+
+class MeteredInpainter:
+    """Counts each request's device time into the job's meter; a request canceled midway
+    is counted by wall time while it held the GPU."""
+
+    def __init__(self, inner: Inpainter, meter: GpuMeter) -> None:
+        self.inner = inner
+        self.meter = meter
+        self.batch_sizes: list[int] = []
+
+    def inpaint(
+        self, request: InpaintRequest, progress: ProgressCallback | None = None
+    ) -> InpaintResult:
+        started = time.perf_counter()
+        try:
+            result = self.inner.inpaint(request, progress)
+        except JobCancelled:
+            self.meter.add(time.perf_counter() - started)
+            raise
+        self.meter.add(result.gpu_seconds)
+        self.batch_sizes.append(result.batch_size)
+        return result
+
+    def inpaint_batch(
+        self, requests: Sequence[InpaintRequest], progress: ProgressCallback | None = None
+    ) -> list[InpaintResult]:
+        return [self.inpaint(r, progress) for r in requests]
 
 
 def _remove_background(ex: Execution) -> ExecutionResult:
@@ -144,7 +180,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
     params = GhostMannequinParams.model_validate(ex.params)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
     batcher = gpu.inpainter()
-    metered = gpu.MeteredInpainter(batcher, ex.meter)
+    metered = MeteredInpainter(batcher, ex.meter)
     segmenter = gpu.segmenter()
 
     def on_step(step: int, total: int) -> None:
