@@ -16,6 +16,7 @@ No HTTP here and no commit of the caller's session.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -31,11 +32,13 @@ from hiddenmodel import authguard
 from hiddenmodel.authguard import Action
 from hiddenmodel.db import async_engine
 from hiddenmodel.errors import Forbidden, Problem
-from hiddenmodel.sealing import seal, unseal
+from hiddenmodel.sealing import SealedValueUnreadable, open_sealed, seal
 from hiddenmodel.security import keyed_hash, keyed_hashes, server_keys
 from hiddenmodel.settings import get_settings
 from tenants.lockouts import record_account_lock
 from tenants.models import UserTotp
+
+log = logging.getLogger(__name__)
 
 ISSUER = "Hidden Model"
 STEP_SECONDS = 30
@@ -74,6 +77,11 @@ def new_secret() -> str:
 
 def seal_secret(secret: str, user_id: uuid.UUID) -> bytes:
     return seal(secret.encode(), purpose=_PURPOSE, associated=_associated(user_id))
+
+
+def unseal_secret(blob: bytes, user_id: uuid.UUID) -> str:
+    """The secret sealed by :func:`seal_secret` (current or previous server key)."""
+    return open_sealed(blob, purpose=_PURPOSE, associated=_associated(user_id))[0].decode()
 
 
 def provisioning_uri(secret: str, email: str) -> str:
@@ -142,8 +150,15 @@ async def _accept_totp_code(user_id: uuid.UUID, code: str, *, confirmed: bool) -
             row = await cursor.fetchone()
             if row is None or (row[1] is not None) != confirmed:
                 return False
-            sealed = bytes(row[0])
-            secret = unseal(sealed, purpose=_PURPOSE, associated=_associated(user_id)).decode()
+            try:
+                plain, current = open_sealed(
+                    bytes(row[0]), purpose=_PURPOSE, associated=_associated(user_id)
+                )
+            except SealedValueUnreadable:
+                # Sealed under a key no longer configured (docs/SECURITY.md): no code can match.
+                log.error("a TOTP secret does not open with the server keys: user=%s", user_id)
+                return False
+            secret = plain.decode()
             totp = pyotp.TOTP(secret, interval=STEP_SECONDS)
             last_step = row[2]
             given = code.strip().replace(" ", "")
@@ -158,6 +173,13 @@ async def _accept_totp_code(user_id: uuid.UUID, code: str, *, confirmed: bool) -
                 "UPDATE user_totp SET last_used_step = %s WHERE user_id = %s",
                 (matched, user_id),
             )
+            if not current:
+                # Sealed under the previous key (a rotation is under way): seal it again
+                # under the current one, so it outlives HM_SECRET_KEY_PREVIOUS.
+                await cursor.execute(
+                    "UPDATE user_totp SET secret_ciphertext = %s WHERE user_id = %s",
+                    (seal_secret(secret, user_id), user_id),
+                )
     return True
 
 

@@ -5,15 +5,18 @@ column kept from the roles that serve requests."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import httpx
 import pyotp
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.exc import ProgrammingError
 
 from hiddenmodel.settings import get_settings
+from tenants.totp import unseal_secret
 from tests.conftest import (
     PASSWORD,
     Account,
@@ -327,3 +330,76 @@ async def test_portal_pages_of_an_organization_requiring_two_factor(
         page = await browser.get(f"/portal/orgs/{org.id}/members")
         assert page.status_code == 403
         assert 'href="/portal/account#two-factor"' in page.text
+
+
+async def _portal_with_code(browser: httpx.AsyncClient, account: Account, secret: str) -> None:
+    """Sign ``browser`` in through the portal's password and code steps."""
+    r = await portal_sign_in(browser, account.email)
+    assert r.status_code == 200 and 'name="code"' in r.text, r.text
+    challenge = r.text.split('name="challenge" value="', 1)[1].split('"', 1)[0]
+    r = await browser.post(
+        "/portal/login/totp",
+        data={
+            "challenge": challenge,
+            "code": _code(secret, 1),
+            "next": "/portal/",
+            "csrf_token": csrf_of(r.text),
+        },
+    )
+    assert r.status_code == 303, r.text
+
+
+async def test_portal_owner_switch_and_members_column(app: Any, client: httpx.AsyncClient) -> None:
+    org = await make_org(client)
+    admin = await add_member(client, org, "admin")
+    secret, _ = await _enroll(client, org.owner)
+    members = f"/portal/orgs/{org.id}/members"
+    async with portal_client(app) as browser:
+        await _portal_with_code(browser, org.owner, secret)
+        page = await browser.get(members)
+        assert "Require two-factor sign-in" in page.text
+        r = await post_form(
+            browser, members, f"/portal/orgs/{org.id}/two-factor", {"require": "on"}
+        )
+        assert r.status_code == 303, r.text
+        page = await browser.get(members)
+        assert "Required:" in page.text and "Stop requiring two-factor sign-in" in page.text
+        # The members table says who has two-factor on.
+        assert page.text.count("<td>On</td>") == 1
+    body = (await client.get(f"/v1/orgs/{org.id}", headers=org.owner.headers)).json()
+    assert body["require_two_factor"] is True
+    # An admin cannot change it (and, without two-factor, cannot even use the organization).
+    r = await client.patch(
+        f"/v1/orgs/{org.id}", json={"require_two_factor": False}, headers=admin.headers
+    )
+    assert_problem(r, 403, "two-factor-required")
+    await _enroll(client, admin)
+    r = await client.patch(
+        f"/v1/orgs/{org.id}", json={"require_two_factor": False}, headers=admin.headers
+    )
+    assert_problem(r, 403, "insufficient-role")
+
+
+async def test_sealed_secrets_and_challenges_survive_a_key_rotation(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = await register(client)
+    secret, codes = await _enroll(client, account)
+    challenge = await _password_step(client, account.email)
+    settings = get_settings()
+    monkeypatch.setattr(settings, "secret_key_previous", settings.secret_key)
+    monkeypatch.setattr(
+        settings, "secret_key", SecretStr("rotated-totp-key-0123456789abcdef0123456789")
+    )
+    # The challenge signed, the secret sealed and the recovery codes hashed under the old key
+    # all still work while it is the previous key.
+    r = await client.post("/v1/auth/totp", json={"challenge": challenge, "code": _code(secret, 1)})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/auth/totp", json={"challenge": challenge, "code": codes[0]})
+    assert r.status_code == 200, r.text
+    # The accepted code sealed the secret again under the new key: it opens without the old.
+    monkeypatch.setattr(settings, "secret_key_previous", None)
+    blob = bytes(
+        db_scalar("SELECT secret_ciphertext FROM user_totp WHERE user_id = :u", u=account.id)
+    )
+    assert unseal_secret(blob, uuid.UUID(account.id)) == secret

@@ -75,7 +75,7 @@ def upgrade() -> None:
         f"GRANT SELECT (user_id, secret_ciphertext, confirmed_at, last_used_step) "
         f"ON user_totp TO {AUTH_ROLE}"
     )
-    op.execute(f"GRANT UPDATE (last_used_step) ON user_totp TO {AUTH_ROLE}")
+    op.execute(f"GRANT UPDATE (last_used_step, secret_ciphertext) ON user_totp TO {AUTH_ROLE}")
     op.execute(
         f"GRANT SELECT (id, user_id, code_hash, used_at) ON totp_recovery_codes TO {AUTH_ROLE}"
     )

@@ -43,12 +43,19 @@ def seal(plain: bytes, *, purpose: bytes, associated: bytes) -> bytes:
 
 def unseal(blob: bytes, *, purpose: bytes, associated: bytes) -> bytes:
     """Open a value sealed by :func:`seal` with the current or the previous server key."""
+    return open_sealed(blob, purpose=purpose, associated=associated)[0]
+
+
+def open_sealed(blob: bytes, *, purpose: bytes, associated: bytes) -> tuple[bytes, bool]:
+    """:func:`unseal`, and whether the current key sealed it (False: seal it again while the
+    previous key still opens it)."""
     if blob[:1] != _SEAL_VERSION:
         raise SealedValueUnreadable("unknown sealing version")
     nonce, sealed = blob[1 : 1 + _NONCE_BYTES], blob[1 + _NONCE_BYTES :]
-    for server_secret in server_keys():
+    for index, server_secret in enumerate(server_keys()):
         try:
-            return AESGCM(_key(server_secret, purpose)).decrypt(nonce, sealed, associated)
+            plain = AESGCM(_key(server_secret, purpose)).decrypt(nonce, sealed, associated)
         except InvalidTag:
             continue
+        return plain, index == 0
     raise SealedValueUnreadable("the value does not open with a configured server key")
