@@ -32,13 +32,14 @@ from portal.web import (
     see_other,
     user_manager,
 )
-from tenants import accounts
+from tenants import accounts, totp
 from tenants import repository as tenants_repository
 from tenants import service as tenants_service
 from tenants.models import Role, User
 from tenants.users import (
     COOKIE_NAME,
     HashedAccessTokenDatabase,
+    UserManager,
     cookie_backend,
     count_link_request,
     get_database_strategy,
@@ -76,7 +77,15 @@ async def login(request: Request) -> Response:
     next_url = _safe_next(form.get("next"))
     credentials = _Credentials(email, password if isinstance(password, str) else "")
     async with user_manager() as manager:
-        user = await manager.authenticate(credentials)  # type: ignore[arg-type]
+        try:
+            user = await manager.authenticate(credentials)  # type: ignore[arg-type]
+        except totp.TotpRequired as exc:
+            # The password was right; the code step opens the session.
+            return render(
+                request,
+                "login.html",
+                {"next": next_url, "email": email, "challenge": exc.extra["challenge"]},
+            )
         if user is None or not user.is_active:
             return render(
                 request,
@@ -84,14 +93,55 @@ async def login(request: Request) -> Response:
                 {"next": next_url, "email": email, "error": "Wrong e-mail address or password."},
                 status_code=400,
             )
-        strategy = get_database_strategy(HashedAccessTokenDatabase(manager.session))
-        # Renewal: a session that existed before sign-in ends, and a new one starts.
-        old = request.cookies.get(COOKIE_NAME)
-        if old:
-            previous = await strategy.read_token(old, manager)
-            if previous is not None:
-                await strategy.destroy_token(old, previous)
-        token = await strategy.write_token(user)
+        token = await _open_session(request, manager, user)
+    return _signed_in(request, next_url, token)
+
+
+@router.post("/login/totp", response_class=HTMLResponse)
+async def login_totp(request: Request) -> Response:
+    """The code step of a sign-in with two-factor on (the challenge comes from the
+    password step's page)."""
+    form = await checked_form(request)
+    challenge, code = form_field(form, "challenge"), form_field(form, "code")
+    next_url = _safe_next(form.get("next"))
+    async with user_manager() as manager:
+        try:
+            user = await accounts.complete_totp_sign_in(manager.session, challenge, code)
+        except totp.InvalidTotpChallenge as exc:
+            return render(
+                request,
+                "login.html",
+                {"next": next_url, "email": "", "error": problem_message(exc)},
+                status_code=exc.status,
+            )
+        except totp.InvalidTotpCode as exc:
+            return render(
+                request,
+                "login.html",
+                {
+                    "next": next_url,
+                    "email": "",
+                    "challenge": challenge,
+                    "error": problem_message(exc),
+                },
+                status_code=exc.status,
+            )
+        token = await _open_session(request, manager, user)
+    return _signed_in(request, next_url, token)
+
+
+async def _open_session(request: Request, manager: UserManager, user: User) -> str:
+    strategy = get_database_strategy(HashedAccessTokenDatabase(manager.session))
+    # Renewal: a session that existed before sign-in ends, and a new one starts.
+    old = request.cookies.get(COOKIE_NAME)
+    if old:
+        previous = await strategy.read_token(old, manager)
+        if previous is not None:
+            await strategy.destroy_token(old, previous)
+    return await strategy.write_token(user)
+
+
+def _signed_in(request: Request, next_url: str, token: str) -> Response:
     response = see_other(next_url)
     transport = cookie_backend.transport
     response.set_cookie(
@@ -302,3 +352,76 @@ def _home_of(row: Any) -> str:
     if Role(row.role) in OPERATE.roles:
         return org_url(row.organization_id)
     return org_url(row.organization_id, "billing")
+
+
+# --- the account page: two-factor sign-in ------------------------------------------------
+
+
+async def _account_page(
+    request: Request, user: User, status_code: int = 200, **extra: Any
+) -> HTMLResponse:
+    async with async_global_session() as session:
+        enabled = await totp.has_totp(session, user.id)
+        await commit(session)
+    return render(
+        request,
+        "account.html",
+        {"user": user, "totp_enabled": enabled, **extra},
+        status_code=status_code,
+    )
+
+
+@router.get("/account", response_class=HTMLResponse)
+async def account_page(request: Request) -> Response:
+    return await _account_page(request, await require_user(request))
+
+
+@router.post("/account/totp", response_class=HTMLResponse)
+async def account_totp_enroll(request: Request) -> Response:
+    """A new secret, shown as its ``otpauth://`` URI (and the secret to type by hand)."""
+    user = await require_user(request)
+    form = await checked_form(request)
+    try:
+        async with user_manager() as manager:
+            secret, uri = await accounts.enroll_totp(
+                manager.session, manager, user, _raw(form.get("current_password"))
+            )
+    except Problem as exc:
+        return await _account_page(request, user, exc.status, error=problem_message(exc))
+    return await _account_page(request, user, enrollment={"secret": secret, "uri": uri})
+
+
+@router.post("/account/totp/confirm", response_class=HTMLResponse)
+async def account_totp_confirm(request: Request) -> Response:
+    """Turn two-factor on with a code; the recovery codes are shown on this page, once."""
+    user = await require_user(request)
+    form = await checked_form(request)
+    try:
+        async with user_manager() as manager:
+            codes = await accounts.confirm_totp(manager.session, user, form_field(form, "code"))
+    except Problem as exc:
+        return await _account_page(request, user, exc.status, error=problem_message(exc))
+    return await _account_page(request, user, recovery_codes=codes)
+
+
+@router.post("/account/totp/disable", response_class=HTMLResponse)
+async def account_totp_disable(request: Request) -> Response:
+    user = await require_user(request)
+    form = await checked_form(request)
+    try:
+        async with user_manager() as manager:
+            await accounts.disable_totp(
+                manager.session,
+                manager,
+                user,
+                _raw(form.get("current_password")),
+                form_field(form, "code"),
+            )
+    except Problem as exc:
+        return await _account_page(request, user, exc.status, error=problem_message(exc))
+    return await _account_page(request, user, notice="Two-factor sign-in is off.")
+
+
+def _raw(value: object) -> str:
+    """A password field as typed (spaces are part of it)."""
+    return value if isinstance(value, str) else ""

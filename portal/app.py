@@ -45,7 +45,15 @@ def _portal_errors(api_handler: Handler) -> Handler:
         return templates.TemplateResponse(
             request,
             "error.html",
-            {"status": status, "message": message, "csrf_token": csrf_token(request)},
+            {
+                "status": status,
+                "message": message,
+                "csrf_token": csrf_token(request),
+                # An organization that requires two-factor: where to turn it on.
+                "enroll_url": f"{PREFIX}/account#two-factor"
+                if isinstance(exc, Problem) and exc.kind == "two-factor-required"
+                else None,
+            },
             status_code=status,
         )
 

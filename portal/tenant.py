@@ -59,7 +59,7 @@ from tenants.auth import (
     OrgScope,
 )
 from tenants.models import Role, Scope
-from tenants.schemas import ApiKeyCreate, InvitationCreate
+from tenants.schemas import ApiKeyCreate, InvitationCreate, OrganizationUpdate
 
 # --- dashboard ---------------------------------------------------------------------------
 
@@ -123,6 +123,7 @@ async def _members_context(scope: OrgScope, cursor: str | None) -> dict[str, Any
         ],
         "roles": [r.value for r in Role],
         "locks": await tenants_service.sign_in_locks(scope),
+        "is_owner": scope.role == Role.OWNER,
     }
 
 
@@ -138,6 +139,22 @@ async def _members_error(
     context = await _members_context(scope, None)
     context.update(error=message, **extra)
     return render(request, "members.html", context, status_code=status, scope=scope)
+
+
+@router.post("/orgs/{org_id}/two-factor", response_class=HTMLResponse)
+async def require_two_factor(request: Request, org_id: uuid.UUID) -> Response:
+    """The owner's switch: whether members must sign in with two-factor."""
+    form = await checked_form(request)
+    async with org_page(request, org_id, MANAGE_MEMBERS) as scope:
+        try:
+            async with attempt(scope):
+                await tenants_service.update_organization(
+                    scope,
+                    OrganizationUpdate(require_two_factor=form_field(form, "require") == "on"),
+                )
+        except Problem as exc:
+            return await _members_error(request, scope, problem_message(exc), exc.status)
+    return see_other(org_url(org_id, "members") + "#two-factor")
 
 
 @router.post("/orgs/{org_id}/members/invite", response_class=HTMLResponse)

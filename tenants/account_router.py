@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Body, Depends, HTTPException, Request, status
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    Body,
+    Depends,
+    HTTPException,
+    Request,
+    Response,
+    status,
+)
 from fastapi_users import exceptions
 from fastapi_users.router.common import ErrorCode
 from pydantic import EmailStr
@@ -14,11 +23,26 @@ from pydantic import EmailStr
 from hiddenmodel.authguard import Action
 from tenants import accounts
 from tenants.auth import CurrentUser, cookie_csrf, request_token
-from tenants.schemas import AccountUpdate, EmailChangeConfirm, UserCreate, UserRead
+from tenants.schemas import (
+    AccountUpdate,
+    EmailChangeConfirm,
+    TotpCode,
+    TotpDisable,
+    TotpEnrollment,
+    TotpPassword,
+    TotpRecoveryCodes,
+    TotpSignIn,
+    UserCreate,
+    UserRead,
+)
 from tenants.users import (
     GlobalSessionDep,
+    HashedAccessTokenDatabase,
     UserManager,
+    bearer_backend,
+    cookie_backend,
     count_link_request,
+    get_database_strategy,
     get_user_manager,
     mail_link,
 )
@@ -115,3 +139,73 @@ async def patch_current_user(
     (a new password signs out every other session; a new address is confirmed by mail)."""
     updated = await accounts.update_account(session, manager, user.id, data, request_token(request))
     return UserRead.model_validate(updated, from_attributes=True)
+
+
+# --- two-factor sign-in -------------------------------------------------------------------
+
+
+@router.post(
+    "/users/me/totp",
+    tags=["users"],
+    name="users:enroll_totp",
+    response_model=TotpEnrollment,
+    dependencies=[Depends(cookie_csrf)],
+)
+async def enroll_totp(
+    data: TotpPassword, user: CurrentUser, session: GlobalSessionDep, manager: UserManagerDep
+) -> TotpEnrollment:
+    """Start two-factor sign-in: a new secret and its ``otpauth://`` URI for an
+    authenticator app. Not active until confirmed with a code (``/users/me/totp/confirm``)."""
+    secret, uri = await accounts.enroll_totp(session, manager, user, data.current_password)
+    return TotpEnrollment(secret=secret, otpauth_uri=uri)
+
+
+@router.post(
+    "/users/me/totp/confirm",
+    tags=["users"],
+    name="users:confirm_totp",
+    response_model=TotpRecoveryCodes,
+    dependencies=[Depends(cookie_csrf)],
+)
+async def confirm_totp(
+    data: TotpCode, user: CurrentUser, session: GlobalSessionDep
+) -> TotpRecoveryCodes:
+    """Turn two-factor sign-in on with a code from the app; answers the recovery codes,
+    shown this once."""
+    return TotpRecoveryCodes(recovery_codes=await accounts.confirm_totp(session, user, data.code))
+
+
+@router.delete(
+    "/users/me/totp",
+    tags=["users"],
+    name="users:disable_totp",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(cookie_csrf)],
+)
+async def disable_totp(
+    data: TotpDisable, user: CurrentUser, session: GlobalSessionDep, manager: UserManagerDep
+) -> None:
+    """Turn two-factor sign-in off (current password and a code or recovery code)."""
+    await accounts.disable_totp(session, manager, user, data.current_password, data.code)
+
+
+@router.post("/auth/totp", tags=["auth"], name="auth:bearer.totp")
+async def totp_login(data: TotpSignIn, session: GlobalSessionDep) -> Response:
+    """The code step of a sign-in that answered 401 ``totp-required``: the challenge and a
+    TOTP code (or an unused recovery code) return the session token, like ``/auth/login``."""
+    user = await accounts.complete_totp_sign_in(session, data.challenge, data.code)
+    strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+    return await bearer_backend.login(strategy, user)
+
+
+@router.post(
+    "/auth/cookie/totp",
+    tags=["auth"],
+    name="auth:cookie.totp",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+async def totp_cookie_login(data: TotpSignIn, session: GlobalSessionDep) -> Response:
+    """The code step of ``/auth/cookie/login``: sets the session cookie."""
+    user = await accounts.complete_totp_sign_in(session, data.challenge, data.code)
+    strategy = get_database_strategy(HashedAccessTokenDatabase(session))
+    return await cookie_backend.login(strategy, user)

@@ -14,19 +14,20 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from fastapi_users import exceptions
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel import authguard
 from hiddenmodel.authguard import Action
 from hiddenmodel.db import after_commit
-from hiddenmodel.errors import Conflict, Problem
+from hiddenmodel.errors import Conflict, NotFound, Problem
 from hiddenmodel.mail import Mail, send_mail
 from hiddenmodel.security import keyed_hash
 from hiddenmodel.settings import get_settings
-from tenants import repository
+from tenants import repository, totp
 from tenants.lockouts import record_account_lock
-from tenants.models import EmailChange, User
+from tenants.models import EmailChange, TotpRecoveryCode, User, UserTotp
 from tenants.schemas import AccountUpdate, UserCreate, UserRead
 from tenants.users import UserManager, password_hash_of
 
@@ -80,13 +81,13 @@ async def answer_existing_registration(manager: UserManager, data: UserCreate) -
     )
 
 
-async def _check_current_password(
+async def check_current_password(
     manager: UserManager, user: User, current_password: str | None
 ) -> None:
     if not current_password:
         raise CurrentPasswordRequired(
-            "Changing the e-mail address or the password needs the current password "
-            "(current_password)."
+            "Changing the e-mail address, the password or two-factor sign-in needs the "
+            "current password (current_password)."
         )
     # The same guessing control as sign-in: a stolen login token cannot try passwords.
     attempt = await authguard.begin(Action.SIGN_IN, account=user.email)
@@ -119,7 +120,7 @@ async def update_account(
     assert user is not None  # the caller's own, just authenticated
     wants_email = data.email is not None and str(data.email).lower() != user.email.lower()
     if data.password is not None or wants_email:
-        await _check_current_password(manager, user, data.current_password)
+        await check_current_password(manager, user, data.current_password)
     if "name" in data.model_fields_set:
         user.name = data.name
     settings = get_settings()
@@ -237,4 +238,110 @@ async def confirm_email_change(session: AsyncSession, token: str) -> User:
         await session.flush()
     except IntegrityError as exc:  # taken between the check and the write
         raise Conflict("This address now belongs to another account.", kind="email-taken") from exc
+    return user
+
+
+# --- two-factor sign-in (TOTP) ------------------------------------------------------------
+
+
+class TotpAlreadyEnabled(Conflict):
+    kind, title = "totp-already-enabled", "Two-factor sign-in already on"
+
+
+class TotpNotPending(Conflict):
+    kind, title = "totp-not-enrolled", "No authenticator to confirm"
+
+
+async def enroll_totp(
+    session: AsyncSession, manager: UserManager, user: User, current_password: str
+) -> tuple[str, str]:
+    """A new secret for the caller (with the current password): returned once with its
+    ``otpauth://`` URI, stored sealed, and not active until a code confirms it. A pending
+    secret from an earlier enrollment is replaced; an active one must be turned off first."""
+    await check_current_password(manager, user, current_password)
+    existing = await session.scalar(
+        select(UserTotp.confirmed_at).where(UserTotp.user_id == user.id)
+    )
+    if existing is not None:
+        raise TotpAlreadyEnabled(
+            "Two-factor sign-in is already on; turn it off first to enroll a new authenticator."
+        )
+    await session.execute(delete(UserTotp).where(UserTotp.user_id == user.id))
+    secret = totp.new_secret()
+    session.add(UserTotp(user_id=user.id, secret_ciphertext=totp.seal_secret(secret, user.id)))
+    await session.flush()
+    return secret, totp.provisioning_uri(secret, user.email)
+
+
+async def confirm_totp(session: AsyncSession, user: User, code: str) -> list[str]:
+    """Activate the pending secret with a code from the app; answer new recovery codes
+    (stored by keyed hash, shown this once). Other sessions stay open: the caller proved
+    the password at enrollment."""
+    pending = await session.scalar(
+        select(UserTotp.confirmed_at.is_(None)).where(UserTotp.user_id == user.id)
+    )
+    if not pending:
+        raise TotpNotPending("Enroll first (POST /v1/users/me/totp); then confirm with a code.")
+    # The code is checked (and its step recorded) as hm_auth, in a transaction of its own.
+    await totp.check_code(user.id, user.email, code, confirmed=False, allow_recovery=False)
+    codes = totp.new_recovery_codes()
+    await session.execute(delete(TotpRecoveryCode).where(TotpRecoveryCode.user_id == user.id))
+    session.add_all(
+        TotpRecoveryCode(user_id=user.id, code_hash=totp.recovery_code_hash(c)) for c in codes
+    )
+    row = await session.get(UserTotp, user.id)
+    assert row is not None  # checked above, and only its owner deletes it
+    row.confirmed_at = datetime.now(UTC)
+    await session.flush()
+    _send_after_commit(
+        session,
+        Mail(
+            to=user.email,
+            subject="Two-factor sign-in is on for your Hidden Model account",
+            body=(
+                "Signing in to your Hidden Model account now also asks for a code from your "
+                "authenticator app. Keep your recovery codes somewhere safe.\nIf this was not "
+                f"you, change your password at once at {get_settings().public_base_url}"
+                "/portal/forgot.\n"
+            ),
+            kind="totp_enabled",
+        ),
+    )
+    return codes
+
+
+async def disable_totp(
+    session: AsyncSession, manager: UserManager, user: User, current_password: str, code: str
+) -> None:
+    """Turn two-factor sign-in off: needs the current password and a code (or an unused
+    recovery code), so neither a stolen session nor a stolen password is enough."""
+    await check_current_password(manager, user, current_password)
+    if not await totp.has_totp(session, user.id):
+        raise NotFound("Two-factor sign-in is not on for this account.", kind="totp-not-enabled")
+    await totp.check_code(user.id, user.email, code)
+    await session.execute(delete(TotpRecoveryCode).where(TotpRecoveryCode.user_id == user.id))
+    await session.execute(delete(UserTotp).where(UserTotp.user_id == user.id))
+    _send_after_commit(
+        session,
+        Mail(
+            to=user.email,
+            subject="Two-factor sign-in is off for your Hidden Model account",
+            body=(
+                "Signing in to your Hidden Model account no longer asks for a code.\nIf this "
+                "was not you, change your password at once at "
+                f"{get_settings().public_base_url}/portal/forgot.\n"
+            ),
+            kind="totp_disabled",
+        ),
+    )
+
+
+async def complete_totp_sign_in(session: AsyncSession, challenge: str, code: str) -> User:
+    """The code step of a sign-in: the account the challenge names, once a code (or a
+    recovery code) of it is accepted."""
+    user_id = totp.read_challenge(challenge)
+    user = await session.get(User, user_id)
+    if user is None or not user.is_active or not await totp.has_totp(session, user_id):
+        raise totp.InvalidTotpChallenge("Sign in with your password again.")
+    await totp.check_code(user.id, user.email, code)
     return user

@@ -25,7 +25,7 @@ from hiddenmodel.errors import Forbidden, NotFound, Problem, Unauthorized
 from hiddenmodel.security import InvalidToken, keyed_hashes, parse_token
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import current_org_id, current_user_id
-from tenants import repository
+from tenants import repository, totp
 from tenants.models import ApiKey, Organization, Role, Scope, User
 from tenants.users import (
     COOKIE_NAME,
@@ -463,6 +463,13 @@ async def open_org_scope(org_id: uuid.UUID, principal: Principal) -> AsyncIterat
                     raise NotFound("No such organization.")
                 role = Role(membership.role)
             require_not_suspended(org)
+            # People, not API keys: an organization may require two-factor sign-in.
+            if (
+                principal.user is not None
+                and org.require_two_factor
+                and not await totp.has_totp(session, principal.user.id)
+            ):
+                raise totp.two_factor_required()
             try:
                 yield OrgScope(org=org, principal=principal, session=session, role=role)
                 await commit(session)

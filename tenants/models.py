@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi_users_db_sqlalchemy import SQLAlchemyBaseUserTableUUID
 from sqlalchemy import (
     ARRAY,
+    BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
+    LargeBinary,
     String,
     UniqueConstraint,
 )
@@ -66,6 +69,10 @@ class Organization(Base):
     created_at: Mapped[datetime] = created_at_column()
     # Set by a platform operator: members and API keys are refused, queued jobs wait.
     suspended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set by an owner: members who sign in with a session must have two-factor sign-in on.
+    require_two_factor: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default="false"
+    )
 
 
 class Membership(Base):
@@ -193,4 +200,43 @@ class EmailChange(Base):
     )
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class UserTotp(Base):
+    """A person's TOTP authenticator: active once ``confirmed_at`` is set.
+
+    The app role may write the sealed secret but not read it (column privileges): never
+    loaded with the row; sign-in reads it as hm_auth (``tenants.totp``).
+    """
+
+    __tablename__ = "user_totp"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret_ciphertext: Mapped[bytes] = mapped_column(
+        LargeBinary, nullable=False, deferred=True, deferred_raiseload=True
+    )
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_used_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = created_at_column()
+
+
+class TotpRecoveryCode(Base):
+    """A one-time code that stands in for a TOTP code; stored by keyed hash only."""
+
+    __tablename__ = "totp_recovery_codes"
+    __table_args__ = (
+        UniqueConstraint("user_id", "code_hash", name="uq_totp_recovery_codes_user_hash"),
+    )
+
+    id: Mapped[uuid.UUID] = uuid_pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    code_hash: Mapped[str] = mapped_column(
+        String(64), nullable=False, deferred=True, deferred_raiseload=True
+    )
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = created_at_column()

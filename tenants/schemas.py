@@ -82,7 +82,14 @@ class OrganizationCreate(RequestModel):
 
 
 class OrganizationUpdate(RequestModel):
-    name: Name = Field(min_length=1, max_length=200)
+    name: Name | None = Field(default=None, min_length=1, max_length=200)
+    require_two_factor: bool | None = Field(
+        default=None,
+        description=(
+            "Owners only: members signing in with a session must have two-factor sign-in on "
+            "to act in this organization (API keys are not affected)."
+        ),
+    )
 
 
 class OrganizationRead(BaseModel):
@@ -92,6 +99,7 @@ class OrganizationRead(BaseModel):
     slug: str
     name: str
     created_at: datetime
+    require_two_factor: bool = False
 
 
 class MyOrganization(BaseModel):
@@ -111,6 +119,10 @@ class MembershipRead(BaseModel):
     name: str | None
     role: Role
     created_at: datetime
+    two_factor: bool | None = Field(
+        default=None,
+        description="Whether the member signs in with two-factor; shown to owners and admins.",
+    )
 
 
 class MembershipUpdate(RequestModel):
@@ -207,3 +219,39 @@ class MeRead(BaseModel):
     organizations: list[MyOrganization] = []
     api_key: ApiKeyRead | None = None
     organization: OrganizationRead | None = None
+
+
+class TotpPassword(RequestModel):
+    current_password: str = Field(max_length=256)
+
+
+class TotpEnrollment(BaseModel):
+    """A new authenticator secret: add it to an app (the URI as a QR code or text), then
+    confirm with a code. It is not active until confirmed."""
+
+    secret: str
+    otpauth_uri: str
+
+
+class TotpCode(RequestModel):
+    code: str = Field(min_length=1, max_length=32, description="A 6-digit code")
+
+
+class TotpRecoveryCodes(BaseModel):
+    """Shown once: each code signs in once in place of a TOTP code."""
+
+    recovery_codes: list[str]
+
+
+class TotpDisable(RequestModel):
+    current_password: str = Field(max_length=256)
+    code: str = Field(
+        min_length=1, max_length=32, description="A TOTP code or an unused recovery code"
+    )
+
+
+class TotpSignIn(RequestModel):
+    challenge: str = Field(min_length=1, max_length=2048)
+    code: str = Field(
+        min_length=1, max_length=32, description="A TOTP code or an unused recovery code"
+    )

@@ -22,7 +22,7 @@ from hiddenmodel.security import (
     parse_token,
 )
 from hiddenmodel.settings import get_settings
-from tenants import lockouts, repository
+from tenants import lockouts, repository, totp
 from tenants.auth import (
     API_KEY_PREFIX,
     MANAGE_MEMBERS,
@@ -102,18 +102,48 @@ async def update_organization(scope: OrgScope, data: OrganizationUpdate) -> Orga
     if org not in scope.session:
         org = await repository.get_organization(scope.session, scope.org_id) or org
         scope.org = org
-    org.name = data.name
+    if data.name is not None and data.name != org.name:
+        org.name = data.name
+        audit(
+            scope.session,
+            scope.org_id,
+            scope.principal,
+            "organization.updated",
+            "organization",
+            scope.org_id,
+            name=data.name,
+        )
+    if data.require_two_factor is not None and data.require_two_factor != org.require_two_factor:
+        await _set_require_two_factor(scope, org, data.require_two_factor)
+    await scope.session.flush()
+    return scope.org
+
+
+async def _set_require_two_factor(scope: OrgScope, org: Organization, required: bool) -> None:
+    """Owners only; an owner turning the requirement on must have two-factor on already
+    (or the change would shut them out of their own organization)."""
+    user = scope.principal.user
+    if user is None or scope.role != Role.OWNER:
+        raise Forbidden(
+            "Only an owner may change whether two-factor sign-in is required.",
+            kind="insufficient-role",
+            required_roles=[Role.OWNER.value],
+        )
+    if required and not await totp.has_totp(scope.session, user.id):
+        raise Conflict(
+            "Turn on two-factor sign-in for your own account first (POST /v1/users/me/totp).",
+            kind="two-factor-required",
+        )
+    org.require_two_factor = required
     audit(
         scope.session,
         scope.org_id,
         scope.principal,
-        "organization.updated",
+        "organization.two_factor_required" if required else "organization.two_factor_optional",
         "organization",
         scope.org_id,
-        name=data.name,
+        require_two_factor=required,
     )
-    await scope.session.flush()
-    return scope.org
 
 
 # --- members -----------------------------------------------------------------------------
@@ -127,6 +157,11 @@ async def list_members(
     rows, next_cursor = await repository.list_members(scope.session, cursor, limit)
     users = await repository.users_by_id(scope.session, [m.user_id for m in rows])
     show_email = scope.allows(MANAGE_MEMBERS)
+    with_totp = (
+        await totp.users_with_totp(scope.session, [m.user_id for m in rows])
+        if show_email
+        else set()
+    )
     items = [
         MembershipRead(
             user_id=m.user_id,
@@ -134,6 +169,7 @@ async def list_members(
             name=users[m.user_id].name,
             role=Role(m.role),
             created_at=m.created_at,
+            two_factor=(m.user_id in with_totp) if show_email else None,
         )
         for m in rows
     ]

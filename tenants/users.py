@@ -41,6 +41,7 @@ from hiddenmodel.db import async_engine, async_global_session, commit, rollback
 from hiddenmodel.mail import Mail, send_mail
 from hiddenmodel.security import keyed_hash, keyed_hashes
 from hiddenmodel.settings import get_settings
+from tenants import totp
 from tenants.lockouts import record_account_lock
 from tenants.models import AccessToken, User
 from tenants.schemas import UserCreate
@@ -261,7 +262,9 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
     async def authenticate(self, credentials: OAuth2PasswordRequestForm) -> User | None:
         """fastapi-users' check of e-mail and password, under guessing control: the account
         and the client address wait, then lock, after repeated failures (429), known
-        account or not; the unknown address costs the same password hash as a known one."""
+        account or not; the unknown address costs the same password hash as a known one.
+        An account with two-factor sign-in on gets 401 ``totp-required`` with a challenge
+        for the code step instead of a user (so no session)."""
         attempt = await authguard.begin(Action.SIGN_IN, account=credentials.username)
         user = await self._check_password(credentials)
         if user is not None and user.is_active:
@@ -269,6 +272,9 @@ class UserManager(UUIDIDMixin, BaseUserManager[User, uuid.UUID]):
         elif await authguard.failed(attempt):
             await commit(self.session)
             await record_account_lock(Action.SIGN_IN, credentials.username)
+        if user is not None and user.is_active and await totp.has_totp(self.session, user.id):
+            # The password alone opens no session: the code step does (tenants.totp).
+            raise totp.totp_required(user.id)
         return user
 
     async def reset_password(

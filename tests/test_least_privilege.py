@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pyotp
 import pytest
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Connection, Engine
@@ -43,6 +44,8 @@ HASH_COLUMNS = [
     ("api_keys", "key_hash"),
     ("invitations", "token_hash"),
     ("email_changes", "token_hash"),
+    ("user_totp", "secret_ciphertext"),
+    ("totp_recovery_codes", "code_hash"),
 ]
 
 # Each worker-only function with arguments that make it run.
@@ -109,6 +112,16 @@ async def test_the_app_role_cannot_read_a_hash(
     r = await client.patch(
         "/v1/users/me",
         json={"email": f"{unique('moved')}@example.com", "current_password": PASSWORD},
+        headers=org.owner.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/v1/users/me/totp", json={"current_password": PASSWORD}, headers=org.owner.headers
+    )
+    assert r.status_code == 200, r.text
+    r = await client.post(
+        "/v1/users/me/totp/confirm",
+        json={"code": pyotp.TOTP(r.json()["secret"]).now()},
         headers=org.owner.headers,
     )
     assert r.status_code == 200, r.text

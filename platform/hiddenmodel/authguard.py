@@ -46,6 +46,8 @@ class Action(StrEnum):
     VERIFY_REQUEST = "verify_request"
     VERIFY = "verify"
     INVITATION = "invitation"
+    # A two-factor code (or recovery code), keyed by the user's id.
+    TOTP = "totp"
     # A request whose API key or session token was refused.
     CREDENTIALS = "credentials"
 
@@ -53,7 +55,7 @@ class Action(StrEnum):
 # Actions whose account subject is an e-mail address, and the one keyed by the user's id:
 # what an organization's owner sees and clears for a member.
 EMAIL_ACTIONS = (Action.SIGN_IN, Action.PASSWORD_RESET_REQUEST, Action.VERIFY_REQUEST)
-USER_ACTIONS = (Action.INVITATION,)
+USER_ACTIONS = (Action.INVITATION, Action.TOTP)
 
 _BEGIN = """
 local t = redis.call('TIME')
