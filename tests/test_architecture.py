@@ -193,7 +193,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
             "imports hiddenmodel.api.app: nothing but the launchers imports the composition",
         ),
         (
-            {"tenants/service.py": "from hiddenmodel.usage import quotas\n"},
+            {"tenants/service.py": "from hiddenmodel.usage import service\n"},
             "tenants.service:1 imports hiddenmodel.usage: identity and access sits below",
         ),
         (
