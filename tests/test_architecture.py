@@ -48,6 +48,24 @@ CORE_DOMAINS = (
     "hiddenmodel.api",
 )
 
+# Domain packages laid out as docs/ARCHITECTURE.md says ("Where things go"): these files each.
+LAYERED_DOMAINS = (
+    "hiddenmodel.jobs",
+    "hiddenmodel.usage",
+    "hiddenmodel.billing",
+    "hiddenmodel.webhooks",
+    "hiddenmodel.retention",
+    "hiddenmodel.batches",
+    "hiddenmodel.admin",
+)
+DOMAIN_FILES = ("schemas.py", "repository.py", "service.py", "router.py")
+# What a domain's schemas, service and router may take from SQLAlchemy: sessions and errors.
+# Statements (select, text, func, …) are built in its repository.
+SQL_FREE_MODULES = ("schemas", "service", "router")
+SESSION_AND_ERRORS = ("sqlalchemy.exc", "sqlalchemy.ext.asyncio", "sqlalchemy.orm.Session")
+# ``from sqlalchemy.orm import Session`` names the package too; what it takes is checked.
+SQL_PACKAGES = ("sqlalchemy.orm",)
+
 
 @dataclass(frozen=True)
 class Import:
@@ -129,6 +147,14 @@ def violations(root: Path) -> list[str]:
             i.name, "tenants", *CORE_DOMAINS, *LAUNCHERS, "workers", "portal"
         ):
             found.append(f"{where}: primitives import no domain")
+        if (
+            _within(i.module, *LAYERED_DOMAINS)
+            and i.module.rsplit(".", 1)[-1] in SQL_FREE_MODULES
+            and i.name.startswith("sqlalchemy.")
+            and not _within(i.name, *SESSION_AND_ERRORS)
+            and i.name not in SQL_PACKAGES
+        ):
+            found.append(f"{where}: SQL is written in the domain's repository")
     found += [f"import cycle: {' -> '.join(c)}" for c in cycles(known, all_imports(root))]
     return found
 
@@ -201,6 +227,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
             "hiddenmodel.db:1 imports tenants: primitives import no domain",
         ),
         (
+            {"platform/hiddenmodel/usage/service.py": "from sqlalchemy import select, text\n"},
+            "hiddenmodel.usage.service:1 imports sqlalchemy.select: SQL is written in the",
+        ),
+        (
             {"workers/a.py": "import workers.b\n", "workers/b.py": "from workers import a\n"},
             "import cycle: workers.a -> workers.b -> workers.a",
         ),
@@ -238,3 +268,13 @@ def test_the_architecture_notes_name_files_that_exist() -> None:
     assert paths, "docs/ARCHITECTURE.md names no files"
     missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
     assert missing == [], f"docs/ARCHITECTURE.md names files that do not exist: {missing}"
+
+
+def test_each_domain_has_the_files_of_its_layers() -> None:
+    missing = [
+        f"{domain}/{name}"
+        for domain in LAYERED_DOMAINS
+        for name in DOMAIN_FILES
+        if not (ROOT / "platform" / domain.replace(".", "/") / name).exists()
+    ]
+    assert missing == []
