@@ -18,7 +18,8 @@ from hiddenmodel.admin.schemas import OrgPlanSet
 from hiddenmodel.billing import service as billing_service
 from hiddenmodel.db import ops_session
 from hiddenmodel.errors import NotFound, Problem
-from hiddenmodel.usage import quotas, ratelimits
+from hiddenmodel.usage import ratelimits
+from hiddenmodel.usage import service as usage_service
 from portal.security import (
     PREFIX,
     checked_form,
@@ -165,7 +166,7 @@ async def operator_plan(request: Request, org_id: uuid.UUID) -> Response:
     operator = await require_operator(request)
     form = await checked_form(request)
     overrides: dict[str, Any] = {}
-    for name in quotas.ORG_LIMITS:
+    for name in usage_service.ORG_LIMITS:
         raw = form_field(form, f"override_{name}")
         if raw == "unlimited":
             overrides[name] = None

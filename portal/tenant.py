@@ -21,9 +21,9 @@ from hiddenmodel.jobs import repository as jobs_repository
 from hiddenmodel.jobs import service as jobs_service
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.jobs.router import event_stream_response
-from hiddenmodel.usage import quotas, reports
+from hiddenmodel.usage import export, periods
 from hiddenmodel.usage import service as usage_service
-from hiddenmodel.usage.schemas import SubLimits
+from hiddenmodel.usage.schemas import SubLimits, UsageReport
 from hiddenmodel.webhooks import service as webhooks_service
 from hiddenmodel.webhooks.models import EventType
 from hiddenmodel.webhooks.schemas import WebhookEndpointCreate, WebhookEndpointUpdate
@@ -66,8 +66,8 @@ from tenants.schemas import ApiKeyCreate, InvitationCreate, OrganizationUpdate
 
 async def _daily(scope: OrgScope, days: int) -> list[DayPoint]:
     day = today()
-    period = reports.report_period(day - timedelta(days=days - 1), day, today=day)
-    report = await reports.usage_report(scope.session, "day", period)
+    period = periods.report_period(day - timedelta(days=days - 1), day, today=day)
+    report = await usage_service.usage_report(scope.session, "day", period)
     by_day = {row.key: row for row in report.rows}
     points = []
     for i in range(days):
@@ -305,7 +305,7 @@ async def _quota_context(scope: OrgScope, subject: str, subject_id: uuid.UUID) -
     if subject not in _SUBJECTS:
         raise NotFound("No such page.")
     current = await usage_service.get_sub_limits(scope, _SUBJECTS[subject], subject_id)
-    plan = await quotas.org_plan(scope.session)
+    plan = await usage_service.org_plan(scope.session)
     if subject == "members":
         user = (await tenants_repository.users_by_id(scope.session, [subject_id])).get(subject_id)
         label = user.email if user else str(subject_id)
@@ -565,10 +565,10 @@ _GROUPS = ("day", "member", "api_key", "operation")
 
 async def _usage_report(
     scope: OrgScope, group_by: str, start: str, end: str
-) -> tuple[reports.UsageReport, str]:
+) -> tuple[UsageReport, str]:
     group = group_by if group_by in _GROUPS else "day"
-    period = reports.report_period(parse_day(start), parse_day(end), today=today())
-    return await reports.usage_report(scope.session, group, period), group  # type: ignore[arg-type]
+    period = periods.report_period(parse_day(start), parse_day(end), today=today())
+    return await usage_service.usage_report(scope.session, group, period), group  # type: ignore[arg-type]
 
 
 @router.get("/orgs/{org_id}/usage", response_class=HTMLResponse)
@@ -611,7 +611,7 @@ async def usage_csv(
         report, group = await _usage_report(scope, group_by, start, end)
         filename = f"usage-{scope.org.slug}-{group}-{report.from_}-{report.to}.csv"
         return Response(
-            reports.render_csv(report),
+            export.render_csv(report),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
@@ -620,11 +620,11 @@ async def usage_csv(
 async def _billing_context(scope: OrgScope, month: str) -> dict[str, Any]:
     now = datetime.now(UTC)
     try:
-        period = reports.month_period(month or now.strftime("%Y-%m"), today=now.date())
+        period = periods.month_period(month or now.strftime("%Y-%m"), today=now.date())
     except Problem:
-        period = reports.month_period(now.strftime("%Y-%m"), today=now.date())
-    statement = await reports.statement(scope.session, scope.org_id, period, now=now)
-    plan = await quotas.org_plan(scope.session)
+        period = periods.month_period(now.strftime("%Y-%m"), today=now.date())
+    statement = await usage_service.statement(scope.session, scope.org_id, period, now=now)
+    plan = await usage_service.org_plan(scope.session)
     manage = scope.allows(billing_service.MANAGE_BILLING)
     async with async_global_session() as session:
         # Plans are platform data; the same list the operator API shows, buyable ones only.

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from hiddenmodel.admin.schemas import PlanLimits
-from hiddenmodel.usage.quotas import ORG_LIMITS
+from hiddenmodel.usage.service import ORG_LIMITS
 from tests.conftest import (
     Account,
     assert_problem,

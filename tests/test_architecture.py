@@ -54,6 +54,24 @@ CORE_DOMAINS = (
     "hiddenmodel.api",
 )
 
+# Domain packages laid out as docs/ARCHITECTURE.md says ("Where things go"): these files each.
+LAYERED_DOMAINS = (
+    "hiddenmodel.jobs",
+    "hiddenmodel.usage",
+    "hiddenmodel.billing",
+    "hiddenmodel.webhooks",
+    "hiddenmodel.retention",
+    "hiddenmodel.batches",
+    "hiddenmodel.admin",
+)
+DOMAIN_FILES = ("schemas.py", "repository.py", "service.py", "router.py")
+# What a domain's schemas, service and router may take from SQLAlchemy: sessions and errors.
+# Statements (select, text, func, …) are built in its repository.
+SQL_FREE_MODULES = ("schemas", "service", "router")
+SESSION_AND_ERRORS = ("sqlalchemy.exc", "sqlalchemy.ext.asyncio", "sqlalchemy.orm.Session")
+# ``from sqlalchemy.orm import Session`` names the package too; what it takes is checked.
+SQL_PACKAGES = ("sqlalchemy.orm",)
+
 
 @dataclass(frozen=True)
 class Import:
@@ -143,6 +161,14 @@ def violations(root: Path) -> list[str]:
             and not _within(i.module, *WEBHOOK_SENDERS)
         ):
             found.append(f"{where}: webhook requests are made by the delivery module only")
+        if (
+            _within(i.module, *LAYERED_DOMAINS)
+            and i.module.rsplit(".", 1)[-1] in SQL_FREE_MODULES
+            and i.name.startswith("sqlalchemy.")
+            and not _within(i.name, *SESSION_AND_ERRORS)
+            and i.name not in SQL_PACKAGES
+        ):
+            found.append(f"{where}: SQL is written in the domain's repository")
     everything = all_imports(root)
     found += [f"import cycle: {' -> '.join(c)}" for c in cycles(known, everything)]
     in_workers = {m: p for m, p in known.items() if _within(m, "workers")}
@@ -247,12 +273,16 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
             "imports hiddenmodel.api.app: nothing but the launchers imports the composition",
         ),
         (
-            {"tenants/service.py": "from hiddenmodel.usage import quotas\n"},
+            {"tenants/service.py": "from hiddenmodel.usage import service\n"},
             "tenants.service:1 imports hiddenmodel.usage: identity and access sits below",
         ),
         (
             {"platform/hiddenmodel/db.py": "from tenants import models\n"},
             "hiddenmodel.db:1 imports tenants: primitives import no domain",
+        ),
+        (
+            {"platform/hiddenmodel/usage/service.py": "from sqlalchemy import select, text\n"},
+            "hiddenmodel.usage.service:1 imports sqlalchemy.select: SQL is written in the",
         ),
         (
             {"workers/a.py": "import workers.b\n", "workers/b.py": "from workers import a\n"},
@@ -329,3 +359,13 @@ def test_the_architecture_notes_name_files_that_exist() -> None:
     assert paths, "docs/ARCHITECTURE.md names no files"
     missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
     assert missing == [], f"docs/ARCHITECTURE.md names files that do not exist: {missing}"
+
+
+def test_each_domain_has_the_files_of_its_layers() -> None:
+    missing = [
+        f"{domain}/{name}"
+        for domain in LAYERED_DOMAINS
+        for name in DOMAIN_FILES
+        if not (ROOT / "platform" / domain.replace(".", "/") / name).exists()
+    ]
+    assert missing == []

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hiddenmodel.usage import reports
+from hiddenmodel.usage import export, periods, service
 from tests.conftest import (
     Account,
     Org,
@@ -130,13 +130,13 @@ async def test_grouped_by_day_operation_member_and_key(
     r = await client.get("/v1/usage", params={**MARCH, "group_by": "member"}, headers=march.reader)
     assert r.json()["rows"] == [
         row(march.org.owner.id, march.org.owner.email, 1, 4.25, 2, 2.0),
-        row(None, reports.NO_MEMBER, 3, 3.25, 3, 1.75),
+        row(None, service.NO_MEMBER, 3, 3.25, 3, 1.75),
     ]
 
     r = await client.get("/v1/usage", params={**MARCH, "group_by": "api_key"}, headers=march.reader)
     key1, key2 = march.key1, march.key2
     assert r.json()["rows"] == [
-        row(None, reports.NO_API_KEY, 1, 4.25, 2, 2.0),
+        row(None, service.NO_API_KEY, 1, 4.25, 2, 2.0),
         row(key1["id"], f"{key1['name']} ({key1['prefix']})", 2, 2.5, 2, 1.5),
         row(key2["id"], f"{key2['name']} ({key2['prefix']})", 1, 0.75, 1, 0.25),
     ]
@@ -208,7 +208,7 @@ async def test_bad_periods_are_problems(client: httpx.AsyncClient, march: March)
     assert_problem(await get(**{"from": "2025-03-02", "to": "2025-03-01"}), 422, "invalid-period")
     too_long = await get(**{"from": "2024-01-01", "to": "2025-01-01"})
     assert_problem(too_long, 422, "invalid-period")
-    assert too_long.json()["max_days"] == reports.MAX_PERIOD_DAYS
+    assert too_long.json()["max_days"] == periods.MAX_PERIOD_DAYS
     # 2024 is a leap year: its 366 days are the longest period allowed.
     assert (await get(**{"from": "2024-01-01", "to": "2024-12-31"})).status_code == 200
     assert_problem(await get(**{"from": "2025-13-01"}), 422, "validation-error")
@@ -229,7 +229,7 @@ async def test_csv_parses_back_to_the_same_numbers(client: httpx.AsyncClient, ma
     # RFC 4180: a field with a comma or quote is quoted, inner quotes doubled.
     assert '"Catalog ""sync"", EU (' in r.text
     parsed = list(csv.reader(io.StringIO(r.text)))
-    assert parsed[0] == list(reports.CSV_COLUMNS)
+    assert parsed[0] == list(export.CSV_COLUMNS)
     assert len(parsed) == 1 + len(as_json["rows"])
     for line, expected in zip(parsed[1:], as_json["rows"], strict=True):
         key, label, jobs, gpu, images, mp = line

@@ -29,7 +29,8 @@ from hiddenmodel.admin.schemas import (
 from hiddenmodel.db import ops_session
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.usage import ratelimits
-from hiddenmodel.usage.reports import MAX_PERIOD_DAYS, UsageReport
+from hiddenmodel.usage.periods import MAX_PERIOD_DAYS
+from hiddenmodel.usage.schemas import UsageReport
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 

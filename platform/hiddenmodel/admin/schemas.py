@@ -20,7 +20,7 @@ from pydantic import (
 from hiddenmodel.inputs import RequestModel, check_name
 from hiddenmodel.retention.schemas import RetentionDays
 from hiddenmodel.usage.quantities import GpuSeconds, LimitValues, OptionalGpuSeconds
-from hiddenmodel.usage.reports import UsageTotals
+from hiddenmodel.usage.schemas import UsageTotals
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -54,7 +54,7 @@ REQUIRED_PLAN_FIELDS = (
 class PlanLimits(RequestModel):
     """The limits a plan sets and an organization may override; null means unlimited.
 
-    Its fields are exactly ``hiddenmodel.usage.quotas.ORG_LIMITS``.
+    Its fields are exactly ``hiddenmodel.usage.service.ORG_LIMITS``.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -31,10 +31,13 @@ from hiddenmodel.admin.schemas import (
 )
 from hiddenmodel.errors import Conflict, NotFound, Problem
 from hiddenmodel.pagination import Page
-from hiddenmodel.usage import reports
+from hiddenmodel.usage import periods
+from hiddenmodel.usage import service as usage_service
 from hiddenmodel.usage.models import OrgBilling, Plan
-from hiddenmodel.usage.quotas import ORG_LIMITS
-from hiddenmodel.usage.reports import Period, Sums, UsageReport
+from hiddenmodel.usage.periods import Period
+from hiddenmodel.usage.repository import Sums
+from hiddenmodel.usage.schemas import UsageReport
+from hiddenmodel.usage.service import ORG_LIMITS
 from tenants import repository as tenants_repository
 from tenants.models import AuditEvent, Organization
 
@@ -155,7 +158,7 @@ def _validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _effective_limits(plan: Plan, overrides: dict[str, Any]) -> dict[str, float | None]:
-    # The same rule as quotas.org_plan: a present override wins, even null (unlimited).
+    # The same rule as usage.service.org_plan: a present override wins, even null (unlimited).
     return {name: overrides.get(name, getattr(plan, name)) for name in ORG_LIMITS}
 
 
@@ -206,9 +209,9 @@ def _org_read(
     sums: Sums | None,
     period: Period,
 ) -> AdminOrgRead:
-    totals = (
+    totals = usage_service.totals(
         sums or Sums(jobs=0, gpu_seconds=Decimal(0), images=0, megapixels=Decimal(0))
-    ).totals()
+    )
     plan = billing[1] if billing else default
     return AdminOrgRead(
         id=org.id,
@@ -227,11 +230,11 @@ def _org_read(
 async def _org_reads(
     session: AsyncSession, orgs: list[Organization], today: date
 ) -> list[AdminOrgRead]:
-    period = reports.report_period(None, None, today=today)
+    period = periods.report_period(None, None, today=today)
     ids = [o.id for o in orgs]
     billing = await repository.billing_of(session, ids)
     default = await repository.default_plan(session)
-    usage = await reports.usage_sums_by_org(session, ids, period)
+    usage = await usage_service.usage_sums_by_org(session, ids, period)
     return [_org_read(o, billing.get(o.id), default, usage.get(o.id), period) for o in orgs]
 
 
@@ -257,8 +260,8 @@ async def usage_report(
     session: AsyncSession, group_by: AdminGroupBy, start: date | None, end: date | None, today: date
 ) -> UsageReport:
     """Usage of every organization in a period, grouped by organization, day or operation."""
-    period = reports.report_period(start, end, today=today)
-    return await reports.usage_report(session, group_by, period)
+    period = periods.report_period(start, end, today=today)
+    return await usage_service.usage_report(session, group_by, period)
 
 
 async def set_suspended(

@@ -33,7 +33,7 @@ from hiddenmodel.jobs.operations import get_operation
 from hiddenmodel.jobs.schemas import JobError
 from hiddenmodel.jobs.service import error_status
 from hiddenmodel.settings import get_settings
-from hiddenmodel.usage import quotas
+from hiddenmodel.usage import service as usage_service
 from tenants.auth import OrgScope
 
 
@@ -238,7 +238,7 @@ def _request_hash(item: BatchItem) -> str:
     return digest.hexdigest()
 
 
-def _demands(scope: OrgScope, batch: Batch, items: list[BatchItem]) -> list[quotas.Demand]:
+def _demands(scope: OrgScope, batch: Batch, items: list[BatchItem]) -> list[usage_service.Demand]:
     op = get_operation(batch.operation)
     demands = []
     for item in items:
@@ -257,7 +257,7 @@ def _demands(scope: OrgScope, batch: Batch, items: list[BatchItem]) -> list[quot
             cancel_after=None,
         )
         demands.append(
-            quotas.Demand(
+            usage_service.Demand(
                 job=job,
                 gpu_seconds=item.gpu_seconds_estimate,
                 images=item.images_estimate,
@@ -285,7 +285,7 @@ async def submit(scope: OrgScope, batch_id: uuid.UUID, *, dry_run: bool = False)
     if dry_run:
         savepoint = await scope.session.begin_nested()
         try:
-            admitted = await quotas.admit_all(scope.session, demands)
+            admitted = await usage_service.admit_all(scope.session, demands)
         finally:
             await savepoint.rollback()
         gpu = sum(d.gpu_seconds for d in demands)
@@ -300,7 +300,7 @@ async def submit(scope: OrgScope, batch_id: uuid.UUID, *, dry_run: bool = False)
             plan=first.plan_code,
         )
     try:
-        await quotas.admit_all(scope.session, demands)
+        await usage_service.admit_all(scope.session, demands)
         await repository.mark_submitted(scope.session, batch_id, [d.job.id for d in demands])
         after_commit(scope.session, events.wake_dispatcher)
         await commit(scope.session)

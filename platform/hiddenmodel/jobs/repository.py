@@ -108,11 +108,6 @@ async def oldest_queued_at(session: AsyncSession) -> datetime | None:
     return value
 
 
-def add_job(session: AsyncSession, job: Job) -> None:
-    session.add(job)
-    session.add(JobOutbox(organization_id=job.organization_id, job_id=job.id, queue=job.queue))
-
-
 async def cancel_queued(session: AsyncSession, job_id: uuid.UUID, now: datetime) -> bool:
     result = await session.execute(
         update(Job)

@@ -29,7 +29,7 @@ from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.jobs.operations import CostEstimate, Operation, get_operation
 from hiddenmodel.jobs.schemas import InputRead, JobError, JobRead, OutputRead, Timings
 from hiddenmodel.settings import get_settings
-from hiddenmodel.usage import quotas
+from hiddenmodel.usage import service as usage_service
 from tenants.auth import OrgScope
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
         prepared = await run_in_threadpool(prepare_and_store)
     job = prepared.job
     try:
-        admitted = await quotas.admit(
+        admitted = await usage_service.admit(
             scope.session,
             job,
             gpu_seconds=prepared.estimate.gpu_seconds,
@@ -317,7 +317,7 @@ async def _quote(scope: OrgScope, op: Operation, prepared: _Prepared) -> Quote:
     estimate = prepared.estimate
     savepoint = await scope.session.begin_nested()
     try:
-        admitted = await quotas.admit(
+        admitted = await usage_service.admit(
             scope.session,
             prepared.job,
             gpu_seconds=estimate.gpu_seconds,

@@ -8,7 +8,7 @@ import uuid
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel import ratelimit
-from hiddenmodel.usage import quotas
+from hiddenmodel.usage import service
 from tenants.models import ApiKey
 
 CACHE_SECONDS = 30.0
@@ -21,8 +21,8 @@ async def _limits(key: ApiKey, session: AsyncSession) -> tuple[int | None, int |
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1], cached[2]
-    org = await quotas.org_plan(session)
-    own = await quotas.sub_limits(session, "api_key", key.id)
+    org = await service.org_plan(session)
+    own = await service.sub_limits(session, "api_key", key.id)
     key_rpm = own.get("requests_per_minute") or org.limits.get("requests_per_minute")
     org_rpm = org.limits.get("org_requests_per_minute")
     result = (

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from hiddenmodel.usage import reports
-from hiddenmodel.usage.reports import Statement, TenantGroupBy, UsageReport
+from hiddenmodel.usage import export, periods, service
+from hiddenmodel.usage.schemas import Statement, TenantGroupBy, UsageReport
 from tenants.auth import USAGE_READ, KeyOrgScopeDep, OrgScope, OrgScopeDep
 
 router = APIRouter(prefix="/v1", tags=["usage"])
@@ -34,7 +34,7 @@ ToQuery = Annotated[
     date | None,
     Query(
         description="Last day (UTC), included. Default: the last day of the month of `from`, "
-        f"or of the current month. At most {reports.MAX_PERIOD_DAYS} days from `from`."
+        f"or of the current month. At most {periods.MAX_PERIOD_DAYS} days from `from`."
     ),
 ]
 MonthPath = Annotated[str, Path(description="The month, YYYY-MM (UTC)", examples=["2026-01"])]
@@ -86,14 +86,14 @@ async def _report(
     scope: OrgScope, group_by: TenantGroupBy, start: date | None, end: date | None
 ) -> UsageReport:
     scope.require(USAGE_READ)
-    period = reports.report_period(start, end, today=_today())
-    return await reports.usage_report(scope.session, group_by, period)
+    period = periods.report_period(start, end, today=_today())
+    return await service.usage_report(scope.session, group_by, period)
 
 
 def _csv(scope: OrgScope, report: UsageReport) -> Response:
     filename = f"usage-{scope.org.slug}-{report.group_by}-{report.from_}-{report.to}.csv"
     return Response(
-        reports.render_csv(report),
+        export.render_csv(report),
         media_type=f"{CSV_MEDIA_TYPE}; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{filename}"', "Vary": "Accept"},
     )
@@ -185,8 +185,8 @@ async def get_org_usage_csv(
 async def _statement(scope: OrgScope, month: str) -> Statement:
     scope.require(USAGE_READ)
     now = datetime.now(UTC)
-    period = reports.month_period(month, today=now.date())
-    return await reports.statement(scope.session, scope.org_id, period, now=now)
+    period = periods.month_period(month, today=now.date())
+    return await service.statement(scope.session, scope.org_id, period, now=now)
 
 
 @router.get("/usage/statements/{month}", operation_id="getUsageStatement", response_model=Statement)
