@@ -67,15 +67,17 @@ async def test_an_admin_api_key_renames_its_organization(client: httpx.AsyncClie
 async def test_create_refusals_write_nothing(client: httpx.AsyncClient) -> None:
     org = await make_org(client)
     other = await register(client)
-    before = db_scalar("SELECT count(*) FROM memberships")
-    r = await client.post("/v1/orgs", json={"slug": org.slug, "name": "X"}, headers=other.headers)
+    before = db_scalar("SELECT count(*) FROM memberships WHERE user_id = :u", u=other.id)
+    # A name no other test uses: another module may name an organization "X".
+    name = unique("refused")
+    r = await client.post("/v1/orgs", json={"slug": org.slug, "name": name}, headers=other.headers)
     assert_problem(r, 409, "slug-taken")
     r = await client.post(
-        "/v1/orgs", json={"slug": "Bad Slug!", "name": "X"}, headers=other.headers
+        "/v1/orgs", json={"slug": "Bad Slug!", "name": name}, headers=other.headers
     )
     assert_problem(r, 422, "validation-error")
-    assert db_scalar("SELECT count(*) FROM memberships") == before
-    assert db_scalar("SELECT count(*) FROM organizations WHERE name = 'X'") == 0
+    assert db_scalar("SELECT count(*) FROM memberships WHERE user_id = :u", u=other.id) == before
+    assert db_scalar("SELECT count(*) FROM organizations WHERE name = :n", n=name) == 0
 
 
 async def test_commit_happens_before_the_response(
