@@ -408,7 +408,10 @@ def test_the_job_passes_the_segmenter_and_reports_it(
     from workers.executors import EXECUTORS, Execution
 
     fake = GroundTruth(tee)
-    monkeypatch.setattr(gpu, "inpainter", DiffusionTestInpainter)
+    from workers.batching import InpaintBatcher
+
+    # The process's batcher, over the test inpainter instead of the resident model.
+    monkeypatch.setattr(gpu, "inpainter", lambda: InpaintBatcher(DiffusionTestInpainter()))
     monkeypatch.setattr(gpu, "segmenter", lambda: fake)
     params: dict[str, Any] = {"size": 480, "steps": 4, "seed": 3}
     stages: list[str] = []

@@ -20,6 +20,7 @@ from hiddenmodel.jobs import lifecycle, repository
 from hiddenmodel.jobs.models import JobStatus
 from tests.conftest import bearer, db_rows, db_scalar, make_key, unique
 from tests.factories import Event, add_usage, keyed_org, png, submit, wait_job
+from tests.polling import until
 
 # Rows where the counters and a recount of the organizations' live jobs disagree.
 COUNTER_DRIFT = """
@@ -138,8 +139,16 @@ async def test_counters_equal_a_recount_through_concurrent_submits_cancels_expir
     # (on a quick machine the worker would run them first); then it runs the rest.
     services.stop_workers()
     jobs = await asyncio.gather(*(one(i) for i in range(30)))
-    # Waiting for the clock itself: the deadlines (cancel_after 1 s) pass.
-    await asyncio.sleep(1.2)
+    # Every one-second deadline has passed, on the database's clock.
+    deadlines = (
+        "SELECT count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND cancel_after > now()"
+    )
+    ids = [job["id"] for job in jobs]
+
+    async def all_passed() -> bool:
+        return bool(db_scalar(deadlines, ids=ids) == 0)
+
+    await until(all_passed, what="the deadlines passing")
     services.start_worker()
     ended = [await wait_job(client, job["headers"], job["id"], timeout=90) for job in jobs]
     stop.set()

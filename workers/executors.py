@@ -6,7 +6,6 @@ GPU operations are added where the model runtime lives; nothing here imports tor
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import time
@@ -174,7 +173,6 @@ def _mask_array(image: Image.Image | None) -> Any:
 def _ghost_mannequin(ex: Execution) -> ExecutionResult:
     # Imported here: only GPU workers load OpenCV and the model runtime.
     from workers import gpu
-    from workers.batching import InpaintBatcher
     from workers.pipelines.ghost.pipeline import GhostParams, NotAGhostPhoto, ghost_mannequin
 
     params = GhostMannequinParams.model_validate(ex.params)
@@ -188,7 +186,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
 
     ex.progress("segmenting", 0.05)
     # Announced to the batcher: a batch waits for this job only while it may still ask.
-    with batcher.job() if isinstance(batcher, InpaintBatcher) else contextlib.nullcontext():
+    with batcher.job():
         try:
             result = ghost_mannequin(
                 ex.images["image"],
