@@ -27,10 +27,9 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.dependencies.models import Dependant
 
-from hiddenmodel.api.openapi import api_routes
+from hiddenmodel.api.openapi import api_routes, required_permissions
 from tenants.auth import (
     JOBS_READ,
-    REQUIRED_PERMISSIONS,
     KeyOrgScopeDep,
     ManageMembers,
     OrgScope,
@@ -510,7 +509,7 @@ def unguarded_org_routes(app: FastAPI) -> list[str]:
     found = []
     for route in api_routes(app):
         calls = set(_calls(route.dependant))
-        if not calls & ORG_SCOPES or any(c in REQUIRED_PERMISSIONS for c in calls):
+        if not calls & ORG_SCOPES or required_permissions(route):
             continue
         if "x-required-scopes" in (route.openapi_extra or {}):
             continue
