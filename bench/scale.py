@@ -515,8 +515,9 @@ def measure_phase(
         )
     client.close()
 
-    # The dispatcher's claim, rolled back: every repetition sees the same queue.
-    engine = create_engine(settings.database_url, poolclass=pool.NullPool)
+    # The dispatcher's claim, rolled back: every repetition sees the same queue. As the worker
+    # role, the only one that may run the cross-tenant sweeps (migration 0016).
+    engine = create_engine(settings.database_worker_url, poolclass=pool.NullPool)
     conn = engine.connect()
     served: dict[str, Any] = {}
 
@@ -541,8 +542,8 @@ def measure_phase(
     from workers import dispatcher
 
     h.superuser_sql(env, "UPDATE jobs SET heartbeat_at = now() WHERE status = 'running'")
-    # Pooled: the backend stays, so its CPU time is counted.
-    app_engine = create_engine(settings.database_url, pool_size=1)
+    # Pooled: the backend stays, so its CPU time is counted. The worker role, as above.
+    app_engine = create_engine(settings.database_worker_url, pool_size=1)
 
     def candidates(i: int) -> None:
         with Session(app_engine) as session:
