@@ -353,7 +353,7 @@ def use_redis(children: Children, data_dir: Path, embedded: bool) -> str:
 
 
 def _start_embedded_s3(children: Children, data_dir: Path) -> int:
-    """Start moto's S3 server on a free loopback port.
+    """Start moto's S3 application on a free loopback port (:mod:`hiddenmodel.up.s3server`).
 
     moto keeps objects in memory only: they go when ``up`` stops, while the jobs that name
     them stay in PostgreSQL, so old jobs' outputs no longer download after a restart.
@@ -364,7 +364,15 @@ def _start_embedded_s3(children: Children, data_dir: Path) -> int:
         Child(
             name="s3",
             die_with_parent=True,
-            argv=[sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            argv=[
+                sys.executable,
+                "-m",
+                "hiddenmodel.up.s3server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             log_path=data_dir / "log" / "s3.log",
             cwd=data_dir,
         )

@@ -15,6 +15,16 @@ from hiddenmodel.up.supervisor import START_TIMEOUT_S
 # The CPU worker: operations without a model, webhook deliveries and maintenance. GPU time is
 # not spent on those, so the model operations have a worker of their own.
 WORKER_QUEUES = "cpu,webhooks,maintenance"
+# Its jobs run in threads, one per core up to this many: decoding, resizing and encoding run in
+# Pillow without the GIL, so two jobs use two cores from one process (one resident copy of the
+# code, no pool processes to feed), and a job never waits behind another while a core is idle.
+CPU_WORKER_MAX_THREADS = 4
+
+
+def cpu_worker_threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), CPU_WORKER_MAX_THREADS))
+
+
 # The GPU worker runs jobs in threads, so concurrent jobs meet in the batcher over its one
 # resident model; fewer threads than the batch size would cap the batches.
 GPU_WORKER_QUEUES = "gpu"
@@ -33,7 +43,15 @@ def platform_processes(host: str, port: int, log_dir: Path, model: ModelPlan) ->
     workers = [
         Child(
             name="worker",
-            argv=hiddenmodel_argv("worker", "--queues", WORKER_QUEUES),
+            argv=hiddenmodel_argv(
+                "worker",
+                "--queues",
+                WORKER_QUEUES,
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(cpu_worker_threads()),
+            ),
             log_path=log_dir / "worker.log",
             die_with_parent=True,
         )
