@@ -43,7 +43,8 @@ async def clear_idempotency_key(session: AsyncSession, job_id: uuid.UUID) -> Non
 # (``job_queue_minutes``, kept by the trigger that keeps ``job_counts``) plus those admitted in
 # its own minute before it (``ix_jobs_org_status_created``). One statement, so one snapshot,
 # for a whole page; each distinct minute of the page sums its earlier minutes once.
-_QUEUE_POSITIONS = text(
+# (bench/scale.py times it beside the count it replaced.)
+QUEUE_POSITIONS = text(
     """
     WITH page AS (
         SELECT p.id, p.created_at,
@@ -79,7 +80,7 @@ async def queue_positions(session: AsyncSession, jobs: Sequence[Job]) -> dict[uu
     if not queued:
         return {}
     rows = await session.execute(
-        _QUEUE_POSITIONS,
+        QUEUE_POSITIONS,
         {
             "org": queued[0].organization_id,
             "ids": [j.id for j in queued],
