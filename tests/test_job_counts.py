@@ -15,10 +15,11 @@ import uuid
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 
-from hiddenmodel.db import tenant_session
+from hiddenmodel.db import async_tenant_session, tenant_session
 from hiddenmodel.jobs import lifecycle, repository
-from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.jobs.models import Job, JobStatus
 from tests.conftest import bearer, db_rows, db_scalar, make_key, unique
 from tests.factories import Event, add_usage, keyed_org, png, submit, wait_job
 from tests.polling import until
@@ -482,3 +483,26 @@ async def test_queue_positions_stay_exact_across_minutes_cancels_claims_and_requ
             )
         }
     )
+
+    # A page read just before one of its jobs leaves the queue: that job is counted on its own
+    # (the queued jobs admitted before it), the others as ever.
+    async with async_tenant_session(org_id) as session:
+        page = (
+            await session.scalars(
+                select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id)
+            )
+        ).all()
+        gone = page[len(page) // 2]
+        db_rows("UPDATE jobs SET status = 'canceled' WHERE id = :j", j=gone.id)
+        positions = await repository.queue_positions(session, page)
+    recount = {
+        r[0]: r[1]
+        for r in db_rows(
+            "SELECT j.id, (SELECT count(*) FROM jobs k WHERE k.status = 'queued' "
+            "AND k.organization_id = j.organization_id AND k.created_at < j.created_at) "
+            "FROM jobs j WHERE j.id = ANY(CAST(:ids AS uuid[]))",
+            ids=[j.id for j in page],
+        )
+    }
+    assert positions == recount
+    assert minute_drift(org.id) == []
