@@ -414,11 +414,15 @@ def _plain_indexes(env: h.BenchEnv, tables: tuple[str, ...]) -> list[tuple[str, 
     return [(r[0], r[1]) for r in rows]
 
 
+def running_jobs(jobs: int) -> int:
+    return max(1, jobs // 5000)
+
+
 def fill(env: h.BenchEnv, jobs: int, queued: int) -> dict[str, float]:
     """Load ``jobs`` jobs, their usage events and outbox rows; returns seconds per step."""
     from sqlalchemy import create_engine, pool, text
 
-    running = max(1, jobs // 5000)
+    running = running_jobs(jobs)
     steps: dict[str, float] = {}
     indexes = _plain_indexes(env, ("jobs", "usage_events"))
     engine = create_engine(
@@ -785,9 +789,13 @@ def measure_all(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, d
     for name in sides:
         out[name]["dispatch_claim"].update(extras[name]["claim"])
 
-    # Running jobs get a fresh heartbeat, so the reconciler changes nothing.
+    # Running jobs get a fresh start and heartbeat, so the reconciler changes nothing (a
+    # reused load's would be past their time limit).
     for side in sides.values():
-        h.superuser_sql(side.env, "UPDATE jobs SET heartbeat_at = now() WHERE status = 'running'")
+        h.superuser_sql(
+            side.env,
+            "UPDATE jobs SET started_at = now(), heartbeat_at = now() WHERE status = 'running'",
+        )
     for op in ("reconcile_queries", "reconcile_once", "recover_from_dead_workers"):
         record(op, measure(op, each(sweep(op)), args.sweeps, cpus, warmup=1))
 
@@ -965,8 +973,14 @@ def reusable(env: h.BenchEnv, jobs: int, queued: int) -> dict[str, Any] | None:
         return None
     h.superuser_sql(env, f"DELETE FROM jobs WHERE created_at > (SELECT loaded_at FROM {META})")
     count = h.superuser_rows(env, "SELECT count(*) FROM jobs")[0][0]
-    if count != jobs:
-        log(f"--reuse: {env.database} holds {count} jobs, its load said {jobs}")
+    live = h.superuser_rows(
+        env, "SELECT sum(queued), sum(running) FROM job_counts WHERE subject_type = 'org'"
+    )[0]
+    if (count, live[0], live[1]) != (jobs, queued, running_jobs(jobs)):
+        log(
+            f"--reuse: {env.database} holds {count} jobs, {live[0]} queued and {live[1]} "
+            f"running; its load had {jobs}, {queued} and {running_jobs(jobs)}"
+        )
         return None
     return {"big": loaded[2], "small": loaded[3], "loaded_at": loaded[4]}
 
