@@ -305,7 +305,7 @@ async def _quota_context(scope: OrgScope, subject: str, subject_id: uuid.UUID) -
     if subject not in _SUBJECTS:
         raise NotFound("No such page.")
     current = await usage_service.get_sub_limits(scope, _SUBJECTS[subject], subject_id)
-    plan = await usage_service.org_plan(scope.session)
+    plan = await usage_service.org_plan(scope.session, scope.org_id)
     if subject == "members":
         user = (await tenants_repository.users_by_id(scope.session, [subject_id])).get(subject_id)
         label = user.email if user else str(subject_id)
@@ -624,7 +624,7 @@ async def _billing_context(scope: OrgScope, month: str) -> dict[str, Any]:
     except Problem:
         period = periods.month_period(now.strftime("%Y-%m"), today=now.date())
     statement = await usage_service.statement(scope.session, scope.org_id, period, now=now)
-    plan = await usage_service.org_plan(scope.session)
+    plan = await usage_service.org_plan(scope.session, scope.org_id)
     manage = scope.allows(billing_service.MANAGE_BILLING)
     async with async_global_session() as session:
         # Plans are platform data; the same list the operator API shows, buyable ones only.

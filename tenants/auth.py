@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -509,3 +510,43 @@ async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
 # scope="function": commit before the response is sent (see GlobalSessionDep).
 OrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_path, scope="function")]
 KeyOrgScopeDep = Annotated[OrgScope, Depends(org_scope_from_key, scope="function")]
+
+
+# The permission each permission dependency checks (see :func:`requires`): the OpenAPI
+# document lists it for every route that runs one (``x-required-scopes``, ``x-required-roles``).
+REQUIRED_PERMISSIONS: dict[Callable[..., Any], Permission] = {}
+
+
+@functools.cache
+def requires(
+    permission: Permission, *, key_org: bool = False
+) -> Callable[[OrgScope], Awaitable[OrgScope]]:
+    """A dependency: the request's org scope, once it holds ``permission`` (403
+    ``missing-scope`` or ``insufficient-role`` otherwise). The organization is the path's
+    ``{org_id}``, or with ``key_org`` the API key's own. One dependency per permission and
+    organization source, so a route that runs it twice checks once."""
+
+    async def in_path_org(scope: OrgScopeDep) -> OrgScope:
+        scope.require(permission)
+        return scope
+
+    async def in_key_org(scope: KeyOrgScopeDep) -> OrgScope:
+        scope.require(permission)
+        return scope
+
+    dependency = in_key_org if key_org else in_path_org
+    REQUIRED_PERMISSIONS[dependency] = permission
+    return dependency
+
+
+# A route takes the org scope through the permission it needs: ``scope: ManageMembers``.
+ReadOrg = Annotated[OrgScope, Depends(requires(READ_ORG))]
+ManageOrg = Annotated[OrgScope, Depends(requires(MANAGE_ORG))]
+ManageMembers = Annotated[OrgScope, Depends(requires(MANAGE_MEMBERS))]
+ManageApiKeys = Annotated[OrgScope, Depends(requires(MANAGE_API_KEYS))]
+ReadAudit = Annotated[OrgScope, Depends(requires(READ_AUDIT))]
+UsageRead = Annotated[OrgScope, Depends(requires(USAGE_READ))]
+# In the API key's organization (routes without ``{org_id}``).
+KeyJobsRead = Annotated[OrgScope, Depends(requires(JOBS_READ, key_org=True))]
+KeyJobsWrite = Annotated[OrgScope, Depends(requires(JOBS_WRITE, key_org=True))]
+KeyUsageRead = Annotated[OrgScope, Depends(requires(USAGE_READ, key_org=True))]

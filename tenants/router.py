@@ -14,14 +14,15 @@ from hiddenmodel.errors import Gone, NotFound
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from tenants import repository, service
 from tenants.auth import (
-    MANAGE_API_KEYS,
     MANAGE_MEMBERS,
-    MANAGE_ORG,
-    READ_AUDIT,
-    READ_ORG,
     CurrentPrincipal,
     CurrentUser,
+    ManageApiKeys,
+    ManageMembers,
+    ManageOrg,
     OrgScopeDep,
+    ReadAudit,
+    ReadOrg,
 )
 from tenants.models import Invitation, Role
 from tenants.schemas import (
@@ -118,8 +119,7 @@ async def list_my_organizations(
     operation_id="getOrganization",
     response_model=OrganizationRead,
 )
-async def get_organization(scope: OrgScopeDep) -> OrganizationRead:
-    scope.require(READ_ORG)
+async def get_organization(scope: ReadOrg) -> OrganizationRead:
     return OrganizationRead.model_validate(scope.org)
 
 
@@ -129,8 +129,7 @@ async def get_organization(scope: OrgScopeDep) -> OrganizationRead:
     operation_id="updateOrganization",
     response_model=OrganizationRead,
 )
-async def update_organization(data: OrganizationUpdate, scope: OrgScopeDep) -> OrganizationRead:
-    scope.require(MANAGE_ORG)
+async def update_organization(data: OrganizationUpdate, scope: ManageOrg) -> OrganizationRead:
     return OrganizationRead.model_validate(await service.update_organization(scope, data))
 
 
@@ -141,9 +140,8 @@ async def update_organization(data: OrganizationUpdate, scope: OrgScopeDep) -> O
     response_model=Page[MembershipRead],
 )
 async def list_members(
-    scope: OrgScopeDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
+    scope: ReadOrg, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
 ) -> Page[MembershipRead]:
-    scope.require(READ_ORG)
     items, next_cursor = await service.list_members(scope, cursor, limit)
     return Page(items=items, next_cursor=next_cursor)
 
@@ -155,9 +153,8 @@ async def list_members(
     status_code=status.HTTP_204_NO_CONTENT,
 )
 async def change_member_role(
-    user_id: uuid.UUID, data: MembershipUpdate, scope: OrgScopeDep
+    user_id: uuid.UUID, data: MembershipUpdate, scope: ManageMembers
 ) -> None:
-    scope.require(MANAGE_MEMBERS)
     await service.change_role(scope, user_id, data.role)
 
 
@@ -194,9 +191,8 @@ def _invitation_read(invitation: Invitation) -> InvitationRead:
     status_code=status.HTTP_201_CREATED,
     response_model=InvitationCreated,
 )
-async def create_invitation(data: InvitationCreate, scope: OrgScopeDep) -> InvitationCreated:
+async def create_invitation(data: InvitationCreate, scope: ManageMembers) -> InvitationCreated:
     """Invite someone by e-mail. The token is mailed to them and shown here once."""
-    scope.require(MANAGE_MEMBERS)
     invitation, token = await service.create_invitation(scope, data)
     return InvitationCreated(**_invitation_read(invitation).model_dump(), token=token)
 
@@ -208,9 +204,8 @@ async def create_invitation(data: InvitationCreate, scope: OrgScopeDep) -> Invit
     response_model=Page[InvitationRead],
 )
 async def list_invitations(
-    scope: OrgScopeDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
+    scope: ManageMembers, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
 ) -> Page[InvitationRead]:
-    scope.require(MANAGE_MEMBERS)
     rows, next_cursor = await repository.list_invitations(scope.session, cursor, limit)
     return Page(items=[_invitation_read(i) for i in rows], next_cursor=next_cursor)
 
@@ -221,8 +216,7 @@ async def list_invitations(
     operation_id="revokeInvitation",
     response_model=InvitationRead,
 )
-async def revoke_invitation(invitation_id: uuid.UUID, scope: OrgScopeDep) -> InvitationRead:
-    scope.require(MANAGE_MEMBERS)
+async def revoke_invitation(invitation_id: uuid.UUID, scope: ManageMembers) -> InvitationRead:
     return _invitation_read(await service.revoke_invitation(scope, invitation_id))
 
 
@@ -255,9 +249,8 @@ async def accept_invitation(data: InvitationAccept, user: CurrentUser) -> MyOrga
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
 )
-async def create_api_key(data: ApiKeyCreate, scope: OrgScopeDep) -> ApiKeyCreated:
+async def create_api_key(data: ApiKeyCreate, scope: ManageApiKeys) -> ApiKeyCreated:
     """Create a key bound to this organization. The secret is returned once, never again."""
-    scope.require(MANAGE_API_KEYS)
     key, token = await service.create_api_key(scope, data)
     return ApiKeyCreated(**ApiKeyRead.model_validate(key).model_dump(), key=token)
 
@@ -269,9 +262,8 @@ async def create_api_key(data: ApiKeyCreate, scope: OrgScopeDep) -> ApiKeyCreate
     response_model=Page[ApiKeyRead],
 )
 async def list_api_keys(
-    scope: OrgScopeDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
+    scope: ManageApiKeys, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
 ) -> Page[ApiKeyRead]:
-    scope.require(MANAGE_API_KEYS)
     rows, next_cursor = await repository.list_api_keys(scope.session, cursor, limit)
     return Page(items=[ApiKeyRead.model_validate(k) for k in rows], next_cursor=next_cursor)
 
@@ -282,8 +274,7 @@ async def list_api_keys(
     operation_id="revokeApiKey",
     response_model=ApiKeyRead,
 )
-async def revoke_api_key(key_id: uuid.UUID, scope: OrgScopeDep) -> ApiKeyRead:
-    scope.require(MANAGE_API_KEYS)
+async def revoke_api_key(key_id: uuid.UUID, scope: ManageApiKeys) -> ApiKeyRead:
     return ApiKeyRead.model_validate(await service.revoke_api_key(scope, key_id))
 
 
@@ -294,12 +285,11 @@ async def revoke_api_key(key_id: uuid.UUID, scope: OrgScopeDep) -> ApiKeyRead:
     response_model=Page[AuditEventRead],
 )
 async def list_audit_events(
-    scope: OrgScopeDep,
+    scope: ReadAudit,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
     action: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Page[AuditEventRead]:
-    scope.require(READ_AUDIT)
     rows, next_cursor = await repository.list_audit_events(scope.session, cursor, limit, action)
     return Page(items=[AuditEventRead.model_validate(e) for e in rows], next_cursor=next_cursor)
 
@@ -310,10 +300,9 @@ async def list_audit_events(
     operation_id="listSignInLocks",
     response_model=list[SignInLockRead],
 )
-async def list_sign_in_locks(scope: OrgScopeDep) -> list[SignInLockRead]:
+async def list_sign_in_locks(scope: ManageMembers) -> list[SignInLockRead]:
     """Members' accounts locked after repeated failed sign-ins, reset requests or invitation
     attempts; each lock ends by itself at ``locked_until``."""
-    scope.require(MANAGE_MEMBERS)
     return await service.sign_in_locks(scope)
 
 
@@ -323,7 +312,6 @@ async def list_sign_in_locks(scope: OrgScopeDep) -> list[SignInLockRead]:
     operation_id="clearSignInLock",
     status_code=status.HTTP_204_NO_CONTENT,
 )
-async def clear_sign_in_lock(user_id: uuid.UUID, scope: OrgScopeDep) -> None:
+async def clear_sign_in_lock(user_id: uuid.UUID, scope: ManageMembers) -> None:
     """Unlock a member's account at once and forget its failed attempts."""
-    scope.require(MANAGE_MEMBERS)
     await service.clear_sign_in_lock(scope, user_id)

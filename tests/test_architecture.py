@@ -7,6 +7,11 @@ modules, one imports the other, never both. The API app's whole import graph is 
 may load no worker module and no module that makes outgoing webhook requests. Each rule is
 also run on a small tree that breaks it, so a checker that stopped seeing violations would
 fail here too.
+
+Permissions are checked by dependencies, not in route bodies: no route handler calls
+``.require(…)`` (itself or through a helper of its module), and every route of the app that
+acts in an organization runs a permission dependency (``tenants.auth.requires``) unless it
+declares the scopes its service checks.
 """
 
 from __future__ import annotations
@@ -16,8 +21,23 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import pytest
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.dependencies.models import Dependant
+
+from hiddenmodel.api.openapi import api_routes, required_permissions
+from tenants.auth import (
+    JOBS_READ,
+    KeyOrgScopeDep,
+    ManageMembers,
+    OrgScope,
+    OrgScopeDep,
+    org_scope_from_key,
+    org_scope_from_path,
+    requires,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source roots and the packages under each.
@@ -369,3 +389,161 @@ def test_each_domain_has_the_files_of_its_layers() -> None:
         if not (ROOT / "platform" / domain.replace(".", "/") / name).exists()
     ]
     assert missing == []
+
+
+# Methods of a router (or an app) whose decorator makes a function a route handler.
+ROUTE_METHODS = {"get", "post", "put", "patch", "delete", "head", "options", "api_route"}
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _is_route_handler(function: FunctionNode) -> bool:
+    return any(
+        isinstance(d, ast.Call)
+        and isinstance(d.func, ast.Attribute)
+        and d.func.attr in ROUTE_METHODS
+        for d in function.decorator_list
+    )
+
+
+def _require_call(
+    function: FunctionNode, helpers: dict[str, FunctionNode], seen: set[str]
+) -> int | None:
+    """The line of a ``.require(…)`` call in ``function`` or in a helper of its module that
+    it calls by name, or None."""
+    seen.add(function.name)
+    for node in ast.walk(function):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "require":
+            return node.lineno
+        called = node.func.id if isinstance(node.func, ast.Name) else ""
+        if called in helpers and called not in seen:
+            line = _require_call(helpers[called], helpers, seen)
+            if line is not None:
+                return line
+    return None
+
+
+def permission_violations(root: Path) -> list[str]:
+    """Route handlers that check a permission in their body instead of taking the org scope
+    through a permission dependency, one line each."""
+    found: list[str] = []
+    for module, path in modules(root).items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        functions = {
+            n.name: n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+        }
+        for function in functions.values():
+            if not _is_route_handler(function):
+                continue
+            line = _require_call(function, functions, set())
+            if line is not None:
+                found.append(
+                    f"{module}:{line} {function.name} checks a permission in its body: take "
+                    "the scope through a permission dependency (tenants.auth.requires)"
+                )
+    return found
+
+
+def test_route_handlers_leave_permissions_to_dependencies() -> None:
+    assert permission_violations(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "@router.get('/x')\nasync def read(scope):\n    scope.require(READ_ORG)\n",
+            "hiddenmodel.things.router:3 read checks a permission in its body",
+        ),
+        (
+            "async def _helper(scope):\n    scope.require(READ_ORG)\n\n\n"
+            "def _outer(scope):\n    return _helper(scope)\n\n\n"
+            "@router.post('/x', status_code=201)\nasync def write(scope):\n"
+            "    return await _outer(scope)\n",
+            "hiddenmodel.things.router:2 write checks a permission in its body",
+        ),
+    ],
+)
+def test_the_permission_checker_sees_a_check_in_a_route(
+    tmp_path: Path, source: str, expected: str
+) -> None:
+    root = _tree(tmp_path, {"platform/hiddenmodel/things/router.py": source})
+    found = permission_violations(root)
+    assert any(expected in line for line in found), found
+
+
+def test_services_and_dependencies_may_check_permissions(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        {
+            "platform/hiddenmodel/things/service.py": (
+                "async def remove(scope, leaving):\n"
+                "    if not leaving:\n        scope.require(MANAGE_MEMBERS)\n"
+            ),
+            "platform/hiddenmodel/things/router.py": (
+                "def requires(permission):\n"
+                "    async def check(scope):\n        scope.require(permission)\n"
+                "    return check\n\n\n"
+                "@router.delete('/x')\nasync def remove(scope: ManageMembers):\n"
+                "    await service.remove(scope, False)\n"
+            ),
+        },
+    )
+    assert permission_violations(root) == []
+
+
+ORG_SCOPES = {org_scope_from_path, org_scope_from_key}
+
+
+def _calls(dependant: Dependant) -> Iterator[Any]:
+    for sub in dependant.dependencies:
+        yield sub.call
+        yield from _calls(sub)
+
+
+def unguarded_org_routes(app: FastAPI) -> list[str]:
+    """Routes that act in an organization (run an org scope) with no permission dependency.
+    A route whose service makes the check (leaving an organization needs no permission)
+    declares the scopes it checks in its ``openapi_extra`` and is not listed."""
+    found = []
+    for route in api_routes(app):
+        calls = set(_calls(route.dependant))
+        if not calls & ORG_SCOPES or required_permissions(route):
+            continue
+        if "x-required-scopes" in (route.openapi_extra or {}):
+            continue
+        found.append(f"{','.join(sorted(route.methods or ()))} {route.path}")
+    return found
+
+
+def test_routes_in_an_organization_require_a_permission(app: FastAPI) -> None:
+    assert unguarded_org_routes(app) == []
+
+
+def test_the_route_checker_sees_a_route_without_a_permission() -> None:
+    router = APIRouter()
+
+    @router.get("/orgs/{org_id}/open")
+    async def open_route(scope: OrgScopeDep) -> None: ...
+
+    @router.get("/key/open")
+    async def open_key_route(scope: KeyOrgScopeDep) -> None: ...
+
+    @router.get("/orgs/{org_id}/guarded")
+    async def guarded(scope: ManageMembers) -> None: ...
+
+    @router.get("/key/guarded")
+    async def key_guarded(
+        scope: Annotated[OrgScope, Depends(requires(JOBS_READ, key_org=True))],
+    ) -> None: ...
+
+    @router.delete("/orgs/{org_id}/self", openapi_extra={"x-required-scopes": ["admin"]})
+    async def checked_by_its_service(scope: OrgScopeDep) -> None: ...
+
+    @router.get("/public")
+    async def public() -> None: ...
+
+    app = FastAPI()
+    app.include_router(router)
+    assert unguarded_org_routes(app) == ["GET /orgs/{org_id}/open", "GET /key/open"]

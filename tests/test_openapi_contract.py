@@ -134,7 +134,8 @@ async def test_security_matches_what_each_operation_enforces(client: httpx.Async
 
 async def test_scopes_declared_are_the_scopes_enforced(client: httpx.AsyncClient) -> None:
     """A key with one scope is refused `missing-scope` only by operations whose
-    `x-required-scopes` lack that scope (usage reports check theirs in a shared helper)."""
+    `x-required-scopes` lack that scope (the scope is read from the same permission
+    dependencies that refuse)."""
     spec = await _spec(client)
     org = await make_org(client)
     key = await make_key(client, org, scopes=["jobs:read"])

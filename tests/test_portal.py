@@ -883,8 +883,14 @@ async def test_operator_sets_plan_and_overrides(app: Any, client: httpx.AsyncCli
         body = (await client.get(f"/v1/admin/orgs/{org.id}", headers=operator.headers)).json()
         assert body["plan"] == "pro"
         assert body["overrides"] == {"monthly_images": 1234, "storage_bytes": None}
+        # The effective limits: the overrides, and the plan's where none is set.
+        limits = body["limits"]
+        assert limits["monthly_images"] == 1234 and limits["storage_bytes"] is None
+        assert limits["max_running_jobs"] == 16
         page = (await browser.get(org_url)).text
         assert 'value="1234"' in page and 'value="unlimited"' in page
+        assert "monthly_images 1234" in page and "storage_bytes unlimited" in page
+        assert "max_running_jobs 16" in page
         r = await post_form(
             browser, org_url, f"{org_url}/plan", {"plan": "nope", "override_monthly_images": "1"}
         )

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from hiddenmodel.db import async_tenant_session, commit, tenant_session
+from hiddenmodel.jobs import lifecycle
 from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.settings import get_settings
 from hiddenmodel.webhooks import delivery, enqueue, service, signing, urls
@@ -301,9 +302,10 @@ async def test_emitting_failed_and_canceled_job_events(
     assert body["data"]["error"] == {"code": "bad-input", "message": "The image is empty."}
     assert body["data"]["outputs"] == []
 
-    # The API's way: sent by the session owner's commit.
+    # The API's way (a queued job canceled): recorded in the request's transaction, sent by
+    # the session owner's commit.
     async with async_tenant_session(org_id) as session:
-        assert len(await service.emit_job_event(session, job_ids[1], JobStatus.CANCELED)) == 1
+        await lifecycle.record_end(session, job_ids[1], JobStatus.CANCELED)
         await commit(session)
     canceled = (await receiver.wait(paths["failures"], 2))[1]
     assert canceled.json()["type"] == "job.canceled"

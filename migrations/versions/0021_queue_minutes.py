@@ -17,7 +17,7 @@ the front of the biggest organization's queue at 10 M jobs).
   of this migration's transaction, which holds the jobs table's lock).
 
 Revision ID: 0021_queue_minutes
-Revises: 0019_totp
+Revises: 0020_effective_limits
 Create Date: 2026-12-05
 """
 
@@ -35,7 +35,7 @@ from hiddenmodel.migration_helpers import (
 )
 
 revision: str = "0021_queue_minutes"
-down_revision: str | None = "0019_totp"
+down_revision: str | None = "0020_effective_limits"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -203,6 +203,7 @@ class AdminOrgRead(BaseModel):
     plan: str
     plan_assigned: bool = Field(description="False: on the default plan for want of another")
     overrides: LimitValues
+    limits: LimitValues = Field(description="Effective limits: plan and overrides")
     subscription_status: str | None
     usage: OrgUsage
     suspended_at: datetime | None = Field(

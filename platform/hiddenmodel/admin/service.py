@@ -35,7 +35,7 @@ from hiddenmodel.usage import periods
 from hiddenmodel.usage import service as usage_service
 from hiddenmodel.usage.models import OrgBilling, Plan
 from hiddenmodel.usage.periods import Period
-from hiddenmodel.usage.repository import Sums
+from hiddenmodel.usage.repository import EffectiveLimits, Sums
 from hiddenmodel.usage.schemas import UsageReport
 from hiddenmodel.usage.service import ORG_LIMITS
 from tenants import repository as tenants_repository
@@ -157,11 +157,6 @@ def _validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return limits.model_dump(include=set(overrides))
 
 
-def _effective_limits(plan: Plan, overrides: dict[str, Any]) -> dict[str, float | None]:
-    # The same rule as usage.service.org_plan: a present override wins, even null (unlimited).
-    return {name: overrides.get(name, getattr(plan, name)) for name in ORG_LIMITS}
-
-
 async def set_org_plan(
     session: AsyncSession, operator: Operator, org_id: uuid.UUID, body: OrgPlanSet
 ) -> OrgPlanRead:
@@ -176,6 +171,7 @@ async def set_org_plan(
     overrides = _validate_overrides(body.overrides)
     previous = (await repository.billing_of(session, [org_id])).get(org_id)
     await repository.upsert_billing(session, org_id, plan.id, overrides)
+    effective = (await usage_service.effective_limits(session, [org_id]))[org_id]
     tenants_repository.add_audit_event(
         session,
         AuditEvent(
@@ -198,29 +194,29 @@ async def set_org_plan(
         organization_id=org_id,
         plan=plan.code,
         overrides=overrides,
-        limits=_effective_limits(plan, overrides),
+        limits=effective.limits,
     )
 
 
 def _org_read(
     org: Organization,
     billing: tuple[OrgBilling, Plan] | None,
-    default: Plan | None,
+    effective: EffectiveLimits | None,
     sums: Sums | None,
     period: Period,
 ) -> AdminOrgRead:
     totals = usage_service.totals(
         sums or Sums(jobs=0, gpu_seconds=Decimal(0), images=0, megapixels=Decimal(0))
     )
-    plan = billing[1] if billing else default
     return AdminOrgRead(
         id=org.id,
         slug=org.slug,
         name=org.name,
         created_at=org.created_at,
-        plan=plan.code if plan else "",
+        plan=(effective.plan_code if effective else None) or "",
         plan_assigned=billing is not None,
         overrides=billing[0].overrides if billing else {},
+        limits=effective.limits if effective else {},
         subscription_status=billing[0].subscription_status if billing else None,
         usage=OrgUsage(period_start=period.start, **totals.model_dump()),
         suspended_at=org.suspended_at,
@@ -233,9 +229,11 @@ async def _org_reads(
     period = periods.report_period(None, None, today=today)
     ids = [o.id for o in orgs]
     billing = await repository.billing_of(session, ids)
-    default = await repository.default_plan(session)
+    effective = await usage_service.effective_limits(session, ids)
     usage = await usage_service.usage_sums_by_org(session, ids, period)
-    return [_org_read(o, billing.get(o.id), default, usage.get(o.id), period) for o in orgs]
+    return [
+        _org_read(o, billing.get(o.id), effective.get(o.id), usage.get(o.id), period) for o in orgs
+    ]
 
 
 async def list_orgs(

@@ -13,16 +13,13 @@ is completed here, in one place:
   dependencies keep what FastAPI derived;
 * API key scopes are fixed per key and cannot be listed in an ``http`` requirement, so the
   scopes (and member roles) an operation requires go to ``x-required-scopes`` and
-  ``x-required-roles`` and to its description. They are read from the endpoint's
-  ``scope.require(<Permission>)`` calls; a route may set them itself with ``openapi_extra``
-  when the check lives elsewhere.
+  ``x-required-roles`` and to its description. They are read from the route's permission
+  dependencies (:data:`tenants.auth.REQUIRED_PERMISSIONS`, ``scope: ManageMembers``); a route
+  may set them itself with ``openapi_extra`` when the check lives elsewhere.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +28,13 @@ from fastapi.dependencies.models import Dependant
 from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 
-from tenants.auth import ACCEPTED_CREDENTIALS, API_KEY_PREFIX, API_KEY_SCHEME, Permission
+from tenants.auth import (
+    ACCEPTED_CREDENTIALS,
+    API_KEY_PREFIX,
+    API_KEY_SCHEME,
+    REQUIRED_PERMISSIONS,
+    Permission,
+)
 from tenants.models import Scope
 from tenants.users import SESSION_COOKIE_SCHEME, SESSION_SCHEME, bearer_backend, cookie_backend
 
@@ -85,47 +88,14 @@ def accepted_schemes(route: APIRoute) -> list[str] | None:
     return [name for name in SCHEME_ORDER if name in accepted]
 
 
-def _resolve(node: ast.expr, namespace: dict[str, Any]) -> Any:
-    if isinstance(node, ast.Name):
-        return namespace.get(node.id)
-    if isinstance(node, ast.Attribute):
-        return getattr(_resolve(node.value, namespace), node.attr, None)
-    return None
-
-
-def required_permissions(
-    endpoint: Callable[..., Any], _seen: set[Callable[..., Any]] | None = None
-) -> list[Permission]:
-    """The permissions an endpoint checks with ``<scope>.require(<Permission>)``, itself or
-    in the helpers of its own module that it calls (``_report(scope, ...)``)."""
-    function = inspect.unwrap(endpoint)
-    seen = _seen if _seen is not None else set()
-    if function in seen:
-        return []
-    seen.add(function)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError):
-        return []
-    namespace = getattr(function, "__globals__", {})
+def required_permissions(route: APIRoute) -> list[Permission]:
+    """The permissions a route checks through its permission dependencies
+    (:func:`tenants.auth.requires`), in the order they run."""
     found: list[Permission] = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        if (
-            isinstance(node.func, ast.Attribute)
-            and node.func.attr == "require"
-            and len(node.args) == 1
-        ):
-            permission = _resolve(node.args[0], namespace)
-            if isinstance(permission, Permission) and permission not in found:
-                found.append(permission)
-        elif isinstance(node.func, ast.Name):
-            helper = namespace.get(node.func.id)
-            if inspect.isfunction(helper) and helper.__module__ == function.__module__:
-                for permission in required_permissions(helper, seen):
-                    if permission not in found:
-                        found.append(permission)
+    for call in _dependency_calls(route.dependant):
+        permission = REQUIRED_PERMISSIONS.get(call)
+        if permission is not None and permission not in found:
+            found.append(permission)
     return found
 
 
@@ -156,7 +126,7 @@ def _secure_operation(operation: dict[str, Any], route: APIRoute) -> None:
         operation.setdefault("security", [])
         return
     operation["security"] = [{name: []} for name in schemes]
-    permissions = required_permissions(route.endpoint)
+    permissions = required_permissions(route)
     scopes = list(operation.get("x-required-scopes", []))
     roles = list(operation.get("x-required-roles", []))
     for permission in permissions:

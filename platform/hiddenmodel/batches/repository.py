@@ -278,7 +278,3 @@ def existing_item_ids_sync(session: Session, item_ids: Sequence[uuid.UUID]) -> s
 
 def batch_of_job_sync(session: Session, job_id: uuid.UUID) -> uuid.UUID | None:
     return session.scalar(select(Job.batch_id).where(Job.id == job_id))
-
-
-async def batch_of_job(session: AsyncSession, job_id: uuid.UUID) -> uuid.UUID | None:
-    return await session.scalar(select(Job.batch_id).where(Job.id == job_id))

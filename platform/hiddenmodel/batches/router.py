@@ -20,7 +20,7 @@ from hiddenmodel.batches.schemas import (
 from hiddenmodel.batches.zipintake import ArchiveRefused
 from hiddenmodel.jobs.schemas import Price
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
-from tenants.auth import JOBS_READ, JOBS_WRITE, KeyOrgScopeDep
+from tenants.auth import KeyJobsRead, KeyJobsWrite
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
@@ -33,9 +33,8 @@ _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
     status_code=status.HTTP_201_CREATED,
     response_model=BatchRead,
 )
-async def create_batch(body: BatchCreate, scope: KeyOrgScopeDep, response: Response) -> BatchRead:
+async def create_batch(body: BatchCreate, scope: KeyJobsWrite, response: Response) -> BatchRead:
     """An open batch: add items to it, then submit it."""
-    scope.require(JOBS_WRITE)
     batch = await service.create(scope, body)
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     return await service.view(scope, batch)
@@ -43,19 +42,17 @@ async def create_batch(body: BatchCreate, scope: KeyOrgScopeDep, response: Respo
 
 @router.get("/batches", operation_id="listBatches", response_model=Page[BatchRead])
 async def list_batches(
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsRead,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
 ) -> Page[BatchRead]:
-    scope.require(JOBS_READ)
     rows, next_cursor = await repository.list_batches(scope.session, cursor=cursor, limit=limit)
     return Page(items=[await service.view(scope, b) for b in rows], next_cursor=next_cursor)
 
 
 @router.get("/batches/{batch_id}", operation_id="getBatch", response_model=BatchRead)
-async def get_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
+async def get_batch(batch_id: uuid.UUID, scope: KeyJobsRead) -> BatchRead:
     """Counts by status, progress, GPU seconds so far and an ETA."""
-    scope.require(JOBS_READ)
     return await service.view(scope, await service.get(scope, batch_id))
 
 
@@ -67,7 +64,7 @@ async def get_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
 )
 async def add_items(
     batch_id: uuid.UUID,
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsWrite,
     files: Annotated[
         list[UploadFile] | None, File(description="Photos, masks and interior frames")
     ] = None,
@@ -84,7 +81,6 @@ async def add_items(
 ) -> ItemsAdded:
     """Add items from many files or one ZIP. A hostile or malformed upload is refused whole
     (4xx naming the entry) with nothing stored; a damaged photo is kept as a rejected item."""
-    scope.require(JOBS_WRITE)
     try:
         source = service.upload_source(
             [(upload.filename or "", upload.file) for upload in files or []],
@@ -105,12 +101,11 @@ async def add_items(
 )
 async def list_items(
     batch_id: uuid.UUID,
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsRead,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,9}$")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
 ) -> Page[BatchItemRead]:
     """Items in upload order, each with its job's status, progress, error and report."""
-    scope.require(JOBS_READ)
     offset = int(cursor or 0)
     out, more = await service.item_views(scope, batch_id, offset=offset, limit=limit)
     return Page(items=out, next_cursor=str(offset + limit) if more else None)
@@ -126,12 +121,11 @@ async def list_items(
 )  # fmt: skip
 async def submit_batch(
     batch_id: uuid.UUID,
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsWrite,
     dry_run: Annotated[bool, Query(description="Quote only: admit nothing")] = False,
 ) -> Any:
     """Admit every item at once under the quota, or none: 429/402 with the whole batch's
     numbers when it does not fit."""
-    scope.require(JOBS_WRITE)
     result = await service.submit(scope, batch_id, dry_run=dry_run)
     if isinstance(result, service.Quote):
         quote = BatchQuoteRead(
@@ -151,9 +145,8 @@ async def submit_batch(
 
 
 @router.post("/batches/{batch_id}/cancel", operation_id="cancelBatch", response_model=BatchRead)
-async def cancel_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
+async def cancel_batch(batch_id: uuid.UUID, scope: KeyJobsWrite) -> BatchRead:
     """Cancel what has not started; running items stop at their next step."""
-    scope.require(JOBS_WRITE)
     return await service.view(scope, await service.cancel(scope, batch_id))
 
 
@@ -166,9 +159,8 @@ async def cancel_batch(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> BatchRead:
                      "description": "A ZIP of every output, named after its input, and "
                      "items.csv (status, error, quality flags per item)"}},
 )  # fmt: skip
-async def download_archive(batch_id: uuid.UUID, scope: KeyOrgScopeDep) -> StreamingResponse:
+async def download_archive(batch_id: uuid.UUID, scope: KeyJobsRead) -> StreamingResponse:
     """Streamed as it is written: the server never holds the archive."""
-    scope.require(JOBS_READ)
     filename, body = await service.archive_download(scope, batch_id)
     return StreamingResponse(
         body,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Depends, Header, Query, Request, status
 
 from hiddenmodel.admin.auth import OperatorDep
 from hiddenmodel.billing import service
@@ -19,15 +19,16 @@ from hiddenmodel.billing.schemas import (
     ReconciliationRead,
     StripeWebhookReceipt,
 )
-from tenants.auth import OrgScopeDep
+from tenants.auth import OrgScope, requires
 
 router = APIRouter(prefix="/v1", tags=["billing"])
 
+ManageBilling = Annotated[OrgScope, Depends(requires(service.MANAGE_BILLING))]
+
 
 @router.get("/orgs/{org_id}/billing", operation_id="getBilling", response_model=BillingRead)
-async def get_billing(scope: OrgScopeDep) -> BillingRead:
+async def get_billing(scope: ManageBilling) -> BillingRead:
     """The plan, the Stripe subscription's status and any unpaid invoice's start."""
-    scope.require(service.MANAGE_BILLING)
     return await service.view(scope)
 
 
@@ -37,9 +38,8 @@ async def get_billing(scope: OrgScopeDep) -> BillingRead:
     status_code=status.HTTP_201_CREATED,
     response_model=CheckoutRead,
 )
-async def create_checkout(data: CheckoutCreate, scope: OrgScopeDep) -> CheckoutRead:
+async def create_checkout(data: CheckoutCreate, scope: ManageBilling) -> CheckoutRead:
     """A Stripe Checkout link that subscribes the organization to a plan."""
-    scope.require(service.MANAGE_BILLING)
     return await service.start_checkout(scope, data.plan)
 
 
@@ -49,9 +49,8 @@ async def create_checkout(data: CheckoutCreate, scope: OrgScopeDep) -> CheckoutR
     status_code=status.HTTP_201_CREATED,
     response_model=PortalRead,
 )
-async def create_portal_session(scope: OrgScopeDep) -> PortalRead:
+async def create_portal_session(scope: ManageBilling) -> PortalRead:
     """A link to Stripe's customer portal: payment methods, invoices, cancellation."""
-    scope.require(service.MANAGE_BILLING)
     return await service.open_portal(scope)
 
 

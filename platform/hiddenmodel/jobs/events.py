@@ -13,6 +13,9 @@ import uuid
 import weakref
 from typing import Any
 
+from redis.asyncio.client import Pipeline as AsyncPipeline
+from redis.client import Pipeline
+
 from hiddenmodel.redis import async_redis, sync_redis
 
 log = logging.getLogger(__name__)
@@ -37,18 +40,21 @@ async def publish_async(job_id: uuid.UUID | str, event: dict[str, Any]) -> None:
     await async_redis().publish(channel(job_id), json.dumps(event, default=str))
 
 
-def wake_dispatcher_sync() -> None:
-    client = sync_redis()
-    pipe = client.pipeline(transaction=False)
+def _queue_wake(pipe: Pipeline | AsyncPipeline) -> None:
+    # One pending wake is enough: the dispatcher drains everything due when it wakes.
     pipe.lpush(DISPATCH_WAKE, 1)
     pipe.ltrim(DISPATCH_WAKE, 0, 0)
+
+
+def wake_dispatcher_sync() -> None:
+    pipe = sync_redis().pipeline(transaction=False)
+    _queue_wake(pipe)
     pipe.execute()
 
 
 async def _push_wake() -> None:
     pipe = async_redis().pipeline(transaction=False)
-    pipe.lpush(DISPATCH_WAKE, 1)
-    pipe.ltrim(DISPATCH_WAKE, 0, 0)
+    _queue_wake(pipe)
     await pipe.execute()
 
 

@@ -19,7 +19,7 @@ from hiddenmodel.batches import repository as batches
 from hiddenmodel.db import after_commit
 from hiddenmodel.jobs import events
 from hiddenmodel.jobs.models import JobStatus
-from hiddenmodel.usage.repository import settle, settle_sync
+from hiddenmodel.usage.repository import settle_sync
 from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from hiddenmodel.webhooks import service as webhooks
 
@@ -51,8 +51,12 @@ def record_end_sync(
     job_id: uuid.UUID,
     status: JobStatus,
     metered: Metered | None = None,
+    *,
+    find_batch: bool = True,
 ) -> Ended:
-    """Call right after the compare-and-set that ended the job, in its transaction."""
+    """Call right after the compare-and-set that ended the job, in its transaction. Without
+    ``find_batch`` the job's batch is not looked up (a caller ending many jobs of one batch
+    checks the batch's end once itself)."""
     m = metered or Metered()
     settle_sync(
         session,
@@ -69,7 +73,7 @@ def record_end_sync(
         job_id=job_id,
         status=status,
         deliveries=deliveries,
-        batch_id=batches.batch_of_job_sync(session, job_id),
+        batch_id=batches.batch_of_job_sync(session, job_id) if find_batch else None,
     )
 
 
@@ -88,18 +92,17 @@ def announce(ended: list[Ended]) -> None:
 async def record_end(
     session: AsyncSession, job_id: uuid.UUID, status: JobStatus, *, end_batch: bool = True
 ) -> None:
-    """The API's twin of :func:`record_end_sync` (a queued job canceled); the webhook
-    deliveries and the announcement go out once ``session`` commits."""
-    await settle(session, job_id, status.value)
-    await webhooks.emit_job_event(session, job_id, status)
-    # A caller ending many jobs of one batch (its cancel) checks the batch's end once itself.
-    batch_id = await batches.batch_of_job(session, job_id) if end_batch else None
-    org_id = session.info.get("org_id")
+    """:func:`record_end_sync` for the API (a queued job canceled: nothing metered), in
+    ``session``'s transaction; the webhook deliveries and the announcement go out once it
+    commits."""
+    org_id: uuid.UUID = session.info["org_id"]  # bound by every tenant session
+    ended = await session.run_sync(record_end_sync, org_id, job_id, status, find_batch=end_batch)
+    webhook_enqueue.send_after_commit(session, org_id, ended.deliveries)
 
     async def _announce() -> None:
         await events.publish_async(job_id, {"type": "status", "status": status.value})
         await events.wake_dispatcher()
-        if batch_id is not None and isinstance(org_id, uuid.UUID):
-            await batch_completion.finish_if_done(org_id, batch_id)
+        if ended.batch_id is not None:
+            await batch_completion.finish_if_done(org_id, ended.batch_id)
 
     after_commit(session, _announce)

@@ -26,7 +26,7 @@ from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.redis import async_redis
 from hiddenmodel.retention import service as retention_service
 from hiddenmodel.settings import get_settings
-from tenants.auth import JOBS_READ, JOBS_WRITE, KeyOrgScopeDep, OrgScope
+from tenants.auth import KeyJobsRead, KeyJobsWrite, OrgScope
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -126,7 +126,7 @@ async def _wait_terminal(org_id: uuid.UUID, job_id: uuid.UUID, seconds: float) -
     },
 )
 async def submit_job(
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsWrite,
     response: Response,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WEBP")],
     operation: Annotated[FormText, Form(examples=["remove_background"])],
@@ -149,7 +149,6 @@ async def submit_job(
     dry_run_query: Annotated[bool, Query(alias="dry_run")] = False,
 ) -> Any:
     """Accept a job: 202 with the job and its `Location` at once; the work runs async."""
-    scope.require(JOBS_WRITE)
     uploads = [await _read(image, "image")]
     for name, upload in (("mask", mask), ("body_mask", body_mask), ("interior", interior)):
         if upload is not None:
@@ -188,14 +187,13 @@ async def submit_job(
 
 
 @router.get("/jobs/{job_id}", operation_id="getJob", response_model=JobRead)
-async def get_job(job_id: uuid.UUID, scope: KeyOrgScopeDep) -> JobRead:
-    scope.require(JOBS_READ)
+async def get_job(job_id: uuid.UUID, scope: KeyJobsRead) -> JobRead:
     return await service.view(scope, await service.get(scope, job_id))
 
 
 @router.get("/jobs", operation_id="listJobs", response_model=Page[JobRead])
 async def list_jobs(
-    scope: KeyOrgScopeDep,
+    scope: KeyJobsRead,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     operation: Annotated[str | None, Query(max_length=64)] = None,
     created_after: datetime | None = None,
@@ -203,7 +201,6 @@ async def list_jobs(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
 ) -> Page[JobRead]:
-    scope.require(JOBS_READ)
     rows, next_cursor = await repository.list_jobs(
         scope.session,
         status=status_.value if status_ else None,
@@ -222,9 +219,8 @@ async def list_jobs(
 
 
 @router.post("/jobs/{job_id}/cancel", operation_id="cancelJob", response_model=JobRead)
-async def cancel_job(job_id: uuid.UUID, scope: KeyOrgScopeDep, response: Response) -> JobRead:
+async def cancel_job(job_id: uuid.UUID, scope: KeyJobsWrite, response: Response) -> JobRead:
     """A queued job is canceled at once (200); a running one stops at its next step (202)."""
-    scope.require(JOBS_WRITE)
     job = await service.cancel(scope, job_id)
     if job.status == JobStatus.RUNNING.value:
         response.status_code = status.HTTP_202_ACCEPTED
@@ -240,8 +236,7 @@ async def cancel_job(job_id: uuid.UUID, scope: KeyOrgScopeDep, response: Respons
         410: {"description": "Deleted under the organization's retention (`output-expired`)"},
     },
 )
-async def download_output(job_id: uuid.UUID, name: str, scope: KeyOrgScopeDep) -> Response:
-    scope.require(JOBS_READ)
+async def download_output(job_id: uuid.UUID, name: str, scope: KeyJobsRead) -> Response:
     job = await service.get(scope, job_id)
     output = next((o for o in job.outputs if o["name"] == name), None)
     if output is None:
@@ -321,8 +316,7 @@ async def _event_stream(scope: OrgScope, job_id: uuid.UUID) -> AsyncIterator[byt
         }
     },
 )
-async def stream_job_events(job_id: uuid.UUID, scope: KeyOrgScopeDep) -> StreamingResponse:
-    scope.require(JOBS_READ)
+async def stream_job_events(job_id: uuid.UUID, scope: KeyJobsRead) -> StreamingResponse:
     await service.get(scope, job_id)  # 404 before any stream opens
     return event_stream_response(scope, job_id)
 

@@ -21,7 +21,7 @@ async def _limits(key: ApiKey, session: AsyncSession) -> tuple[int | None, int |
     now = time.monotonic()
     if cached is not None and cached[0] > now:
         return cached[1], cached[2]
-    org = await service.org_plan(session)
+    org = await service.org_plan(session, key.organization_id)
     own = await service.sub_limits(session, "api_key", key.id)
     key_rpm = own.get("requests_per_minute") or org.limits.get("requests_per_minute")
     org_rpm = org.limits.get("org_requests_per_minute")

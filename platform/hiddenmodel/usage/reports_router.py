@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from hiddenmodel.usage import export, periods, service
 from hiddenmodel.usage.schemas import Statement, TenantGroupBy, UsageReport
-from tenants.auth import USAGE_READ, KeyOrgScopeDep, OrgScope, OrgScopeDep
+from tenants.auth import KeyUsageRead, OrgScope, UsageRead
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
@@ -85,7 +85,6 @@ def _today() -> date:
 async def _report(
     scope: OrgScope, group_by: TenantGroupBy, start: date | None, end: date | None
 ) -> UsageReport:
-    scope.require(USAGE_READ)
     period = periods.report_period(start, end, today=_today())
     return await service.usage_report(scope.session, group_by, period)
 
@@ -123,7 +122,7 @@ async def _negotiated(
 async def get_usage(
     request: Request,
     response: Response,
-    scope: KeyOrgScopeDep,
+    scope: KeyUsageRead,
     group_by: GroupByQuery = "day",
     start: FromQuery = None,
     to: ToQuery = None,
@@ -139,7 +138,7 @@ async def get_usage(
     responses=_CSV_RESPONSE,
 )
 async def get_usage_csv(
-    scope: KeyOrgScopeDep,
+    scope: KeyUsageRead,
     group_by: GroupByQuery = "day",
     start: FromQuery = None,
     to: ToQuery = None,
@@ -157,7 +156,7 @@ async def get_usage_csv(
 async def get_org_usage(
     request: Request,
     response: Response,
-    scope: OrgScopeDep,
+    scope: UsageRead,
     group_by: GroupByQuery = "day",
     start: FromQuery = None,
     to: ToQuery = None,
@@ -173,7 +172,7 @@ async def get_org_usage(
     responses=_CSV_RESPONSE,
 )
 async def get_org_usage_csv(
-    scope: OrgScopeDep,
+    scope: UsageRead,
     group_by: GroupByQuery = "day",
     start: FromQuery = None,
     to: ToQuery = None,
@@ -183,14 +182,13 @@ async def get_org_usage_csv(
 
 
 async def _statement(scope: OrgScope, month: str) -> Statement:
-    scope.require(USAGE_READ)
     now = datetime.now(UTC)
     period = periods.month_period(month, today=now.date())
     return await service.statement(scope.session, scope.org_id, period, now=now)
 
 
 @router.get("/usage/statements/{month}", operation_id="getUsageStatement", response_model=Statement)
-async def get_statement(month: MonthPath, scope: KeyOrgScopeDep) -> Statement:
+async def get_statement(month: MonthPath, scope: KeyUsageRead) -> Statement:
     """The month's statement of this API key's organization: plan, usage, estimated charge."""
     return await _statement(scope, month)
 
@@ -200,7 +198,7 @@ async def get_statement(month: MonthPath, scope: KeyOrgScopeDep) -> Statement:
     operation_id="getOrgUsageStatement",
     response_model=Statement,
 )
-async def get_org_statement(month: MonthPath, scope: OrgScopeDep) -> Statement:
+async def get_org_statement(month: MonthPath, scope: UsageRead) -> Statement:
     """The organization's statement for a month: plan, included amounts, usage per operation
     and member, GPU-seconds beyond the included amount and the estimated charge."""
     return await _statement(scope, month)

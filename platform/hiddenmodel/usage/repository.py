@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from hiddenmodel.jobs.models import Job, JobStatus
-from hiddenmodel.usage.models import OrgBilling, Plan, QuotaCounter, QuotaLimit, UsageDaily
+from hiddenmodel.usage.models import Plan, QuotaCounter, QuotaLimit, UsageDaily
 from hiddenmodel.usage.periods import Period
 from hiddenmodel.usage.schemas import Dimension
 from tenants.models import ApiKey, Organization, User
@@ -42,17 +42,48 @@ from tenants.models import ApiKey, Organization, User
 # --- plans and limits ----------------------------------------------------------------------
 
 
-async def org_billing(session: AsyncSession) -> OrgBilling | None:
-    """The bound organization's billing row (absent: it is on the default plan)."""
-    return (await session.scalars(select(OrgBilling))).one_or_none()
+# The organizations' limits by the rule's one statement (migration 0020), with their plans' codes.
+_EFFECTIVE_LIMITS = text(
+    "SELECT o.id AS organization_id, p.code AS plan_code, l.* "
+    "FROM unnest(CAST(:orgs AS uuid[])) AS o(id) "
+    "CROSS JOIN LATERAL hm_effective_limits(o.id) AS l "
+    "LEFT JOIN plans p ON p.id = l.plan_id"
+)
+_NOT_LIMITS = ("organization_id", "plan_code", "plan_id")
+
+
+@dataclass(frozen=True)
+class EffectiveLimits:
+    """An organization's limits and the plan they come from (``plan_id`` None: the
+    organization has no plan and no plan is the default)."""
+
+    plan_id: uuid.UUID | None
+    plan_code: str | None
+    limits: dict[str, float | None]
+
+
+async def effective_limits(
+    session: AsyncSession, org_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, EffectiveLimits]:
+    """The effective limits of each organization of ``org_ids`` the session can see (RLS: a
+    tenant session, its own), from ``hm_effective_limits``, the function admission and the
+    dispatcher read: the plan's (the organization's, else the default plan's), each replaced
+    by the organization's override when present, even null (unlimited)."""
+    if not org_ids:
+        return {}
+    rows = (await session.execute(_EFFECTIVE_LIMITS, {"orgs": list(org_ids)})).mappings()
+    return {
+        row["organization_id"]: EffectiveLimits(
+            plan_id=row["plan_id"],
+            plan_code=row["plan_code"],
+            limits={name: value for name, value in row.items() if name not in _NOT_LIMITS},
+        )
+        for row in rows
+    }
 
 
 async def get_plan(session: AsyncSession, plan_id: uuid.UUID) -> Plan | None:
     return await session.get(Plan, plan_id)
-
-
-async def default_plan(session: AsyncSession) -> Plan | None:
-    return (await session.scalars(select(Plan).where(Plan.is_default))).one_or_none()
 
 
 async def get_quota_limit(
@@ -158,24 +189,6 @@ async def submit_job(
 _SETTLE = text("SELECT hm_settle_job(:job, :outcome, :gpu, :images, :mp, :bytes)")
 
 
-def _params(
-    job_id: uuid.UUID,
-    outcome: str,
-    gpu_seconds: float,
-    images: int,
-    megapixels: float,
-    output_bytes: int,
-) -> dict[str, Any]:
-    return {
-        "job": job_id,
-        "outcome": outcome,
-        "gpu": gpu_seconds,
-        "images": images,
-        "mp": megapixels,
-        "bytes": output_bytes,
-    }
-
-
 def settle_sync(
     session: Session,
     job_id: uuid.UUID,
@@ -192,27 +205,15 @@ def settle_sync(
     canceled while running are billed the GPU-seconds they used; failed, expired and jobs
     canceled before they started are not billed.
     """
-    result = session.execute(
-        _SETTLE, _params(job_id, outcome, gpu_seconds, images, megapixels, output_bytes)
-    )
-    return bool(result.scalar())
-
-
-async def settle(
-    session: AsyncSession,
-    job_id: uuid.UUID,
-    outcome: str,
-    *,
-    gpu_seconds: float = 0.0,
-    images: int = 0,
-    megapixels: float = 0.0,
-    output_bytes: int = 0,
-) -> bool:
-    """The async twin of :func:`settle_sync` (API side: cancel before start)."""
-    result = await session.execute(
-        _SETTLE, _params(job_id, outcome, gpu_seconds, images, megapixels, output_bytes)
-    )
-    return bool(result.scalar())
+    params = {
+        "job": job_id,
+        "outcome": outcome,
+        "gpu": gpu_seconds,
+        "images": images,
+        "mp": megapixels,
+        "bytes": output_bytes,
+    }
+    return bool(session.execute(_SETTLE, params).scalar())
 
 
 # --- report sums ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path
 
 from hiddenmodel.usage import service
 from hiddenmodel.usage.schemas import LimitsRead, SubLimits, SubLimitsRead
-from tenants.auth import MANAGE_MEMBERS, USAGE_READ, KeyOrgScopeDep, OrgScopeDep
+from tenants.auth import KeyUsageRead, ManageMembers, UsageRead
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
@@ -18,18 +18,16 @@ _SUBJECT = {"members": "member", "api-keys": "api_key"}
 
 
 @router.get("/usage/limits", operation_id="getUsageLimits", response_model=LimitsRead)
-async def get_limits(scope: KeyOrgScopeDep) -> LimitsRead:
+async def get_limits(scope: KeyUsageRead) -> LimitsRead:
     """Every limit on this API key's organization, the key and its creator: used, reserved,
     remaining and when monthly counters reset."""
-    scope.require(USAGE_READ)
     return await service.limits_view(scope)
 
 
 @router.get(
     "/orgs/{org_id}/usage/limits", operation_id="getOrgUsageLimits", response_model=LimitsRead
 )
-async def get_org_limits(scope: OrgScopeDep) -> LimitsRead:
-    scope.require(USAGE_READ)
+async def get_org_limits(scope: UsageRead) -> LimitsRead:
     return await service.limits_view(scope)
 
 
@@ -39,11 +37,10 @@ async def get_org_limits(scope: OrgScopeDep) -> LimitsRead:
     response_model=SubLimitsRead,
 )
 async def set_sub_limits(
-    subject: SubjectPath, subject_id: uuid.UUID, limits: SubLimits, scope: OrgScopeDep
+    subject: SubjectPath, subject_id: uuid.UUID, limits: SubLimits, scope: ManageMembers
 ) -> SubLimitsRead:
     """Cap one member or one API key at or below the organization's limits (replaces earlier
     caps); a cap above one is refused with 422 `sub-limit-above-plan`."""
-    scope.require(MANAGE_MEMBERS)
     return await service.set_sub_limits(scope, _SUBJECT[subject], subject_id, limits)
 
 
@@ -53,7 +50,6 @@ async def set_sub_limits(
     response_model=SubLimitsRead,
 )
 async def get_sub_limits(
-    subject: SubjectPath, subject_id: uuid.UUID, scope: OrgScopeDep
+    subject: SubjectPath, subject_id: uuid.UUID, scope: ManageMembers
 ) -> SubLimitsRead:
-    scope.require(MANAGE_MEMBERS)
     return await service.get_sub_limits(scope, _SUBJECT[subject], subject_id)

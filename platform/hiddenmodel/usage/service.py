@@ -1,7 +1,9 @@
 """Rules of usage: effective limits, admission decisions, sub-limits, reports and pricing.
 
 Limits: an organization's are its plan's, each replaced by an override when one is present
-(even null: unlimited); a member or an API key may be capped at or below them (sub-limits).
+(even null: unlimited), a rule stated once, in the SQL function ``hm_effective_limits`` that
+admission, the dispatcher, this module and the operator API all read; a member or an API key
+may be capped at or below them (sub-limits).
 
 Admission: a reservation is a conditional ``UPDATE … WHERE used + reserved + asked <= limit``
 on the subject's counter row, so concurrent submits serialise on that row and exactly as many
@@ -33,10 +35,10 @@ from hiddenmodel.errors import NotFound, Problem
 from hiddenmodel.jobs.models import Job
 from hiddenmodel.settings import get_settings
 from hiddenmodel.usage import periods, quantities, repository
-from hiddenmodel.usage.models import OrgBilling, Plan, QuotaLimit
+from hiddenmodel.usage.models import Plan, QuotaLimit
 from hiddenmodel.usage.periods import Period
 from hiddenmodel.usage.quantities import GPU_SECONDS_QUANTUM, exact
-from hiddenmodel.usage.repository import Sums
+from hiddenmodel.usage.repository import EffectiveLimits, Sums
 from hiddenmodel.usage.schemas import (
     Dimension,
     LimitRead,
@@ -54,6 +56,8 @@ from tenants import repository as tenants_repository
 from tenants.auth import OrgScope
 from tenants.service import audit
 
+# The organization limits: the columns of hm_effective_limits, a plan's limits, what an
+# operator may override.
 ORG_LIMITS = (
     "monthly_gpu_seconds",
     "monthly_images",
@@ -112,22 +116,27 @@ class SubLimitAbovePlan(Problem):
 @dataclass(frozen=True)
 class OrgPlan:
     plan: Plan
-    billing: OrgBilling | None
     limits: dict[str, float | None]
 
 
-async def org_plan(session: AsyncSession) -> OrgPlan:
-    """The bound organization's plan and its effective org-level limits."""
-    billing = await repository.org_billing(session)
-    if billing is not None:
-        plan = await repository.get_plan(session, billing.plan_id)
-    else:
-        plan = await repository.default_plan(session)
+async def effective_limits(
+    session: AsyncSession, org_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, EffectiveLimits]:
+    """The effective limits of the organizations the session can see, and their plans."""
+    return await repository.effective_limits(session, org_ids)
+
+
+async def org_plan(session: AsyncSession, org_id: uuid.UUID) -> OrgPlan:
+    """The organization's plan and its effective org-level limits (``hm_effective_limits``)."""
+    effective = (await repository.effective_limits(session, [org_id])).get(org_id)
+    if effective is None:
+        raise NotFound("No such organization.")
+    plan = (
+        None if effective.plan_id is None else await repository.get_plan(session, effective.plan_id)
+    )
     if plan is None:
         raise RuntimeError("no default plan is configured")
-    overrides = billing.overrides if billing else {}
-    limits = {name: overrides.get(name, getattr(plan, name)) for name in ORG_LIMITS}
-    return OrgPlan(plan=plan, billing=billing, limits=limits)
+    return OrgPlan(plan=plan, limits=effective.limits)
 
 
 async def sub_limits(
@@ -346,7 +355,7 @@ async def limits_view(scope: OrgScope) -> LimitsRead:
     period = periods.period_of(now)
     resets = periods.resets_at(period)
     session = scope.session
-    org = await org_plan(session)
+    org = await org_plan(session, scope.org_id)
     rows: list[LimitRead] = []
     subjects: list[tuple[str, uuid.UUID, dict[str, Any]]] = [("org", scope.org_id, org.limits)]
     if scope.principal.api_key_id is not None:
@@ -436,7 +445,7 @@ async def _require_subject(scope: OrgScope, subject_type: str, subject_id: uuid.
 async def _require_within_org(scope: OrgScope, values: dict[str, Any]) -> None:
     """Refuse caps above the organization's effective limits (plan and overrides); a limit
     the organization does not have (unlimited) takes any cap."""
-    org = await org_plan(scope.session)
+    org = await org_plan(scope.session, scope.org_id)
     exceeded = [
         {"limit": name, "value": value, "organization_limit": org_value}
         for name, value in values.items()
@@ -596,7 +605,7 @@ async def statement(
 
     Plans keep no history, so a past month is estimated at today's plan and price.
     """
-    current = await org_plan(session)
+    current = await org_plan(session, org_id)
     plan = StatementPlan(
         code=current.plan.code,
         name=current.plan.name,

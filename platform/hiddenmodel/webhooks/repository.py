@@ -71,10 +71,6 @@ async def delete_endpoint(session: AsyncSession, endpoint: WebhookEndpoint) -> N
     await session.delete(endpoint)
 
 
-async def subscribed_endpoints(session: AsyncSession, event_type: str) -> Sequence[WebhookEndpoint]:
-    return (await session.scalars(_subscribed(event_type))).all()
-
-
 def subscribed_endpoints_sync(session: Session, event_type: str) -> Sequence[WebhookEndpoint]:
     return session.scalars(_subscribed(event_type)).all()
 

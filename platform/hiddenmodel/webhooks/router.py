@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Depends, Query, Response, status
 
 from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.webhooks import service
@@ -20,13 +20,15 @@ from hiddenmodel.webhooks.schemas import (
     WebhookEndpointUpdate,
     WebhookSecretRotated,
 )
-from tenants.auth import OrgScopeDep
+from tenants.auth import OrgScope, requires
 
 router = APIRouter(prefix="/v1/orgs/{org_id}", tags=["webhooks"])
 
 Cursor = Annotated[str | None, Query(description="Opaque cursor from `next_cursor`.")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 ENDPOINT = "/webhook-endpoints/{endpoint_id}"
+
+ManageWebhooks = Annotated[OrgScope, Depends(requires(service.MANAGE_WEBHOOKS))]
 
 
 @router.post(
@@ -36,10 +38,9 @@ ENDPOINT = "/webhook-endpoints/{endpoint_id}"
     response_model=WebhookEndpointCreated,
 )
 async def create_webhook_endpoint(
-    data: WebhookEndpointCreate, scope: OrgScopeDep, response: Response
+    data: WebhookEndpointCreate, scope: ManageWebhooks, response: Response
 ) -> WebhookEndpointCreated:
     """Register a URL for this organization's events. The signing secret is returned once."""
-    scope.require(service.MANAGE_WEBHOOKS)
     endpoint, secret = await service.create_endpoint(scope, data)
     response.headers["Location"] = f"/v1/orgs/{scope.org_id}/webhook-endpoints/{endpoint.id}"
     response.headers["Cache-Control"] = "no-store"
@@ -53,9 +54,8 @@ async def create_webhook_endpoint(
     response_model=Page[WebhookEndpointRead],
 )
 async def list_webhook_endpoints(
-    scope: OrgScopeDep, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
+    scope: ManageWebhooks, cursor: Cursor = None, limit: Limit = DEFAULT_LIMIT
 ) -> Page[WebhookEndpointRead]:
-    scope.require(service.MANAGE_WEBHOOKS)
     rows, next_cursor = await service.list_endpoints(scope, cursor, limit)
     return Page(
         items=[WebhookEndpointRead.model_validate(e) for e in rows], next_cursor=next_cursor
@@ -63,17 +63,17 @@ async def list_webhook_endpoints(
 
 
 @router.get(ENDPOINT, operation_id="getWebhookEndpoint", response_model=WebhookEndpointRead)
-async def get_webhook_endpoint(endpoint_id: uuid.UUID, scope: OrgScopeDep) -> WebhookEndpointRead:
-    scope.require(service.MANAGE_WEBHOOKS)
+async def get_webhook_endpoint(
+    endpoint_id: uuid.UUID, scope: ManageWebhooks
+) -> WebhookEndpointRead:
     return WebhookEndpointRead.model_validate(await service.get_endpoint(scope, endpoint_id))
 
 
 @router.patch(ENDPOINT, operation_id="updateWebhookEndpoint", response_model=WebhookEndpointRead)
 async def update_webhook_endpoint(
-    endpoint_id: uuid.UUID, data: WebhookEndpointUpdate, scope: OrgScopeDep
+    endpoint_id: uuid.UUID, data: WebhookEndpointUpdate, scope: ManageWebhooks
 ) -> WebhookEndpointRead:
     """Change the URL, description, event filter or enabled flag; only fields sent change."""
-    scope.require(service.MANAGE_WEBHOOKS)
     endpoint = await service.update_endpoint(scope, endpoint_id, data)
     return WebhookEndpointRead.model_validate(endpoint)
 
@@ -81,9 +81,8 @@ async def update_webhook_endpoint(
 @router.delete(
     ENDPOINT, operation_id="deleteWebhookEndpoint", status_code=status.HTTP_204_NO_CONTENT
 )
-async def delete_webhook_endpoint(endpoint_id: uuid.UUID, scope: OrgScopeDep) -> Response:
+async def delete_webhook_endpoint(endpoint_id: uuid.UUID, scope: ManageWebhooks) -> Response:
     """Delete the endpoint and its delivery log."""
-    scope.require(service.MANAGE_WEBHOOKS)
     await service.delete_endpoint(scope, endpoint_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -94,11 +93,10 @@ async def delete_webhook_endpoint(endpoint_id: uuid.UUID, scope: OrgScopeDep) ->
     response_model=WebhookSecretRotated,
 )
 async def rotate_webhook_endpoint_secret(
-    endpoint_id: uuid.UUID, scope: OrgScopeDep, response: Response
+    endpoint_id: uuid.UUID, scope: ManageWebhooks, response: Response
 ) -> WebhookSecretRotated:
     """A new signing secret, returned once; the previous one keeps signing for the overlap
     period, so receivers can switch without missing a message."""
-    scope.require(service.MANAGE_WEBHOOKS)
     endpoint, secret = await service.rotate_secret(scope, endpoint_id)
     response.headers["Cache-Control"] = "no-store"
     read = WebhookEndpointRead.model_validate(endpoint)
@@ -112,10 +110,9 @@ async def rotate_webhook_endpoint_secret(
     response_model=WebhookDeliveryRead,
 )
 async def send_webhook_test_event(
-    endpoint_id: uuid.UUID, scope: OrgScopeDep
+    endpoint_id: uuid.UUID, scope: ManageWebhooks
 ) -> WebhookDeliveryRead:
     """Queue a `webhook.test` event to this endpoint."""
-    scope.require(service.MANAGE_WEBHOOKS)
     return WebhookDeliveryRead.model_validate(await service.send_test(scope, endpoint_id))
 
 
@@ -126,13 +123,12 @@ async def send_webhook_test_event(
 )
 async def list_webhook_deliveries(
     endpoint_id: uuid.UUID,
-    scope: OrgScopeDep,
+    scope: ManageWebhooks,
     status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
 ) -> Page[WebhookDeliveryRead]:
     """The endpoint's delivery log, newest first."""
-    scope.require(service.MANAGE_WEBHOOKS)
     rows, next_cursor = await service.list_deliveries(scope, endpoint_id, status_, cursor, limit)
     return Page(
         items=[WebhookDeliveryRead.model_validate(d) for d in rows], next_cursor=next_cursor
@@ -144,9 +140,10 @@ async def list_webhook_deliveries(
     operation_id="getWebhookDelivery",
     response_model=WebhookDeliveryDetail,
 )
-async def get_webhook_delivery(delivery_id: uuid.UUID, scope: OrgScopeDep) -> WebhookDeliveryDetail:
+async def get_webhook_delivery(
+    delivery_id: uuid.UUID, scope: ManageWebhooks
+) -> WebhookDeliveryDetail:
     """One delivery with each of its attempts."""
-    scope.require(service.MANAGE_WEBHOOKS)
     found = await service.get_delivery(scope, delivery_id)
     attempts = await service.delivery_attempts(scope, delivery_id)
     read = WebhookDeliveryRead.model_validate(found)
@@ -161,7 +158,6 @@ async def get_webhook_delivery(delivery_id: uuid.UUID, scope: OrgScopeDep) -> We
     status_code=status.HTTP_202_ACCEPTED,
     response_model=WebhookDeliveryRead,
 )
-async def redeliver_webhook(delivery_id: uuid.UUID, scope: OrgScopeDep) -> WebhookDeliveryRead:
+async def redeliver_webhook(delivery_id: uuid.UUID, scope: ManageWebhooks) -> WebhookDeliveryRead:
     """Send a finished delivery's message again (same `webhook-id`), as a new delivery."""
-    scope.require(service.MANAGE_WEBHOOKS)
     return WebhookDeliveryRead.model_validate(await service.redeliver(scope, delivery_id))

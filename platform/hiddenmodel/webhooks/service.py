@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -396,23 +395,3 @@ def emit_event_sync(
     session.add_all(rows)
     session.flush()
     return [r.id for r in rows]
-
-
-async def emit_job_event(
-    session: AsyncSession, job: Job | uuid.UUID, status: JobStatus | str
-) -> list[uuid.UUID]:
-    """:func:`emit_job_event_sync` for the API (a queued job canceled): the deliveries are
-    sent once ``session`` commits."""
-    event = _job_event_type(status)
-    endpoints = await repository.subscribed_endpoints(session, event.value)
-    if not endpoints:
-        return []
-    fresh = await session.get(Job, _job_id(job), populate_existing=True)
-    if fresh is None:
-        return []
-    rows = _deliveries(fresh.organization_id, endpoints, event, job_event_payload(fresh, event))
-    session.add_all(rows)
-    await session.flush()
-    ids = [r.id for r in rows]
-    enqueue.send_after_commit(session, fresh.organization_id, ids)
-    return ids
