@@ -15,8 +15,8 @@ plan limit lifted:
   (organization k of 999 gets a share falling with the cube of k); ``--queued`` of them (1 %
   by default) are queued, with their outbox rows, 0.02 % running; the rest finished over 13
   months (more of them recent). With ``--reuse`` a full database loaded by an earlier run
-  is kept when it holds the same jobs and is at the current migration head (the jobs the
-  earlier runs submitted are deleted first); otherwise it is loaded again.
+  is kept when it holds the same jobs and was migrated by the same migration files (the
+  jobs the earlier runs submitted are deleted first); otherwise it is loaded again.
 
 Each database gets its own API under uvicorn (one worker, on loopback) and its own process
 for the dispatcher's and reconciler's functions. Every request kind is then timed
@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -935,6 +936,8 @@ def before_after(env: h.BenchEnv, big: h.Tenant, reps: int) -> dict[str, Any]:
 
 
 def schema_head() -> str:
+    """The migration head and a digest of every migration and SQL function file: a load made
+    by other migrations (a revision re-chained, a function file edited) is not reused."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -942,13 +945,18 @@ def schema_head() -> str:
 
     head = ScriptDirectory.from_config(Config(str(REPO_ROOT / "alembic.ini"))).get_current_head()
     assert head is not None
-    return head
+    digest = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "migrations").rglob("*")):
+        if path.suffix in (".py", ".sql"):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return f"{head} {digest.hexdigest()[:16]}"
 
 
 def reusable(env: h.BenchEnv, jobs: int, queued: int) -> dict[str, Any] | None:
     """The load an earlier run left in ``env``'s database, if it holds ``jobs`` jobs with
-    ``queued`` queued and is at the current migration head; the jobs earlier runs submitted
-    (admitted after the load) are deleted first, with the triggers keeping the counters."""
+    ``queued`` queued and was migrated by the same migration files; the jobs earlier runs
+    submitted (admitted after the load) are deleted first, with the triggers keeping the
+    counters."""
     exists = h.superuser_rows(
         dataclasses.replace(env, database="postgres"),
         "SELECT 1 FROM pg_database WHERE datname = :d",
@@ -968,8 +976,8 @@ def reusable(env: h.BenchEnv, jobs: int, queued: int) -> dict[str, Any] | None:
     if (loaded[0], loaded[1]) != (jobs, queued):
         log(f"--reuse: {env.database} holds {loaded[0]} jobs, {loaded[1]} queued: not these")
         return None
-    if head != schema_head() or loaded[5] != head:
-        log(f"--reuse: {env.database} is at {head}, the code at {schema_head()}")
+    if loaded[5] != schema_head() or not schema_head().startswith(f"{head} "):
+        log(f"--reuse: {env.database} was migrated as {loaded[5]}, the code is {schema_head()}")
         return None
     h.superuser_sql(env, f"DELETE FROM jobs WHERE created_at > (SELECT loaded_at FROM {META})")
     count = h.superuser_rows(env, "SELECT count(*) FROM jobs")[0][0]
@@ -1027,7 +1035,7 @@ def prepare(phase: str, env: h.BenchEnv, args: argparse.Namespace) -> Side:
             f"CREATE TABLE {META} (jobs bigint, queued bigint, big uuid, small uuid, "
             "loaded_at timestamptz, head text)",
             f"INSERT INTO {META} VALUES ({jobs}, {queued}, '{big.org_id}', '{small.org_id}', "
-            f"clock_timestamp(), (SELECT version_num FROM alembic_version))",
+            f"clock_timestamp(), '{schema_head()}')",
         )
     info["orgs"] = {"big": str(big.org_id), "small": str(small.org_id)}
     info["size"] = database_size(env)
@@ -1089,7 +1097,7 @@ def main() -> int:
         "--reuse",
         action="store_true",
         help="keep the full database an earlier run loaded when it holds the same jobs and "
-        "is at the current migration head",
+        "was migrated by the same migration files",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
