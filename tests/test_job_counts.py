@@ -1,8 +1,9 @@
 """The job counters and the daily usage roll-ups equal a recount, whatever happened.
 
-``job_counts`` (queued and running jobs per organization, member and API key) and
-``usage_daily`` (usage events per organization, day, operation, member and key) are kept by
-triggers in the transactions that change jobs and write usage (migration 0018). Every check
+``job_counts`` (queued and running jobs per organization, member and API key),
+``job_queue_minutes`` (queued jobs per organization and minute of admission, migration 0021)
+and ``usage_daily`` (usage events per organization, day, operation, member and key) are kept
+by triggers in the transactions that change jobs and write usage (migration 0018). Every check
 here compares them with ``COUNT(*)``/``SUM`` over the rows themselves, in one statement (one
 snapshot), so a drift of a single job is a failure.
 """
@@ -14,10 +15,11 @@ import uuid
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 
-from hiddenmodel.db import tenant_session
+from hiddenmodel.db import async_tenant_session, tenant_session
 from hiddenmodel.jobs import lifecycle, repository
-from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.jobs.models import Job, JobStatus
 from tests.conftest import bearer, db_rows, db_scalar, make_key, unique
 from tests.factories import Event, add_usage, keyed_org, png, submit, wait_job
 from tests.polling import until
@@ -47,6 +49,23 @@ WHERE coalesce(c.queued, 0) <> coalesce(e.queued, 0)
    OR coalesce(c.running, 0) <> coalesce(e.running, 0)
 """
 
+# Minutes where the queued-per-minute rows and a recount of the queued jobs disagree (a row
+# left at zero is a disagreement too: the trigger deletes a minute that comes to zero).
+MINUTE_DRIFT = """
+WITH expected AS (
+    SELECT organization_id,
+           date_bin('1 minute', created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS minute,
+           count(*) AS queued
+    FROM jobs WHERE organization_id = ANY(CAST(:orgs AS uuid[])) AND status = 'queued'
+    GROUP BY 1, 2
+)
+SELECT coalesce(q.organization_id, e.organization_id), coalesce(q.minute, e.minute), q.queued,
+       e.queued
+FROM (SELECT * FROM job_queue_minutes WHERE organization_id = ANY(CAST(:orgs AS uuid[]))) q
+FULL JOIN expected e ON e.organization_id = q.organization_id AND e.minute = q.minute
+WHERE q.queued IS DISTINCT FROM e.queued
+"""
+
 # Rows where the roll-up and a recount of the organizations' usage events disagree.
 ROLL_UP_DRIFT = """
 WITH expected AS (
@@ -69,6 +88,10 @@ WHERE r.jobs IS DISTINCT FROM e.jobs OR r.gpu_seconds IS DISTINCT FROM e.gpu_sec
 
 def counter_drift(*orgs: str) -> list[Any]:
     return db_rows(COUNTER_DRIFT, orgs=list(orgs))
+
+
+def minute_drift(*orgs: str) -> list[Any]:
+    return db_rows(MINUTE_DRIFT, orgs=list(orgs))
 
 
 def roll_up_drift(*orgs: str) -> list[Any]:
@@ -124,7 +147,7 @@ async def test_counters_equal_a_recount_through_concurrent_submits_cancels_expir
     async def watch(stop: asyncio.Event) -> None:
         nonlocal seen_live
         while not stop.is_set():
-            looks.append(counter_drift(org_a.id, org_b.id))
+            looks.append(counter_drift(org_a.id, org_b.id) + minute_drift(org_a.id, org_b.id))
             live = db_scalar(
                 "SELECT coalesce(sum(queued + running), 0) FROM job_counts "
                 "WHERE organization_id = ANY(CAST(:o AS uuid[]))",
@@ -159,6 +182,7 @@ async def test_counters_equal_a_recount_through_concurrent_submits_cancels_expir
     assert seen_live, "the counters never showed a live job: nothing was tested"
     assert all(drift == [] for drift in looks), [d for d in looks if d][:3]
     assert counter_drift(org_a.id, org_b.id) == []
+    assert minute_drift(org_a.id, org_b.id) == []
     for org in (org_a.id, org_b.id):
         assert all(v == (0, 0) for v in counts(org).values()), counts(org)
     assert (
@@ -202,6 +226,7 @@ async def test_every_transition_moves_the_counters_of_its_subjects(
         assert repository.requeue_running_sync(s, ids[0], 1)
     assert counts(org.id)[("org", org.id)] == (3, 0)
     assert counter_drift(org.id) == []
+    assert minute_drift(org.id) == []
 
     with tenant_session(org_id) as s:
         assert repository.start_sync(s, ids[0], "test-worker@host") is not None
@@ -230,6 +255,7 @@ async def test_every_transition_moves_the_counters_of_its_subjects(
         lifecycle.record_end_sync(s, org_id, ids[2], JobStatus.EXPIRED)
     assert counts(org.id)[("org", org.id)] == (0, 0)
     assert counter_drift(org.id) == []
+    assert minute_drift(org.id) == []
 
 
 async def test_a_refused_submit_leaves_the_counters_as_they_were(
@@ -370,3 +396,113 @@ async def test_queue_positions_of_a_page_and_of_one_job_agree(
     for job_id, position in expected.items():
         one = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
         assert one["queue_position"] == position
+
+
+async def test_queue_positions_stay_exact_across_minutes_cancels_claims_and_requeues(
+    client: httpx.AsyncClient, no_dispatch: Any
+) -> None:
+    """Queued jobs admitted over several minutes (two at the same instant, as a batch admits
+    them, two in one minute seconds apart), then canceled, claimed, re-queued and deleted out
+    of admission order: after each step every queued job's position, from ``GET`` and from a
+    listing, is a recount of the queued jobs admitted before it, and the per-minute rows
+    equal a recount of the queue."""
+    org, headers = await keyed_org(client)
+    org_id = uuid.UUID(org.id)
+    # (minutes before the current minute, second within it): a batch pair at one instant,
+    # two minutes with two jobs each seconds apart, a minute with one job.
+    admitted = [(41, 10), (41, 10), (41, 40), (40, 5), (33, 0), (33, 59), (20, 30)]
+    admitted += [(7, 15), (7, 16), (3, 0), (2, 30), (1, 1)]
+    ids = [
+        str(
+            db_scalar(
+                "INSERT INTO jobs (id, organization_id, operation, operation_version, queue, "
+                "params, status, inputs, request_hash, created_at) VALUES (gen_random_uuid(), "
+                ":o, 'resize', '1', 'cpu', '{}', 'queued', '{}', 'test', "
+                "date_bin('1 minute', now(), TIMESTAMPTZ '2000-01-01 00:00:00+00') "
+                "- make_interval(mins => :m) + make_interval(secs => :s)) RETURNING id",
+                o=org.id,
+                m=minutes,
+                s=second,
+            )
+        )
+        for minutes, second in admitted
+    ]
+    ids += [(await submit(client, headers)).json()["id"] for _ in range(2)]
+
+    async def positions_are_recounts() -> int:
+        expected = {
+            str(r[0]): r[1]
+            for r in db_rows(
+                "SELECT j.id, (SELECT count(*) FROM jobs k WHERE k.status = 'queued' "
+                "AND k.organization_id = j.organization_id AND k.created_at < j.created_at) "
+                "FROM jobs j "
+                "WHERE j.organization_id = :o AND j.status = 'queued'",
+                o=org.id,
+            )
+        }
+        listed = await client.get(
+            "/v1/jobs", params={"status": "queued", "limit": 200}, headers=headers
+        )
+        assert {j["id"]: j["queue_position"] for j in listed.json()["items"]} == expected
+        for job_id, position in expected.items():
+            one = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+            assert one["queue_position"] == position, (job_id, one["queue_position"], position)
+        assert minute_drift(org.id) == []
+        return len(expected)
+
+    assert await positions_are_recounts() == 14
+    # The batch pair shares a position; the job after it in the same minute comes after both.
+    first = (await client.get(f"/v1/jobs/{ids[0]}", headers=headers)).json()
+    second = (await client.get(f"/v1/jobs/{ids[1]}", headers=headers)).json()
+    third = (await client.get(f"/v1/jobs/{ids[2]}", headers=headers)).json()
+    assert (first["queue_position"], second["queue_position"], third["queue_position"]) == (0, 0, 2)
+
+    for job_id in (ids[4], ids[9]):  # canceled from the middle, out of order
+        assert (await client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)).status_code == 200
+    assert await positions_are_recounts() == 12
+    with tenant_session(org_id) as s:  # claimed newest first, then the oldest
+        assert repository.start_sync(s, ids[12], "test-worker@host") is not None
+        assert repository.start_sync(s, ids[0], "test-worker@host") is not None
+    assert await positions_are_recounts() == 10
+    with tenant_session(org_id) as s:  # the oldest comes back, in its own minute
+        assert repository.requeue_running_sync(s, ids[0], 1)
+    assert await positions_are_recounts() == 11
+    # The only job of its minute leaves (no row is left at zero), and one of a pair is deleted.
+    assert (await client.post(f"/v1/jobs/{ids[6]}/cancel", headers=headers)).status_code == 200
+    db_rows("DELETE FROM jobs WHERE id = :j", j=ids[7])
+    assert await positions_are_recounts() == 9
+    assert db_scalar(
+        "SELECT count(*) FROM job_queue_minutes WHERE organization_id = :o", o=org.id
+    ) == len(
+        {
+            r[0]
+            for r in db_rows(
+                "SELECT date_bin('1 minute', created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') "
+                "FROM jobs WHERE organization_id = :o AND status = 'queued'",
+                o=org.id,
+            )
+        }
+    )
+
+    # A page read just before one of its jobs leaves the queue: that job is counted on its own
+    # (the queued jobs admitted before it), the others as ever.
+    async with async_tenant_session(org_id) as session:
+        page = (
+            await session.scalars(
+                select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id)
+            )
+        ).all()
+        gone = page[len(page) // 2]
+        db_rows("UPDATE jobs SET status = 'canceled' WHERE id = :j", j=gone.id)
+        positions = await repository.queue_positions(session, page)
+    recount = {
+        r[0]: r[1]
+        for r in db_rows(
+            "SELECT j.id, (SELECT count(*) FROM jobs k WHERE k.status = 'queued' "
+            "AND k.organization_id = j.organization_id AND k.created_at < j.created_at) "
+            "FROM jobs j WHERE j.id = ANY(CAST(:ids AS uuid[]))",
+            ids=[j.id for j in page],
+        )
+    }
+    assert positions == recount
+    assert minute_drift(org.id) == []

@@ -198,6 +198,11 @@ ROW_FACTORIES: dict[str, Callable[[uuid.UUID, uuid.UUID], dict[str, Any]]] = {
         "queued": 0,
         "running": 0,
     },
+    "job_queue_minutes": lambda org, user: {
+        "organization_id": org,
+        "minute": datetime(2026, 11, 1, 12, 0, tzinfo=UTC),
+        "queued": 1,
+    },
     "billing_reconciliations": lambda org, user: {
         "id": uuid.uuid4(),
         "organization_id": org,

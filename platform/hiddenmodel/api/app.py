@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,8 +10,9 @@ from enum import Enum
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
+from sqlalchemy.orm import configure_mappers
 
-from hiddenmodel import __version__
+from hiddenmodel import __version__, storage
 from hiddenmodel.admin.router import router as admin_router
 from hiddenmodel.api import health
 from hiddenmodel.api.docs import install_docs
@@ -71,8 +73,26 @@ def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
     return limit_for
 
 
+def _freeze_startup_objects() -> None:
+    """Keep the garbage collector off what the process holds for good, and off requests'
+    short-lived objects.
+
+    What a started process holds (modules, classes, the ORM's mappers, the S3 client's service
+    model: some 200,000 objects) is frozen, out of every collection; before, a full collection
+    walked all of it every few hundred requests, a pause of 100 to 150 ms in one of them. The
+    youngest generation collects after 10,000 allocations instead of 700, so a request's own
+    objects are not carried into older generations while it runs (and a listing spends less
+    time collecting)."""
+    configure_mappers()
+    storage.s3_client()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    _freeze_startup_objects()
     yield
     await close_redis()
     await dispose_engines()

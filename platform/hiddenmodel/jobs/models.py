@@ -116,3 +116,18 @@ class JobCount(Base):
     subject_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     queued: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     running: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class JobQueueMinute(Base):
+    """An organization's queued jobs admitted in one UTC minute (only minutes with some).
+
+    Kept by the same trigger as :class:`JobCount` (migration 0021), so a queued job's
+    position sums the minutes before its own and counts the jobs of its own minute only."""
+
+    __tablename__ = "job_queue_minutes"
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer, nullable=False)
