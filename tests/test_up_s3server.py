@@ -73,6 +73,12 @@ def test_the_platforms_s3_calls_work(s3: Any) -> None:
     got = s3.get_object(Bucket="hiddenmodel", Key=key)
     assert got["Body"].read() == body
     assert got["ContentType"] == "image/png"
+    # Headers with underscores in their names come through (werkzeug's own handler drops them).
+    s3.put_object(Bucket="hiddenmodel", Key=f"{key}.meta", Body=b"x", Metadata={"source_name": "a"})
+    assert s3.head_object(Bucket="hiddenmodel", Key=f"{key}.meta")["Metadata"] == {
+        "source_name": "a"
+    }
+    s3.delete_object(Bucket="hiddenmodel", Key=f"{key}.meta")
     tags = s3.get_object_tagging(Bucket="hiddenmodel", Key=key)["TagSet"]
     assert {t["Key"]: t["Value"] for t in tags} == {
         "tenant": str(org),

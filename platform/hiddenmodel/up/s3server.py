@@ -23,11 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Imported here: moto is an optional ("embedded") dependency.
-    from moto.moto_server.werkzeug_app import create_backend_app
+    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
     from werkzeug.serving import run_simple
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    run_simple(args.host, args.port, create_backend_app("s3"), threaded=True)
+    # moto's own handler: it keeps request headers whose names hold underscores
+    # (``x-amz-meta-a_b``), which werkzeug's drops.
+    run_simple(
+        args.host,
+        args.port,
+        create_backend_app("s3"),
+        threaded=True,
+        request_handler=MotoRequestHandler,
+    )
     return 0
 
 

@@ -22,7 +22,10 @@ CPU_WORKER_MAX_THREADS = 4
 
 
 def cpu_worker_threads() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), CPU_WORKER_MAX_THREADS))
+    # The cores this process may run on (Linux); elsewhere, the machine's.
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(cores, CPU_WORKER_MAX_THREADS))
 
 
 # The GPU worker runs jobs in threads, so concurrent jobs meet in the batcher over its one
