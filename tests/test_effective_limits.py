@@ -131,6 +131,20 @@ async def test_overrides_win_when_present_even_null_and_the_plan_gives_the_rest(
         assert changed is not None
         assert changed["monthly_images"] == 77 and changed["max_running_jobs"] == 2
 
+        # A count written as a decimal or in exponent form (a hand edit, an older writer)
+        # reads as the whole number it is instead of failing every reader.
+        conn.execute(
+            text(
+                "UPDATE org_billing SET overrides = overrides || "
+                '\'{"max_queued_jobs": 100.0, "storage_bytes": 1e6}\'::jsonb '
+                "WHERE organization_id = :o"
+            ),
+            {"o": overridden},
+        )
+        written = _limits(conn, overridden)
+        assert written is not None
+        assert (written["max_queued_jobs"], written["storage_bytes"]) == (100, 1_000_000)
+
         # No default plan: an organization without a plan has none (and no limits); one with
         # a plan keeps it.
         conn.execute(text("UPDATE plans SET is_default = false WHERE is_default"))
