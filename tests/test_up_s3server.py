@@ -17,7 +17,7 @@ from botocore.config import Config
 
 from hiddenmodel.processes import free_port, port_open
 from hiddenmodel.up.servers import s3_server_command
-from hiddenmodel.up.stack import CPU_WORKER_MAX_THREADS, cpu_worker_threads, platform_processes
+from hiddenmodel.up.stack import CPU_WORKER_MAX_PROCESSES, cpu_worker_processes, platform_processes
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +116,13 @@ def test_the_platforms_s3_calls_work(s3: Any) -> None:
     assert s3.list_objects_v2(Bucket="hiddenmodel", Prefix=f"orgs/{org}/")["KeyCount"] == 0
 
 
-def test_the_cpu_worker_runs_a_job_per_core_in_threads(tmp_path: Any) -> None:
+def test_the_cpu_worker_runs_a_job_per_core_in_pool_processes(tmp_path: Any) -> None:
     from hiddenmodel.up.model import ModelPlan
 
-    threads = cpu_worker_threads()
-    assert 1 <= threads <= CPU_WORKER_MAX_THREADS
+    processes = cpu_worker_processes()
+    assert 1 <= processes <= CPU_WORKER_MAX_PROCESSES
     worker = platform_processes("127.0.0.1", 8000, tmp_path, ModelPlan(path=None))[0]
     assert worker.name == "worker"
     argv = list(worker.argv)
-    assert argv[argv.index("--pool") + 1] == "threads"
-    assert argv[argv.index("--concurrency") + 1] == str(threads)
+    assert argv[argv.index("--pool") + 1] == "prefork"
+    assert argv[argv.index("--concurrency") + 1] == str(processes)
