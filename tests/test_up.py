@@ -271,7 +271,7 @@ def test_up_fails_loudly_when_its_ghost_demo_is_flagged(
     up_env["HM_DATA_DIR"] = str(tmp_path / "var")
     up = Up(up_env, cwd=tmp_path)
     try:
-        code = up.process.wait(START_TIMEOUT_S * 3)
+        code = up.process.wait(START_TIMEOUT_S * 2)
     finally:
         up.interrupt()
         drop_database(database)

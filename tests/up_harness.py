@@ -20,7 +20,9 @@ from tests.conftest import TEST_DB
 
 # Its own database: up migrates and seeds it, and nothing else may depend on its contents.
 UP_DB = f"{TEST_DB}_up"
-START_TIMEOUT_S = 60
+# up starts PostgreSQL, Redis, S3, two workers, the dispatcher and the API, then runs its demo
+# jobs: about 15 s on a quiet two-core machine, over 60 s at a load average above 10.
+START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 JOB_TIMEOUT_S = 30
 KEY_LINE = re.compile(r"^\s*API key:\s+(\S+)\s*$")
