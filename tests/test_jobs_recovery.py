@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -42,6 +44,45 @@ async def test_worker_killed_mid_job_completes_exactly_once(
     assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["image.png", "output.png"]
     row = db_rows("SELECT status, finished_at, outputs FROM jobs WHERE id = :j", j=job_id)[0]
     assert row[0] == "succeeded" and len(row[2]) == 1
+
+
+async def test_a_pool_process_killed_mid_job_completes_exactly_once(
+    client: httpx.AsyncClient, services: Any
+) -> None:
+    """`up` runs the CPU worker with pool processes: the one running a job dies (the kernel's
+    OOM killer, say) while its parent lives on. Its liveness goes with it, so the job is
+    handed back and runs again in another pool process, once, billed once."""
+    for worker in services.workers:
+        worker.stop()
+    services.workers = []
+    try:
+        services.start_worker("cpu,webhooks,maintenance", "--pool", "prefork", "--concurrency", "2")
+        org, headers = await keyed_org(client)
+        r = await submit(
+            client, headers, image=big_png(), params={"width": 4800, "height": 4800, "mode": "fit"}
+        )
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        await wait_status(client, headers, job_id, "running")
+        holder = db_scalar("SELECT worker FROM jobs WHERE id = :j", j=job_id)
+        # "<node>#<pid>-<token>": the pool process that claimed the job, not its parent.
+        pid = int(holder.rsplit("#", 1)[1].split("-", 1)[0])
+        assert pid != services.workers[0].process.pid
+        os.kill(pid, signal.SIGKILL)
+
+        done = await wait_job(client, headers, job_id, timeout=90)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert db_scalar("SELECT worker FROM jobs WHERE id = :j", j=job_id) != holder
+        events = db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id)
+        assert events == 1
+        keys = storage.list_keys(f"orgs/{org.id}/jobs/{job_id}/")
+        assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["image.png", "output.png"]
+    finally:
+        for worker in services.workers:
+            worker.stop()
+        services.workers = []
+        services.start_worker()
 
 
 async def test_redis_flushall_loses_no_job(client: httpx.AsyncClient, services: Any) -> None:
