@@ -307,3 +307,36 @@ async def test_server_sent_events_arrive_while_the_job_waits(
         assert seen[-1][0] == "job" and seen[-1][1]["status"] == "succeeded"
     finally:
         services.ensure_worker()
+
+
+async def test_a_photo_of_a_few_megabytes_is_parsed_in_memory(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload below UPLOAD_MEMORY_BYTES never spills to a temporary file (past the spill,
+    every chunk of the body went through the thread pool, a tenth of a submit's CPU)."""
+    import tempfile
+
+    import numpy as np
+
+    from hiddenmodel.api.app import UPLOAD_MEMORY_BYTES
+
+    spilled: list[int] = []
+    rollover = tempfile.SpooledTemporaryFile.rollover
+
+    def counting_rollover(self: Any) -> None:
+        spilled.append(self.tell())
+        rollover(self)
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", counting_rollover)
+    noise = np.random.default_rng(3).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG", compress_level=1)
+    photo = buf.getvalue()
+    assert 2 * 1024 * 1024 < len(photo) < UPLOAD_MEMORY_BYTES
+
+    _, headers = await keyed_org(client)
+    r = await submit(client, headers, image=photo)
+    assert r.status_code == 202, r.text
+    assert spilled == []
+    job = await wait_job(client, headers, r.json()["id"])
+    assert job["status"] == "succeeded", job

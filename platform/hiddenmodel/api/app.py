@@ -11,6 +11,7 @@ from enum import Enum
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import configure_mappers
+from starlette.formparsers import MultiPartParser
 
 from hiddenmodel import __version__, storage
 from hiddenmodel.admin.router import router as admin_router
@@ -57,6 +58,12 @@ def _operation_id(route: APIRoute) -> str:
 JSON_BODY_LIMIT = 1024 * 1024
 # A job carries up to three images (image, mask, interior) plus form fields.
 UPLOAD_OVERHEAD = 64 * 1024
+# How much of one uploaded file the multipart parser keeps in memory before it spills to a
+# temporary file (Starlette's parser reads it from its class). Starlette's 1 MiB spilled most
+# photos, and past it every chunk of the body, as it arrived, was written from the thread pool,
+# and read back from it. The handlers read a job's images whole anyway; batch archives (up to
+# batch_max_upload_bytes) still spill past this.
+UPLOAD_MEMORY_BYTES = 16 * 1024 * 1024
 
 
 def _body_limit(max_upload_bytes: int) -> Callable[[str], int]:
@@ -107,6 +114,7 @@ def _without(router: APIRouter, *names: str) -> APIRouter:
 def create_app() -> FastAPI:
     # Settings refuse development-only switches in production (Settings' own validation).
     settings = get_settings()
+    MultiPartParser.spool_max_size = UPLOAD_MEMORY_BYTES
     app = FastAPI(
         title="Hidden Model API",
         version=__version__,
