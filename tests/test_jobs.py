@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from hiddenmodel import storage
+from hiddenmodel.api.app import UPLOAD_MEMORY_BYTES
 from tests.conftest import assert_problem, bearer, db_scalar, make_key, make_org
 from tests.factories import keyed_org, png, submit, wait_job, wait_status
 
@@ -314,12 +317,6 @@ async def test_a_photo_of_a_few_megabytes_is_parsed_in_memory(
 ) -> None:
     """An upload below UPLOAD_MEMORY_BYTES never spills to a temporary file (past the spill,
     every chunk of the body went through the thread pool, a tenth of a submit's CPU)."""
-    import tempfile
-
-    import numpy as np
-
-    from hiddenmodel.api.app import UPLOAD_MEMORY_BYTES
-
     spilled: list[int] = []
     rollover = tempfile.SpooledTemporaryFile.rollover
 

@@ -16,16 +16,16 @@ import pytest
 from PIL import Image
 
 from hiddenmodel import storage
+from hiddenmodel.liveness import live_workers
 from hiddenmodel.redis import sync_redis
-from tests.conftest import assert_problem, db_rows, db_scalar
+from tests.conftest import Org, assert_problem, db_rows, db_scalar
 from tests.factories import big_png, keyed_org, png, submit, wait_job, wait_status
 
 pytestmark = pytest.mark.usefixtures("services")
 
 
-async def test_worker_killed_mid_job_completes_exactly_once(
-    client: httpx.AsyncClient, services: Any
-) -> None:
+async def _running_long_job(client: httpx.AsyncClient) -> tuple[Org, dict[str, str], str]:
+    """A new organization's job that takes a worker seconds, once a worker is running it."""
     org, headers = await keyed_org(client)
     r = await submit(
         client, headers, image=big_png(), params={"width": 4800, "height": 4800, "mode": "fit"}
@@ -33,6 +33,13 @@ async def test_worker_killed_mid_job_completes_exactly_once(
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     await wait_status(client, headers, job_id, "running")
+    return org, headers, job_id
+
+
+async def test_worker_killed_mid_job_completes_exactly_once(
+    client: httpx.AsyncClient, services: Any
+) -> None:
+    org, headers, job_id = await _running_long_job(client)
     for worker in services.workers:
         worker.kill()
     services.workers = []
@@ -52,22 +59,14 @@ async def test_a_pool_process_killed_mid_job_completes_exactly_once(
     """`up` runs the CPU worker with pool processes: the one running a job dies (the kernel's
     OOM killer, say) while its parent lives on. Its liveness goes with it, so the job is
     handed back and runs again in another pool process, once, billed once."""
-    for worker in services.workers:
-        worker.stop()
-    services.workers = []
+    services.stop_workers()
     try:
         services.start_worker("cpu,webhooks,maintenance", "--pool", "prefork", "--concurrency", "2")
-        org, headers = await keyed_org(client)
-        r = await submit(
-            client, headers, image=big_png(), params={"width": 4800, "height": 4800, "mode": "fit"}
-        )
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        await wait_status(client, headers, job_id, "running")
+        org, headers, job_id = await _running_long_job(client)
         holder = db_scalar("SELECT worker FROM jobs WHERE id = :j", j=job_id)
-        # "<node>#<pid>-<token>": the pool process that claimed the job, not its parent.
-        pid = int(holder.rsplit("#", 1)[1].split("-", 1)[0])
-        assert pid != services.workers[0].process.pid
+        # The pool process that claimed the job, as it announces itself; not its parent.
+        (pid,) = [w.pid for w in await live_workers() if w.id == holder]
+        assert pid is not None and pid != services.workers[0].process.pid
         os.kill(pid, signal.SIGKILL)
 
         done = await wait_job(client, headers, job_id, timeout=90)
@@ -79,9 +78,7 @@ async def test_a_pool_process_killed_mid_job_completes_exactly_once(
         keys = storage.list_keys(f"orgs/{org.id}/jobs/{job_id}/")
         assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["image.png", "output.png"]
     finally:
-        for worker in services.workers:
-            worker.stop()
-        services.workers = []
+        services.stop_workers()
         services.start_worker()
 
 
