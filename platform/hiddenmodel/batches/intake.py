@@ -270,6 +270,7 @@ def take(
             for role, data in blobs.items():
                 info = infos[role]
                 key = item_key(org_id, batch_id, taken.id, role, info.format)
+                digest = hashlib.sha256(data).digest()
                 storage.put_object(
                     key,
                     data,
@@ -277,6 +278,7 @@ def take(
                     org_id=org_id,
                     job_id=taken.job_id,
                     kind=role,
+                    sha256=digest,
                 )
                 keys.append(key)
                 taken.inputs[role] = {
@@ -286,7 +288,7 @@ def take(
                     "height": info.height,
                     "bytes": len(data),
                     "content_type": content_type(info.format),
-                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "sha256": digest.hex(),
                     "filename": item.files[role],
                 }
     except BaseException:

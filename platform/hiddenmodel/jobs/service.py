@@ -244,6 +244,7 @@ def _store(prepared: _Prepared, uploads: list[Upload]) -> None:
                 org_id=job.organization_id,
                 job_id=job.id,
                 kind=upload.name,
+                sha256=bytes.fromhex(meta["sha256"]),
             )
     except BaseException:
         storage.delete_objects(prepared.keys)
