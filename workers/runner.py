@@ -178,16 +178,15 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     ended: list[lifecycle.Ended] = []
     job = None
     with tenant_session(org_id) as session:
-        found = repository.get_job_to_start_sync(session, job_id)
-        current = found[0] if found else None
-        if current is None or current.status != JobStatus.QUEUED.value:
+        check = repository.start_check_sync(session, job_id)
+        if check is None or check.status != JobStatus.QUEUED.value:
             log.info(
                 "job %s: not started here, it is %s",
                 job_id,
-                current.status if current else "gone",
+                check.status if check else "gone",
             )
             return None
-        if found and found[1]:
+        if check.suspended:
             # Suspended after the dispatch: back to the outbox, where the dispatcher leaves a
             # suspended organization's jobs until it is restored. Nothing ran, nothing billed.
             held = repository.redispatch_sync(session, job_id, None)
@@ -197,7 +196,7 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
                 "back in the outbox" if held else "left as it is",
             )
             return None
-        if repository.expire_sync(session, job_id):
+        if check.past_deadline and repository.expire_sync(session, job_id):
             ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
         else:
             job = repository.start_sync(session, job_id, worker)
@@ -227,7 +226,13 @@ def _finish(
                 if repository.finish_sync(session, job.id, job.attempts, status, **values):
                     ended = [
                         lifecycle.record_end_sync(
-                            session, job.organization_id, job.id, status, metered
+                            session,
+                            job.organization_id,
+                            job.id,
+                            status,
+                            metered,
+                            find_batch=False,
+                            batch_id=job.batch_id,
                         )
                     ]
             break

@@ -53,10 +53,12 @@ def record_end_sync(
     metered: Metered | None = None,
     *,
     find_batch: bool = True,
+    batch_id: uuid.UUID | None = None,
 ) -> Ended:
     """Call right after the compare-and-set that ended the job, in its transaction. Without
-    ``find_batch`` the job's batch is not looked up (a caller ending many jobs of one batch
-    checks the batch's end once itself)."""
+    ``find_batch`` the job's batch is not looked up: it is ``batch_id``, which the caller
+    knows (a worker holds its job; a caller ending many jobs of one batch checks the
+    batch's end once itself and passes none)."""
     m = metered or Metered()
     settle_sync(
         session,
@@ -73,7 +75,7 @@ def record_end_sync(
         job_id=job_id,
         status=status,
         deliveries=deliveries,
-        batch_id=batches.batch_of_job_sync(session, job_id) if find_batch else None,
+        batch_id=batches.batch_of_job_sync(session, job_id) if find_batch else batch_id,
     )
 
 

@@ -251,15 +251,28 @@ def get_job_sync(session: Session, job_id: uuid.UUID) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def get_job_to_start_sync(session: Session, job_id: uuid.UUID) -> tuple[Job, bool] | None:
-    """The job and whether its organization is suspended, in one round trip."""
+@dataclass(frozen=True)
+class StartCheck:
+    """What a worker must know before it starts a job."""
+
+    status: str
+    suspended: bool  # the organization is suspended
+    past_deadline: bool  # cancel_after has passed (``now()``: the transaction's start)
+
+
+def start_check_sync(session: Session, job_id: uuid.UUID) -> StartCheck | None:
+    """The job's status, its organization's suspension and its deadline, in one round trip
+    and without loading the job: the claim that follows returns the job it wins."""
     row = session.execute(
-        select(Job, Organization.suspended_at.is_not(None))
+        select(
+            Job.status,
+            Organization.suspended_at.is_not(None),
+            func.coalesce(Job.cancel_after < func.now(), False),
+        )
         .join(Organization, Organization.id == Job.organization_id)
         .where(Job.id == job_id)
-        .execution_options(populate_existing=True)
     ).one_or_none()
-    return None if row is None else (row[0], bool(row[1]))
+    return None if row is None else StartCheck(str(row[0]), bool(row[1]), bool(row[2]))
 
 
 def heartbeat_sync(

@@ -1,0 +1,113 @@
+"""One job in a worker, run in this process: the claim (a job past its deadline expires
+instead of running; a delivery that lost the race does nothing), and the progress steps (a
+cancel is seen at the first step after each check interval; a burst of steps asks Redis
+once, not once a step)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from hiddenmodel.jobs import events
+from hiddenmodel.redis import sync_redis
+from tests.conftest import db_rows, db_scalar
+from tests.factories import keyed_org, submit
+from workers import runner
+from workers.pipelines.contracts import JobCancelled
+
+
+def _job(job_id: str) -> Any:
+    (row,) = db_rows(
+        "SELECT status, error_code, attempts, started_at, outputs, worker,"
+        " (SELECT count(*) FROM job_outbox o WHERE o.job_id = j.id) AS in_outbox"
+        " FROM jobs j WHERE id = :id",
+        id=job_id,
+    )
+    return row
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_job_runs_once_and_a_second_delivery_does_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "test-worker") == "succeeded"
+    job = _job(job_id)
+    assert (job.status, job.attempts, job.worker) == ("succeeded", 1, "test-worker")
+    assert [o["name"] for o in job.outputs] == ["output"]
+    assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "another") == "skipped"
+    assert _job(job_id).attempts == 1
+    events_ = db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :id", id=job_id)
+    assert events_ == 1
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_job_past_its_deadline_expires_at_the_claim_instead_of_running(
+    client: httpx.AsyncClient,
+) -> None:
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers, data={"cancel_after": "60"})).json()["id"]
+    # Its message reached a worker after the deadline (the reconciler is not running here).
+    db_rows("UPDATE jobs SET cancel_after = now() - interval '1 second' WHERE id = :id", id=job_id)
+    assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "test-worker") == "skipped"
+    job = _job(job_id)
+    assert (job.status, job.error_code, job.attempts) == ("expired", "expired", 0)
+    assert job.started_at is None and job.outputs == [] and job.in_outbox == 0
+    r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert r.json()["status"] == "expired"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_cancel_is_seen_at_the_first_step_after_the_check_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock, asked = Clock(), []
+    monkeypatch.setattr(runner.time, "monotonic", clock)
+    real = events.cancel_requested
+
+    def counted(job_id: uuid.UUID | str) -> bool:
+        asked.append(job_id)
+        return real(job_id)
+
+    monkeypatch.setattr(runner.events, "cancel_requested", counted)
+    org, job = uuid.uuid4(), uuid.uuid4()
+    progress = runner.ProgressReporter(org, job, 1, runner.Ownership())
+    try:
+        start = clock.now
+        progress("reading", 0.0)  # the first step always asks
+        assert len(asked) == 1
+        sync_redis().set(events.cancel_key(job), 1, ex=60)
+        clock.now = start + runner.CANCEL_CHECK_INTERVAL_S / 2
+        progress("resizing", 0.1)
+        progress("encoding", 0.9)
+        assert len(asked) == 1, "steps within the interval asked Redis again"
+        clock.now = start + runner.CANCEL_CHECK_INTERVAL_S
+        with pytest.raises(JobCancelled):
+            progress("storing", 0.95)
+        assert len(asked) == 2
+    finally:
+        sync_redis().delete(events.cancel_key(job))
+
+
+def test_a_lost_lease_stops_the_job_at_its_next_step_without_asking_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[object] = []
+    monkeypatch.setattr(runner.events, "cancel_requested", lambda job_id: asked.append(job_id))
+    ownership = runner.Ownership()
+    progress = runner.ProgressReporter(uuid.uuid4(), uuid.uuid4(), 1, ownership)
+    ownership.lost = True
+    with pytest.raises(JobCancelled):
+        progress("reading", 0.0)
+    assert asked == []
