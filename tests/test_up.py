@@ -113,6 +113,52 @@ def _photo(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def _refused_beside(up: Up, env: dict[str, str], tmp_path: Path, what: str, name: str) -> None:
+    """Another up sharing ``up``'s database or Redis database stops before it seeds or
+    starts anything, naming the one that runs."""
+    second = Up(env, cwd=tmp_path)
+    try:
+        code = second.process.wait(START_TIMEOUT_S)
+    finally:
+        if second.process.poll() is None:
+            second.process.kill()
+    assert code == 1, second.output
+    assert (
+        f"another `hiddenmodel up` uses {what} {name} (pid {up.process.pid} at {up.base})"
+        in second.output
+    ), second.output
+    assert "API key:" not in second.output and "Hidden Model is up" not in second.output
+
+
+def _a_second_up_is_refused(up: Up, env: dict[str, str], tmp_path: Path) -> None:
+    """The same database and Redis; then another database but the same Redis (its workers
+    would take the first one's messages)."""
+    _refused_beside(
+        up,
+        {**env, "HM_DATA_DIR": str(tmp_path / "second")},
+        tmp_path,
+        "the PostgreSQL database",
+        f"'{UP_DB}'",
+    )
+    other_db = f"{UP_DB}_other"
+    drop_database(other_db)
+    other = {
+        var: env[var].replace(f"/{UP_DB}", f"/{other_db}")
+        for var in ("HM_DATABASE_URL", "HM_DATABASE_OWNER_URL", "HM_DATABASE_OPS_URL")
+    }
+    redis_db = env["HM_REDIS_URL"].rsplit("/", 1)[-1]
+    try:
+        _refused_beside(
+            up,
+            {**env, **other, "HM_DATA_DIR": str(tmp_path / "third")},
+            tmp_path,
+            "Redis database",
+            redis_db,
+        )
+    finally:
+        drop_database(other_db)
+
+
 def _runs_a_job(up: Up) -> None:
     """A resize job through up's API, dispatcher, worker and S3, downloaded like a client."""
     headers = {"Authorization": f"Bearer {up.wait_for_key()}"}
@@ -175,7 +221,8 @@ def test_up_with_servers_from_settings(up_env: dict[str, str], tmp_path: Path, s
         _serves_the_demo_org(up)
         _ran_a_ghost_job(up)
         _printed_files_exist(up)
-        _runs_a_job(up)
+        _a_second_up_is_refused(up, up_env, tmp_path)
+        _runs_a_job(up)  # the first one goes on serving
         assert "PostgreSQL: from HM_DATABASE_URL" in up.output
         assert "Redis: from HM_REDIS_URL" in up.output
         assert "S3: from HM_S3_ENDPOINT_URL" in up.output

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import httpx
 from hiddenmodel.processes import Children, ProcessError
 from hiddenmodel.settings import get_settings
 from hiddenmodel.up.banner import banner
+from hiddenmodel.up.claim import claim_services
 from hiddenmodel.up.demo import DEMO_IMAGE_FILE, GHOST_PHOTO_FILE, demo_image, seed_demo
 from hiddenmodel.up.model import ModelPlan, plan_model
 from hiddenmodel.up.proof import prove_ghost, prove_jobs, prove_ready
@@ -39,8 +41,16 @@ def _probe_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _bring_up(children: Children, data_dir: Path, host: str, port: int, model: ModelPlan) -> str:
-    """Servers, schema, bucket, demo data, then the platform; returns the banner."""
+def _bring_up(
+    children: Children,
+    claims: ExitStack,
+    data_dir: Path,
+    host: str,
+    port: int,
+    model: ModelPlan,
+) -> str:
+    """Servers, schema, bucket, demo data, then the platform; returns the banner. The claim
+    on the database and Redis goes on ``claims``, held until the children have stopped."""
     embedded = embedded_forced()
     if embedded:
         overridden = [v for v in (*DATABASE_ENV, "HM_REDIS_URL", S3_ENV) if v in os.environ]
@@ -60,6 +70,11 @@ def _bring_up(children: Children, data_dir: Path, host: str, port: int, model: M
 
     migrate()
     print("database migrated", flush=True)
+    # Once the database surely exists (migrate creates it); before anything is seeded.
+    settings = get_settings()
+    claims.enter_context(
+        claim_services(settings.database_url, settings.redis_url, f"pid {os.getpid()} at {base}")
+    )
     print(ensure_bucket(), flush=True)
     key = asyncio.run(seed_demo())
     model.finish(children)
@@ -109,15 +124,16 @@ def run(host: str = "127.0.0.1", port: int = 8000) -> int:
                 # Before any server starts: a model the GPU worker would refuse stops up at
                 # once, and the tiny model, when needed, is made while the servers start.
                 model = plan_model(data_dir)
-                try:
-                    print(_bring_up(children, data_dir, host, port, model), flush=True)
-                    while (exited := children.first_exited()) is None:
-                        time.sleep(0.5)
-                    raise UpError(exited.failure())
-                finally:
-                    signals.ignore_further()
-                    model.abandon()
-                    children.stop_all()
+                with ExitStack() as claims:
+                    try:
+                        print(_bring_up(children, claims, data_dir, host, port, model), flush=True)
+                        while (exited := children.first_exited()) is None:
+                            time.sleep(0.5)
+                        raise UpError(exited.failure())
+                    finally:
+                        signals.ignore_further()
+                        model.abandon()
+                        children.stop_all()
         except Stop:
             print("stopped", flush=True)
             return 0
