@@ -1,5 +1,8 @@
 """Each object is written with one SHA-256 of its body, as a signed checksum header that S3
-checks, and that digest is the one the submit validated; nothing hashes the body again."""
+checks, and that digest is the one the submit validated; nothing hashes the body again.
+
+AWS S3 (and MinIO) refuse a body that does not match the header; moto stores the header
+without checking it, so these tests check what is sent."""
 
 from __future__ import annotations
 
