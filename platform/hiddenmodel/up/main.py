@@ -63,6 +63,14 @@ def _bring_up(
     base = f"http://{_probe_host(host)}:{port}"
     os.environ.setdefault("HM_PUBLIC_BASE_URL", base)
     get_settings.cache_clear()
+    # Before anything is migrated or seeded: another up on the same database or Redis
+    # database stops here.
+    settings = get_settings()
+    claim = claims.enter_context(
+        claim_services(
+            settings.database_owner_url, settings.redis_url, f"pid {os.getpid()} at {base}"
+        )
+    )
 
     import asyncio
 
@@ -70,11 +78,7 @@ def _bring_up(
 
     migrate()
     print("database migrated", flush=True)
-    # Once the database surely exists (migrate creates it); before anything is seeded.
-    settings = get_settings()
-    claims.enter_context(
-        claim_services(settings.database_url, settings.redis_url, f"pid {os.getpid()} at {base}")
-    )
+    claim.claim_database()  # when migrate has just created the database
     print(ensure_bucket(), flush=True)
     key = asyncio.run(seed_demo())
     model.finish(children)
