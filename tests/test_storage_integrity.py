@@ -68,7 +68,8 @@ def test_a_put_carries_its_bodys_sha256_and_no_other_hash(
 
 
 def test_a_digest_the_caller_has_is_sent_as_it_is(sent_puts: list[dict[str, str]]) -> None:
-    """The caller's digest is trusted, not recomputed: it is what S3 checks the body against."""
+    """The caller's digest is trusted, not recomputed: it is what S3 checks the body against
+    (AWS S3 or MinIO would refuse this put; moto keeps it)."""
     org, data = uuid.uuid4(), png(32, 32)
     claimed = hashlib.sha256(b"what the caller validated").digest()
     key = storage.object_key(org, uuid.uuid4(), "image", "png")

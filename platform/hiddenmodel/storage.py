@@ -46,8 +46,9 @@ def s3_client() -> Any:
             signature_version="s3v4",
             # Integrity is the platform's own SHA-256 (see put_object): botocore's default
             # CRC32 of every body and its signed payload hash would hash each object twice
-            # more. A worker compares what it reads with the digest its job recorded, and
-            # validates anything that differs as a new upload (images.decode_image).
+            # more. Nor does botocore check what it reads: a worker compares an input with
+            # the digest its job recorded, and walks and validates one that differs as it
+            # would a new upload (images.decode_image).
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             s3={"payload_signing_enabled": False},
