@@ -6,6 +6,8 @@ once, not once a step)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -61,6 +63,33 @@ async def test_a_job_past_its_deadline_expires_at_the_claim_instead_of_running(
     assert r.json()["status"] == "expired"
 
 
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_cancel_during_a_short_job_stops_it_before_its_outputs_are_stored(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel comes while the image is processed, within one check interval of the
+    job's first step: the job still ends canceled, with no output and nothing billed."""
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    resize = runner.EXECUTORS["resize"]
+
+    def canceled_meanwhile(ex: Any) -> Any:
+        sync_redis().set(events.cancel_key(job_id), 1, ex=60)
+        return resize(ex)
+
+    monkeypatch.setitem(runner.EXECUTORS, "resize", canceled_meanwhile)
+    try:
+        assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "test-worker") == "canceled"
+    finally:
+        sync_redis().delete(events.cancel_key(job_id))
+    job = _job(job_id)
+    assert (job.status, job.error_code, job.outputs) == ("canceled", "canceled", [])
+    billed = db_scalar(
+        "SELECT coalesce(sum(images), 0) FROM usage_events WHERE job_id = :id", id=job_id
+    )
+    assert billed == 0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -69,35 +98,65 @@ class Clock:
         return self.now
 
 
-def test_a_cancel_is_seen_at_the_first_step_after_the_check_interval(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock, asked = Clock(), []
-    monkeypatch.setattr(runner.time, "monotonic", clock)
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The runner's clock alone (``runner.time``), not the process's."""
+    fake = Clock()
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=fake))
+    return fake
+
+
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Each time the runner asks Redis whether a job was canceled."""
+    calls: list[object] = []
     real = events.cancel_requested
 
     def counted(job_id: uuid.UUID | str) -> bool:
-        asked.append(job_id)
+        calls.append(job_id)
         return real(job_id)
 
     monkeypatch.setattr(runner.events, "cancel_requested", counted)
-    org, job = uuid.uuid4(), uuid.uuid4()
-    progress = runner.ProgressReporter(org, job, 1, runner.Ownership())
-    try:
-        start = clock.now
-        progress("reading", 0.0)  # the first step always asks
-        assert len(asked) == 1
-        sync_redis().set(events.cancel_key(job), 1, ex=60)
-        clock.now = start + runner.CANCEL_CHECK_INTERVAL_S / 2
-        progress("resizing", 0.1)
-        progress("encoding", 0.9)
-        assert len(asked) == 1, "steps within the interval asked Redis again"
-        clock.now = start + runner.CANCEL_CHECK_INTERVAL_S
-        with pytest.raises(JobCancelled):
-            progress("storing", 0.95)
-        assert len(asked) == 2
-    finally:
-        sync_redis().delete(events.cancel_key(job))
+    return calls
+
+
+@pytest.fixture
+def job_id() -> Iterator[uuid.UUID]:
+    job = uuid.uuid4()
+    yield job
+    sync_redis().delete(events.cancel_key(job))
+
+
+def test_a_cancel_is_seen_at_the_first_step_after_the_check_interval(
+    clock: Clock, asked: list[object], job_id: uuid.UUID
+) -> None:
+    progress = runner.ProgressReporter(uuid.uuid4(), job_id, 1, runner.Ownership())
+    start, interval = clock.now, runner.CANCEL_CHECK_INTERVAL_S
+    progress("reading", 0.0)  # the first step always asks
+    assert len(asked) == 1
+    sync_redis().set(events.cancel_key(job_id), 1, ex=60)
+    clock.now = start + interval * 0.5
+    progress("resizing", 0.1)
+    clock.now = start + interval * 0.99
+    progress("encoding", 0.9)
+    assert len(asked) == 1, "steps within the interval asked Redis again"
+    clock.now = start + interval * 1.01
+    with pytest.raises(JobCancelled):
+        progress("resizing", 0.5)
+    assert len(asked) == 2
+
+
+def test_a_cancel_before_the_outputs_are_stored_always_stops_the_job(
+    clock: Clock, asked: list[object], job_id: uuid.UUID
+) -> None:
+    progress = runner.ProgressReporter(uuid.uuid4(), job_id, 1, runner.Ownership())
+    progress("reading", 0.0)
+    sync_redis().set(events.cancel_key(job_id), 1, ex=60)
+    clock.now += runner.CANCEL_CHECK_INTERVAL_S / 10
+    progress("encoding", 0.9)  # within the interval: not asked
+    with pytest.raises(JobCancelled):
+        progress("storing", 0.95, check_cancel=True)
+    assert len(asked) == 2
 
 
 def test_a_lost_lease_stops_the_job_at_its_next_step_without_asking_redis(

@@ -37,8 +37,9 @@ from workers.pipelines.contracts import JobCancelled
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL_S = 0.1
-# How often a running job asks Redis whether it was canceled: at its first step, then at
-# the first step after each interval (a resize reports four steps in about 50 ms).
+# How often a running job asks Redis whether it was canceled: at its first step, at the
+# first step after each interval (a resize reports four steps in about 50 ms), and always
+# before its outputs are stored: a cancel that comes before then stops the job unbilled.
 CANCEL_CHECK_INTERVAL_S = 0.1
 FINISH_TRIES = 3
 # deadlock_detected, serialization_failure
@@ -74,11 +75,13 @@ class ProgressReporter:
         self._last_db = time.monotonic()
         self._db_interval = get_settings().progress_db_interval_seconds
 
-    def __call__(self, stage: str, fraction: float) -> None:
+    def __call__(self, stage: str, fraction: float, *, check_cancel: bool = False) -> None:
+        """Report a step; :class:`JobCancelled` when the job must stop here (asked of Redis
+        at most every :data:`CANCEL_CHECK_INTERVAL_S`, or now with ``check_cancel``)."""
         now = time.monotonic()
         if self.ownership.lost:
             raise JobCancelled()
-        if now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
+        if check_cancel or now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
             self._last_cancel_check = now
             if events.cancel_requested(self.job_id):
                 raise JobCancelled()
@@ -231,7 +234,6 @@ def _finish(
                             job.id,
                             status,
                             metered,
-                            find_batch=False,
                             batch_id=job.batch_id,
                         )
                     ]
@@ -302,7 +304,7 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
         result = executor(
             Execution(params=job.params, images=images, progress=progress, meter=meter)
         )
-        progress("storing", 0.95)
+        progress("storing", 0.95, check_cancel=True)
         outputs = _store_outputs(job, result)
         gpu_seconds = round(result.gpu_seconds or meter.seconds, 4)
         main = outputs[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -22,6 +23,15 @@ from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.usage.repository import settle_sync
 from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from hiddenmodel.webhooks import service as webhooks
+
+
+class FindBatch(Enum):
+    """``record_end_sync``'s default: the job's batch is looked up in the transaction."""
+
+    LOOK_UP = "look up"
+
+
+FIND_BATCH = FindBatch.LOOK_UP
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,11 @@ def record_end_sync(
     status: JobStatus,
     metered: Metered | None = None,
     *,
-    find_batch: bool = True,
-    batch_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | FindBatch | None = FIND_BATCH,
 ) -> Ended:
-    """Call right after the compare-and-set that ended the job, in its transaction. Without
-    ``find_batch`` the job's batch is not looked up: it is ``batch_id``, which the caller
-    knows (a worker holds its job; a caller ending many jobs of one batch checks the
-    batch's end once itself and passes none)."""
+    """Call right after the compare-and-set that ended the job, in its transaction. The
+    job's batch is looked up unless the caller gives ``batch_id`` (a worker holds its job),
+    or None (a caller ending many jobs of one batch checks the batch's end once itself)."""
     m = metered or Metered()
     settle_sync(
         session,
@@ -75,7 +83,11 @@ def record_end_sync(
         job_id=job_id,
         status=status,
         deliveries=deliveries,
-        batch_id=batches.batch_of_job_sync(session, job_id) if find_batch else batch_id,
+        batch_id=(
+            batches.batch_of_job_sync(session, job_id)
+            if isinstance(batch_id, FindBatch)
+            else batch_id
+        ),
     )
 
 
@@ -98,7 +110,9 @@ async def record_end(
     ``session``'s transaction; the webhook deliveries and the announcement go out once it
     commits."""
     org_id: uuid.UUID = session.info["org_id"]  # bound by every tenant session
-    ended = await session.run_sync(record_end_sync, org_id, job_id, status, find_batch=end_batch)
+    ended = await session.run_sync(
+        record_end_sync, org_id, job_id, status, batch_id=FIND_BATCH if end_batch else None
+    )
     webhook_enqueue.send_after_commit(session, org_id, ended.deliveries)
 
     async def _announce() -> None:
