@@ -149,10 +149,6 @@ class ServicesClaim:
             self.release()
             raise
 
-    @property
-    def holds_database(self) -> bool:
-        return self._conn is not None
-
     def claim_database(self) -> None:
         """Take the database's lock, if not held yet and the database exists."""
         if self._conn is not None:
