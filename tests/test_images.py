@@ -12,11 +12,13 @@ import pytest
 from PIL import Image, ImageFile
 from PIL.PngImagePlugin import PngInfo
 
+from hiddenmodel import images
 from hiddenmodel.images import (
     DEFAULT_LIMITS,
     ImageInfo,
     ImageLimits,
     ImageRejected,
+    PngCompression,
     content_type,
     decode_image,
     encode_image,
@@ -539,10 +541,75 @@ def test_rejection_carries_kind_status_and_detail() -> None:
     assert error.title == "Image too large"
 
 
-def test_icc_profile_of_rgb_images_is_carried_through() -> None:
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_icc_profile_of_rgb_images_is_carried_through(compression: PngCompression) -> None:
     profile = b"fake-but-opaque-icc-profile-bytes"
     data = encode(photo(), "PNG", icc_profile=profile)
     decoded = decode_image(data)
     assert decoded.info.get("icc_profile") == profile
-    again = Image.open(io.BytesIO(encode_image(decoded, "png")))
+    again = Image.open(io.BytesIO(encode_image(decoded, "png", png_compression=compression)))
     assert again.info.get("icc_profile") == profile
+    assert np.array_equal(np.asarray(again), np.asarray(decoded))
+
+
+def chunk_types(data: bytes) -> list[bytes]:
+    """The chunks of a PNG in order, each one's CRC checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    found, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert zlib.crc32(kind + body) == crc, kind
+        found.append(kind)
+        at += 12 + length
+    assert found[0] == b"IHDR" and found[-1] == b"IEND"
+    return found
+
+
+def smooth_photo(width: int = 256, height: int = 192) -> Image.Image:
+    """Lit gradients and mild sensor noise: where row filters pay."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([60 + 0.5 * x, 90 + 0.4 * y, 200 - 0.3 * (x + y) / 2], axis=-1)
+    noise = np.random.default_rng(1).normal(0, 2.0, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+@pytest.mark.parametrize("compression", ["fast", "small"])
+def test_png_outputs_are_lossless_in_every_mode(mode: str, compression: PngCompression) -> None:
+    image = smooth_photo()
+    if mode in ("RGBA", "LA"):
+        alpha = Image.fromarray(np.asarray(photo(256, 192))[..., 0], "L")
+        image = Image.merge("RGBA", (*image.split(), alpha))
+    image = image.convert(mode)
+    data = encode_image(image, "png", png_compression=compression)
+    chunk_types(data)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.mode == mode
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_fast_png_is_fpng_and_small_png_is_smaller() -> None:
+    image = smooth_photo()
+    fast = encode_image(image, "png")
+    small = encode_image(image, "png", png_compression="small")
+    assert b"fdEC" in chunk_types(fast)  # fpng marks what it wrote
+    assert b"fdEC" not in chunk_types(small)
+    assert len(small) < len(fast)
+    # fpng writes three or four channels only: greyscale goes Pillow's way whatever is asked.
+    assert b"fdEC" not in chunk_types(encode_image(image.convert("L"), "png"))
+
+
+def test_fast_png_falls_back_when_fpng_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its binding returns empty bytes instead of raising when fpng refuses an image.
+    monkeypatch.setattr(images.fpng_ext, "encode_image_to_memory", lambda *args: b"")
+    image = smooth_photo()
+    data = encode_image(image, "png")
+    assert b"fdEC" not in chunk_types(data)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(image))
+
+
+def test_png_compression_is_checked() -> None:
+    with pytest.raises(ValueError, match="PNG compression"):
+        encode_image(photo(), "png", png_compression="tiny")  # type: ignore[arg-type]

@@ -5,14 +5,18 @@ once, not once a step)."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from hiddenmodel import storage
 from hiddenmodel.jobs import events
 from hiddenmodel.redis import sync_redis
 from tests.conftest import db_rows, db_scalar
@@ -45,6 +49,45 @@ async def test_a_job_runs_once_and_a_second_delivery_does_nothing(
     assert _job(job_id).attempts == 1
     events_ = db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :id", id=job_id)
     assert events_ == 1
+
+
+def _gradient_png(width: int = 320, height: int = 240) -> bytes:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([40 + 0.6 * x, 80 + 0.5 * y, 220 - 0.2 * (x + y)], axis=-1)
+    noise = np.random.default_rng(3).normal(0, 2.0, base.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_png_compression_chooses_the_encoder_of_a_jobs_output(
+    client: httpx.AsyncClient,
+) -> None:
+    """Fast by default (fpng marks its files), small on request; the same pixels either way,
+    and the size recorded is the size stored."""
+    org, headers = await keyed_org(client)
+    image = _gradient_png()
+    stored: dict[str, bytes] = {}
+    for compression in ("fast", "small", None):
+        params: dict[str, Any] = {
+            "width": 160,
+            **({"png_compression": compression} if compression else {}),
+        }
+        job_id = (await submit(client, headers, params=params, image=image)).json()["id"]
+        assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "test-worker") == "succeeded"
+        (output,) = _job(job_id).outputs
+        data = storage.get_object(output["key"])
+        assert output["bytes"] == len(data)
+        stored[str(compression)] = data
+    assert stored["None"] == stored["fast"]
+    assert b"fdEC" in stored["fast"] and b"fdEC" not in stored["small"]
+    assert len(stored["small"]) < len(stored["fast"])
+    fast, small = (np.asarray(Image.open(io.BytesIO(stored[k]))) for k in ("fast", "small"))
+    assert fast.shape == (120, 160, 3) and np.array_equal(fast, small)
+    refused = await submit(client, headers, params={"width": 160, "png_compression": "tiny"})
+    assert refused.status_code == 422
+    assert refused.headers["content-type"] == "application/problem+json"
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")

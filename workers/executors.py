@@ -11,10 +11,11 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 
+from hiddenmodel.images import ImageFormat, PngCompression
 from hiddenmodel.jobs.operations import (
     GhostMannequinParams,
     RemoveBackgroundParams,
@@ -30,7 +31,6 @@ from workers.pipelines.contracts import (
 )
 from workers.pipelines.resize import resize
 
-ImageFormat = Literal["png", "jpeg", "webp"]
 # (stage, fraction 0..1); raises JobCancelled when the job was canceled.
 Progress = Callable[[str, float], None]
 
@@ -50,6 +50,7 @@ class OutputImage:
     image: Image.Image
     format: ImageFormat
     quality: int = 90
+    png_compression: PngCompression = "fast"
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _remove_background(ex: Execution) -> ExecutionResult:
     ex.progress("encoding", 0.9)
     return ExecutionResult(
         outputs=[
-            OutputImage("output", out, params.format, params.quality),
+            OutputImage("output", out, params.format, params.quality, params.png_compression),
             OutputImage("alpha", alpha, "png"),
         ],
         report=report,
@@ -159,7 +160,9 @@ def _resize(ex: Execution) -> ExecutionResult:
     except ValueError as exc:
         raise OperationFailed("resize-not-possible", str(exc)) from exc
     ex.progress("encoding", 0.9)
-    return ExecutionResult(outputs=[OutputImage("output", out, params.format, params.quality)])
+    return ExecutionResult(
+        outputs=[OutputImage("output", out, params.format, params.quality, params.png_compression)]
+    )
 
 
 def _mask_array(image: Image.Image | None) -> Any:
@@ -214,7 +217,7 @@ def _ghost_mannequin(ex: Execution) -> ExecutionResult:
             raise OperationFailed("ghost-not-possible", str(exc)) from exc
     ex.progress("compositing", 0.92)
     outputs = [
-        OutputImage("output", result.image, params.format, params.quality),
+        OutputImage("output", result.image, params.format, params.quality, params.png_compression),
         OutputImage("alpha", result.alpha, "png"),
     ]
     outputs += [

@@ -148,7 +148,9 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
 def _store_outputs(job: Job, result: ExecutionResult) -> list[dict[str, Any]]:
     stored = []
     for output in result.outputs:
-        data = encode_image(output.image, output.format, output.quality)
+        data = encode_image(
+            output.image, output.format, output.quality, png_compression=output.png_compression
+        )
         key = storage.object_key(job.organization_id, job.id, output.name, output.format)
         kind = "output" if output.name == "output" else output.name
         try:

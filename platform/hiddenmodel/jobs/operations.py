@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hiddenmodel.errors import Problem
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+PngCompression = Annotated[
+    Literal["fast", "small"],
+    Field(
+        description="PNG output only, lossless either way: `fast` encodes in about a "
+        "twentieth of the CPU, `small` gives files about 15 % smaller on photographs"
+    ),
+]
 
 
 class RemoveBackgroundParams(BaseModel):
@@ -25,6 +32,7 @@ class RemoveBackgroundParams(BaseModel):
     background: Literal["white", "transparent"] = "white"
     format: OutputFormat = "png"
     quality: int = Field(default=90, ge=1, le=100)
+    png_compression: PngCompression = "fast"
     feather_px: float = Field(default=1.5, ge=0, le=20)
 
     @model_validator(mode="after")
@@ -44,6 +52,7 @@ class ResizeParams(BaseModel):
     mode: Literal["fit", "fill", "exact"] = "fit"
     format: OutputFormat = "png"
     quality: int = Field(default=90, ge=1, le=100)
+    png_compression: PngCompression = "fast"
     background: str | None = Field(
         default=None, pattern=r"^#[0-9a-fA-F]{6}$", description="Pad colour for `fit`."
     )
@@ -65,6 +74,7 @@ class GhostMannequinParams(BaseModel):
     background: Literal["white", "transparent"] = "white"
     format: OutputFormat = "png"
     quality: int = Field(default=90, ge=1, le=100)
+    png_compression: PngCompression = "fast"
     size: int = Field(default=1024, ge=256, le=2048, description="Long side of the output")
     steps: int = Field(default=30, ge=1, le=100)
     strength: float = Field(default=0.99, gt=0, le=1)
