@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.imagegen import STANDARD_SCENES, Scene, dilate, iou, scene
+from workers.pipelines import resize as resize_module
 from workers.pipelines.background import _components, remove_background
 from workers.pipelines.resize import resize
 
@@ -437,3 +438,67 @@ def test_large_reduction_is_quick() -> None:
     out = resize(image, width=1024, height=1024, mode="fit")
     assert out.size == (1024, 683)
     assert time.perf_counter() - started < 5.0
+
+
+def textured(width: int, height: int, mode: str = "RGB", seed: int = 5) -> Image.Image:
+    """Gradients and noise: every output row of a Lanczos pass depends on its source rows."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(gradient(width, height), dtype=np.float32)
+    noise = rng.normal(0, 12.0, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("source", "size", "box"),
+    [
+        ((1024, 1024), (512, 512), None),  # a binary scale: every row as Pillow writes it
+        ((999, 777), (512, 398), None),
+        ((4000, 3000), (512, 384), None),  # an integer reduction first
+        ((3000, 2000), (512, 512), (500.0, 0.0, 2500.0, 2000.0)),  # fill's crop box
+        ((300, 200), (1200, 800), None),  # an enlargement
+        ((3000, 2000), (1024, 683), None),
+        ((1024, 1024), (683, 683), None),  # no whole-row split: one pass
+        ((2999, 2001), (700, 467), (3.5, 1.25, 2990.0, 2000.0)),
+        ((5000, 3000), (300, 200), (100.3, 50.7, 4900.1, 2950.2)),
+    ],
+)
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_banded_resampling_writes_pillows_single_pass_exactly(
+    source: tuple[int, int],
+    size: tuple[int, int],
+    box: tuple[float, float, float, float] | None,
+    mode: str,
+) -> None:
+    image = textured(*source, mode=mode)
+    image.info["icc_profile"] = b"profile"
+    expected = image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    banded = resize_module._lanczos(image, size, box)
+    assert banded.size == size and banded.mode == mode
+    assert banded.info.get("icc_profile") == b"profile"
+    assert np.array_equal(np.asarray(banded), np.asarray(expected))
+
+
+def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = Image.Image.resize
+
+    def counted(
+        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
+    ) -> object:
+        calls.append(size)
+        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "resize", counted)
+    resize(textured(400, 400), width=100, height=100, mode="exact")
+    assert calls == [(100, 100)]
+    calls.clear()
+    resize(textured(1024, 1024), width=512, height=512, mode="fit")
+    assert sorted(calls) == [(512, 256), (512, 256)]
+    calls.clear()
+    resize(textured(2000, 3000), width=1024, height=1024, mode="fit")  # 3000 → 1024: 128k rows
+    assert sorted(calls) == [(683, 512), (683, 512)]
+    calls.clear()
+    resize(textured(1024, 1024), width=683, height=683, mode="fit")
+    assert calls == [(683, 683)]
