@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,10 @@ from PIL import Image
 
 from hiddenmodel import storage
 from hiddenmodel.api.app import UPLOAD_MEMORY_BYTES
+from hiddenmodel.jobs import service
 from tests.conftest import assert_problem, bearer, db_scalar, make_key, make_org
 from tests.factories import keyed_org, png, submit, wait_job, wait_status
+from tests.imagegen import raw_png
 
 pytestmark = pytest.mark.usefixtures("services")
 
@@ -134,6 +137,74 @@ async def test_bad_requests_are_problems_and_store_nothing(client: httpx.AsyncCl
         files={"image": ("a.png", png(), "image/png"), "interior": ("i.png", png(), "image/png")},
     )
     assert_problem(r, 422, "unexpected-input")
+    assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 0
+    assert storage.list_keys(storage.org_prefix(uuid.UUID(org.id))) == []
+
+
+async def test_inputs_are_stored_while_they_are_validated(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S3 put of an upload starts before its validation ends (it mostly waits on S3
+    while the PNG walk inflates every row); an upload refused by that validation, or by a
+    later check, still leaves no object and no row."""
+    org, headers = await keyed_org(client)
+    prefix = storage.org_prefix(uuid.UUID(org.id))
+    put_started = threading.Event()
+    real_put, real_inspect = storage.put_object, service.inspect_image
+    seen_during_validation: list[bool] = []
+
+    def put(*args: Any, **kwargs: Any) -> None:
+        put_started.set()
+        real_put(*args, **kwargs)
+
+    def inspect(*args: Any, **kwargs: Any) -> Any:
+        seen_during_validation.append(put_started.wait(5.0))
+        return real_inspect(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "put_object", put)
+    monkeypatch.setattr(service, "inspect_image", inspect)
+    r = await submit(client, headers)
+    assert r.status_code == 202, r.text
+    assert seen_during_validation == [True]
+    job_id = r.json()["id"]
+    assert storage.list_keys(prefix) == [f"{prefix}jobs/{job_id}/image.png"]
+    await wait_job(client, headers, job_id)
+
+    # A PNG whose header is fine and whose rows are missing: stored, refused, deleted.
+    put_started.clear()
+    seen_during_validation.clear()
+    r = await submit(client, headers, image=raw_png(64, 48))
+    assert_problem(r, 422, "corrupt-image")
+    assert seen_during_validation == [True]
+    # Not a format the service takes: refused without a put.
+    put_started.clear()
+    r = await submit(client, headers, image=b"GIF89a" + bytes(64))
+    assert r.status_code == 415, r.text
+    assert not put_started.is_set()
+    assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 1
+    assert {key.split("/")[3] for key in storage.list_keys(prefix)} == {job_id}
+
+
+async def test_a_refusal_wins_over_a_failed_put_and_leaves_nothing(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org, headers = await keyed_org(client)
+    real_put = storage.put_object
+
+    def put(key: str, *args: Any, **kwargs: Any) -> None:
+        if key.endswith("/mask.png"):
+            raise ConnectionError("S3 went away")
+        real_put(key, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "put_object", put)
+    mask = png(10, 10)
+    files = {"image": ("a.png", png(), "image/png"), "mask": ("m.png", mask, "image/png")}
+    r = await submit(client, headers, files=files, operation="remove_background", params={})
+    assert_problem(r, 422, "mask-size-mismatch")
+    # Valid inputs and a failed put: no job, and the input that was stored is gone again.
+    files["mask"] = ("m.png", png(), "image/png")
+    with pytest.raises(ConnectionError):  # a 500 problem; the test client raises it instead
+        await submit(client, headers, files=files, operation="remove_background", params={})
     assert db_scalar("SELECT count(*) FROM jobs WHERE organization_id = :o", o=org.id) == 0
     assert storage.list_keys(storage.org_prefix(uuid.UUID(org.id))) == []
 

@@ -115,7 +115,8 @@ def content_type(format: ImageFormat) -> str:
     return _CONTENT_TYPES[format]
 
 
-def _sniff_format(data: bytes) -> ImageFormat | None:
+def sniff_format(data: bytes) -> ImageFormat | None:
+    """The format the content says it is (never the file name), or None."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -308,7 +309,7 @@ def _load_verified(
             f"The file is {len(data):,} bytes; at most {limits.max_bytes:,} bytes are accepted.",
             status=413,
         )
-    fmt = _sniff_format(data)
+    fmt = sniff_format(data)
     allowed = ", ".join(sorted(f.upper() for f in limits.allowed_formats))
     if fmt is None or fmt not in limits.allowed_formats:
         what = fmt.upper() if fmt else "not a recognised image"

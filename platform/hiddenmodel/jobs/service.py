@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,6 +24,7 @@ from hiddenmodel.images import (
     configured_limits,
     content_type,
     inspect_image,
+    sniff_format,
 )
 from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
@@ -180,13 +182,21 @@ class _Prepared:
 
 
 def _prepare(
-    scope: OrgScope, sub: Submission, op: Operation, params_model: Any, params: dict[str, Any]
+    scope: OrgScope,
+    sub: Submission,
+    op: Operation,
+    params_model: Any,
+    params: dict[str, Any],
+    *,
+    job_id: uuid.UUID | None = None,
+    digests: dict[str, bytes] | None = None,
 ) -> _Prepared:
     """Validate the uploads and build the job (CPU work: runs in a worker thread)."""
     infos = _validate_uploads(op, sub.uploads)
     estimate = op.estimate(params_model, infos["image"].width, infos["image"].height)
-    digests = {u.name: hashlib.sha256(u.data).digest() for u in sub.uploads}
-    job_id = uuid.uuid4()
+    if digests is None:
+        digests = _digests(sub.uploads)
+    job_id = job_id or uuid.uuid4()
     org_id = scope.org_id
     inputs: dict[str, Any] = {}
     keys: list[str] = []
@@ -228,6 +238,63 @@ def _prepare(
         ),
     )
     return _Prepared(job, estimate, sum(len(u.data) for u in sub.uploads), keys)
+
+
+def _digests(uploads: list[Upload]) -> dict[str, bytes]:
+    return {u.name: hashlib.sha256(u.data).digest() for u in uploads}
+
+
+# Puts of inputs that run while the same inputs are validated (_prepare_and_store).
+_input_puts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="input-put")
+
+
+def _prepare_and_store(
+    scope: OrgScope, sub: Submission, op: Operation, params_model: Any, params: dict[str, Any]
+) -> _Prepared:
+    """:func:`_prepare` and :func:`_store` at once: an input whose content names an accepted
+    format goes to S3 while it is validated (the PNG walk inflates every row; the put mostly
+    waits on S3), instead of after. Once both have ended, a refused input's object, or every
+    object if a put failed, is deleted, so a refusal still leaves nothing behind."""
+    job_id = uuid.uuid4()
+    digests = _digests(sub.uploads)
+    limits = configured_limits()
+    accepted = {"image", *op.extra_inputs}
+    puts: dict[str, Future[None]] = {}
+    for upload in sub.uploads:
+        fmt = sniff_format(upload.data)
+        if (
+            fmt is None
+            or fmt not in limits.allowed_formats
+            or upload.name not in accepted
+            or len(upload.data) > limits.max_bytes
+        ):
+            continue  # the validation refuses it: not worth a put
+        key = storage.object_key(scope.org_id, job_id, upload.name, fmt)
+        puts[key] = _input_puts.submit(
+            storage.put_object,
+            key,
+            upload.data,
+            content_type(fmt),
+            org_id=scope.org_id,
+            job_id=job_id,
+            kind=upload.name,
+            sha256=digests[upload.name],
+        )
+    try:
+        ready = _prepare(scope, sub, op, params_model, params, job_id=job_id, digests=digests)
+        if set(ready.keys) != set(puts):  # the validation's formats are the sniffed ones
+            raise RuntimeError(f"inputs stored as {sorted(puts)}, validated as {ready.keys}")
+        for put in puts.values():
+            put.result()
+    except BaseException:
+        wait(puts.values())
+        try:
+            storage.delete_objects(list(puts))
+        except Exception:
+            # The refusal still answers as such; the orphan sweep takes what stayed.
+            log.warning("job %s: its inputs were not deleted", job_id, exc_info=True)
+        raise
+    return ready
 
 
 def _store(prepared: _Prepared, uploads: list[Upload]) -> None:
@@ -272,14 +339,7 @@ async def submit(scope: OrgScope, sub: Submission) -> Submitted | Quote:
             return Submitted(replay, replayed=True)
         await run_in_threadpool(_store, prepared, sub.uploads)
     else:
-
-        def prepare_and_store() -> _Prepared:
-            # One trip to a worker thread instead of two.
-            ready = _prepare(scope, sub, op, params_model, params)
-            _store(ready, sub.uploads)
-            return ready
-
-        prepared = await run_in_threadpool(prepare_and_store)
+        prepared = await run_in_threadpool(_prepare_and_store, scope, sub, op, params_model, params)
     job = prepared.job
     try:
         admitted = await usage_service.admit(
