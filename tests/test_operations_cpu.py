@@ -462,7 +462,7 @@ def textured(width: int, height: int, mode: str = "RGB", seed: int = 5) -> Image
         ((5000, 3000), (300, 200), (100.3, 50.7, 4900.1, 2950.2)),
     ],
 )
-@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
 def test_banded_resampling_writes_pillows_single_pass_exactly(
     source: tuple[int, int],
     size: tuple[int, int],
@@ -502,3 +502,8 @@ def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
     calls.clear()
     resize(textured(1024, 1024), width=683, height=683, mode="fit")
     assert calls == [(683, 683)]
+    calls.clear()
+    same = textured(300, 200)
+    kept = resize(same, width=300, height=None, mode="fit")
+    assert np.array_equal(np.asarray(kept), np.asarray(same))
+    assert calls == []

@@ -66,10 +66,19 @@ def _lanczos(
     """``image.resize(size, LANCZOS, box=box, reducing_gap=_REDUCING_GAP)``, the final Lanczos
     pass in two bands of rows when the output is tall enough (see :data:`_BAND_MIN_ROWS`).
 
-    Pillow's integer reduction, when the scale calls for one, is done first and once for the
-    whole box, exactly as Pillow does it, so both bands resample the same reduced pixels.
+    Pillow's own steps, each done once for the whole box so that both bands resample the same
+    pixels: alpha premultiplied before and undone after, and the integer reduction when the
+    scale calls for one.
     """
     x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, *image.size)
+    if size == image.size and (x0, y0, x1, y1) == (0, 0, *image.size):
+        return image.copy()
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(image.mode)
+    if premultiplied is not None:
+        straight = image.mode
+        out = _lanczos(image.convert(premultiplied), size, (x0, y0, x1, y1)).convert(straight)
+        out.info = dict(image.info)
+        return out
     width, height = size
     factor_x = int((x1 - x0) / width / _REDUCING_GAP) or 1
     factor_y = int((y1 - y0) / height / _REDUCING_GAP) or 1
