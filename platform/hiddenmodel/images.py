@@ -115,9 +115,12 @@ def content_type(format: ImageFormat) -> str:
     return _CONTENT_TYPES[format]
 
 
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+
+
 def sniff_format(data: bytes) -> ImageFormat | None:
     """The format the content says it is (never the file name), or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data.startswith(_PNG_SIGNATURE):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
@@ -496,8 +499,9 @@ def encode_image(
     return out.getvalue()
 
 
-_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 _IHDR_END: Final = len(_PNG_SIGNATURE) + 4 + 4 + 13 + 4  # length, type, data, CRC
+# The profile name Pillow writes; readers take the profile, not its name.
+_ICC_NAME: Final = b"ICC Profile"
 
 
 def _fpng(image: Image.Image, icc: bytes | None) -> bytes | None:
@@ -517,10 +521,6 @@ def _fpng(image: Image.Image, icc: bytes | None) -> bytes | None:
             + data[_IHDR_END:]
         )
     return data
-
-
-# The profile name Pillow writes; readers take the profile, not its name.
-_ICC_NAME: Final = b"ICC Profile"
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -97,6 +97,8 @@ def _lanczos(
     lanczos = Image.Resampling.LANCZOS
     rows = _first_band_rows(y1 - y0, height)
     split = y0 + rows * (y1 - y0) / height if rows else y0
+    # Whole in exact arithmetic is not enough: the float split must be it, or the bands'
+    # scales differ from the whole's in the last bit.
     if not rows or split - y0 != rows * Fraction(y1 - y0) / height:
         return image.resize(size, lanczos, box=(x0, y0, x1, y1))
     first = _band_executor().submit(image.resize, (width, rows), lanczos, (x0, y0, x1, split))

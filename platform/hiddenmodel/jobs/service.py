@@ -251,24 +251,17 @@ _input_puts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="input-put")
 def _prepare_and_store(
     scope: OrgScope, sub: Submission, op: Operation, params_model: Any, params: dict[str, Any]
 ) -> _Prepared:
-    """:func:`_prepare` and :func:`_store` at once: an input whose content names an accepted
+    """:func:`_prepare` and :func:`_store` at once: an input whose content names an image
     format goes to S3 while it is validated (the PNG walk inflates every row; the put mostly
     waits on S3), instead of after. Once both have ended, a refused input's object, or every
     object if a put failed, is deleted, so a refusal still leaves nothing behind."""
     job_id = uuid.uuid4()
     digests = _digests(sub.uploads)
-    limits = configured_limits()
-    accepted = {"image", *op.extra_inputs}
     puts: dict[str, Future[None]] = {}
     for upload in sub.uploads:
         fmt = sniff_format(upload.data)
-        if (
-            fmt is None
-            or fmt not in limits.allowed_formats
-            or upload.name not in accepted
-            or len(upload.data) > limits.max_bytes
-        ):
-            continue  # the validation refuses it: not worth a put
+        if fmt is None:
+            continue  # not an image at all: the validation refuses it, no put needed
         key = storage.object_key(scope.org_id, job_id, upload.name, fmt)
         puts[key] = _input_puts.submit(
             storage.put_object,
