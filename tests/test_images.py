@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageCms, ImageFile
 from PIL.PngImagePlugin import PngInfo
 
 from hiddenmodel import images
@@ -613,3 +613,117 @@ def test_fast_png_falls_back_when_fpng_writes_nothing(monkeypatch: pytest.Monkey
 def test_png_compression_is_checked() -> None:
     with pytest.raises(ValueError, match="PNG compression"):
         encode_image(photo(), "png", png_compression="tiny")  # type: ignore[arg-type]
+
+
+# --- PNG image data inflated by ISA-L, handed to Pillow as stored blocks ------------------
+
+
+def _pillow_decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _stored_variants() -> list[tuple[str, bytes]]:
+    base = photo(67, 45, seed=3)
+    out = [
+        (mode, encode(base.convert(mode), "PNG"))
+        for mode in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16")
+    ]
+    out.append(("P+tRNS", encode(base.convert("P"), "PNG", transparency=3)))
+    out.append(("RGB+tRNS", encode(base, "PNG", transparency=(0, 0, 0))))
+    rng = np.random.default_rng(5)
+    out.append(("interlaced", interlaced_png(rng.integers(0, 256, (19, 23, 3), dtype=np.uint8))))
+    out.append(("16-bit RGB", png16_rgb(rng.integers(0, 65536, (9, 11, 3), dtype=np.uint16))))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out.append(("EXIF", encode(base, "PNG", exif=exif.tobytes())))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out.append(("ICC", encode(base, "PNG", icc_profile=icc)))
+    # The image data split over many small IDAT chunks, a text chunk after them.
+    rows = b"".join(b"\x04" + bytes(range(i, i + 3 * 40)) for i in range(30))
+    packed = zlib.compress(rows, 9)
+    ihdr = struct.pack(">IIBBBBB", 40, 30, 8, 2, 0, 0, 0)
+    out.append(
+        (
+            "many IDAT",
+            b"\x89PNG\r\n\x1a\n"
+            + png_chunk(b"IHDR", ihdr)
+            + b"".join(png_chunk(b"IDAT", packed[i : i + 50]) for i in range(0, len(packed), 50))
+            + png_chunk(b"tEXt", b"Comment\0after the image data")
+            + png_chunk(b"IEND", b""),
+        )
+    )
+    return out
+
+
+@pytest.mark.parametrize(("name", "data"), _stored_variants(), ids=lambda v: str(v)[:12])
+def test_png_data_stored_uncompressed_decodes_to_the_same_image(name: str, data: bytes) -> None:
+    """The stored copy changes how the stream is compressed and nothing else: Pillow reads
+    the same mode, pixels and chunks (palette, transparency, ICC, EXIF, text) from it."""
+    width, height = _pillow_decode(data).size
+    stored = images._png_stored(data, width, height)
+    assert stored is not None, name
+    # Every block is stored: the stream is a little larger than the inflated rows.
+    assert len(stored) > images._png_raw_size(width, height, data[16:29])
+    original, copy = _pillow_decode(data), _pillow_decode(stored)
+    assert (copy.mode, copy.size) == (original.mode, original.size)
+    assert np.array_equal(np.asarray(copy), np.asarray(original))
+    assert copy.info == original.info
+    assert copy.getexif() == original.getexif()
+    assert images.inspect_image(stored).width == width  # CRCs, walk and all
+
+
+def test_a_large_png_is_stored_in_blocks_of_at_most_65535_bytes() -> None:
+    data = encode(photo(300, 250, seed=4), "PNG")
+    stored = images._png_stored(data, 300, 250)
+    assert stored is not None
+    assert np.array_equal(np.asarray(_pillow_decode(stored)), np.asarray(_pillow_decode(data)))
+    assert len(stored) - len(data[:33]) < 250 * (1 + 900) + 5 * (250 * 901 // 65535 + 1) + 40
+
+
+def test_decoding_uses_the_stored_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[bytes | None] = []
+    original = images._png_stored
+
+    def spy(data: bytes, width: int, height: int) -> bytes | None:
+        made.append(original(data, width, height))
+        return made[-1]
+
+    monkeypatch.setattr(images, "_png_stored", spy)
+    picture = photo(50, 40, seed=6)
+    decoded = decode_image(encode(picture, "PNG"))
+    assert len(made) == 1 and made[0] is not None
+    assert np.array_equal(np.asarray(decoded), np.asarray(picture))
+
+
+def test_unusual_png_data_is_decoded_from_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None: the original goes to Pillow, which treats it as it always has."""
+    rows = b"".join(b"\x00" + bytes(3 * 20) for _ in range(10))
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 20, 10, 8, 2, 0, 0, 0))
+    head, end = b"\x89PNG\r\n\x1a\n" + ihdr, png_chunk(b"IEND", b"")
+    good = head + png_chunk(b"IDAT", zlib.compress(rows)) + end
+    assert images._png_stored(good, 20, 10) is not None
+    unusual = {
+        "one row more": head + png_chunk(b"IDAT", zlib.compress(rows + rows[:61])) + end,
+        "a row short": head + png_chunk(b"IDAT", zlib.compress(rows[:-61])) + end,
+        "broken stream": head + png_chunk(b"IDAT", zlib.compress(rows)[:-6] + b"\xff" * 6) + end,
+        "split image data": head
+        + png_chunk(b"IDAT", zlib.compress(rows)[:20])
+        + png_chunk(b"tEXt", b"a\0b")
+        + png_chunk(b"IDAT", zlib.compress(rows)[20:])
+        + end,
+        "animation chunks": head
+        + png_chunk(b"acTL", struct.pack(">II", 1, 0))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + end,
+        "no image data": head + end,
+        "truncated": good[:-20],
+    }
+    for name, data in unusual.items():
+        assert images._png_stored(data, 20, 10) is None, name
+    monkeypatch.setattr(images, "_STORED_MAX_RAW", len(rows) - 1)  # a copy too large to make
+    assert images._png_stored(good, 20, 10) is None
+    # What Pillow makes of them is unchanged: the lying and broken ones are still refused.
+    for name in ("a row short", "broken stream", "truncated"):
+        assert rejected(unusual[name]).kind == "corrupt-image", name
