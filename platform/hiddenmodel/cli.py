@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hiddenmodel import logs
+from hiddenmodel.memory import tune_malloc
 from hiddenmodel.settings import get_settings
 
 log = logging.getLogger("hiddenmodel")
@@ -28,6 +29,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    tune_malloc()
     uvicorn.run(
         "hiddenmodel.api.app:create_app",
         factory=True,
@@ -96,6 +98,7 @@ def _cmd_create_api_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    tune_malloc()
     queues = {q.strip() for q in args.queues.split(",") if q.strip()}
     if "gpu" in queues:
         # A GPU worker without its model is refused now, naming what is missing, rather
@@ -145,6 +148,7 @@ def _cmd_dispatcher(args: argparse.Namespace) -> int:
 
     from workers.dispatcher import run_forever
 
+    tune_malloc()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -748,8 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, required=True, help="the folder objects live in")
     args = parser.parse_args(argv)
 
+    from hiddenmodel.memory import tune_malloc
     from hiddenmodel.settings import get_settings
 
+    tune_malloc()  # bodies pass through megabyte buffers
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     settings = get_settings()
     store = ObjectStore(args.root)
