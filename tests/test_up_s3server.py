@@ -232,6 +232,13 @@ def test_wrong_credentials_and_anonymous_requests_are_refused(server: Server) ->
     assert f"<Region>{REGION}</Region>" in other_region.text
     anonymous = httpx.get(f"{server.endpoint}/{BUCKET}?list-type=2")
     assert anonymous.status_code == 403 and "<Code>AccessDenied</Code>" in anonymous.text
+    # An error to a request without a body keeps the connection; one whose body was not
+    # read closes it.
+    with httpx.Client() as kept:
+        assert kept.get(f"{server.endpoint}/{BUCKET}/k").status_code == 403
+        assert kept.get(f"{server.endpoint}/{BUCKET}/k").headers.get("connection") != "close"
+        refused = kept.put(f"{server.endpoint}/{BUCKET}/k", content=b"x" * 1000)
+        assert refused.status_code == 403 and refused.headers["connection"] == "close"
     # A presigned URL reads; it does not write.
     url = server.client().generate_presigned_url(
         "put_object", Params={"Bucket": BUCKET, "Key": "presigned-put"}, ExpiresIn=60

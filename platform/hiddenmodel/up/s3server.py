@@ -217,7 +217,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         self.request_id = uuid.uuid4().hex[:16].upper()
-        self.body_read = False
+        # A request without a body leaves nothing unread: its connection carries on after
+        # an error too (a HEAD of a missing object is no reason to reconnect).
+        self.body_read = self.headers.get("Content-Length", "0") == "0" and (
+            "Transfer-Encoding" not in self.headers
+        )
         self.resource = ""
         try:
             try:
