@@ -521,3 +521,132 @@ def test_the_server_module_runs_as_a_script() -> None:
         timeout=30,
     )
     assert helped.returncode == 0 and "--root" in helped.stdout
+
+
+def test_listings_page_past_common_prefixes_to_the_end(s3: Any) -> None:
+    base = f"pages-{uuid.uuid4()}/"
+    for name in ("a/1", "a/2", "b", "c/1", "c/2/x", "d"):
+        s3.put_object(Bucket=BUCKET, Key=base + name, Body=b"x")
+    seen: list[str] = []
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=base, Delimiter="/", PaginationConfig={"PageSize": 1}
+    )
+    for page in pages:
+        seen += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        seen += [o["Key"] for o in page.get("Contents", [])]
+        assert len(seen) <= 4, seen
+    assert seen == [base + "a/", base + "b", base + "c/", base + "d"]
+    v1: list[str] = []
+    for page in s3.get_paginator("list_objects").paginate(
+        Bucket=BUCKET, Prefix=base, Delimiter="/", PaginationConfig={"PageSize": 1}
+    ):
+        v1 += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        v1 += [o["Key"] for o in page.get("Contents", [])]
+        assert len(v1) <= 4, v1
+    assert v1 == seen
+
+
+def _raw(server: Server, request: bytes) -> bytes:
+    """Send bytes as they are; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            answer += b"<still open>"
+    return answer
+
+
+def _signed_head(server: Server, method: str, path: str, extra: str = "") -> str:
+    request = AWSRequest(
+        method=method,
+        url=f"{server.endpoint}{path}",
+        headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"},
+    )
+    S3SigV4Auth(Credentials(ACCESS, SECRET), "s3", REGION).add_auth(request)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{lines}{extra}"
+
+
+def test_request_framing_cannot_smuggle_a_second_request(server: Server, s3: Any) -> None:
+    key = f"smuggle/{uuid.uuid4()}"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    hidden = f"GET /{BUCKET}/{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    # A body nobody reads is not parsed as the next request: the connection closes.
+    answer = _raw(
+        server,
+        _signed_head(
+            server, "DELETE", f"/{BUCKET}/{key}", f"Content-Length: {len(hidden)}\r\n"
+        ).encode()
+        + b"\r\n"
+        + hidden,
+    )
+    assert answer.startswith(b"HTTP/1.1 204") and answer.count(b"HTTP/1.1") == 1, answer
+    assert b"<still open>" not in answer
+    # Two lengths, or a length and chunks: refused, and closed.
+    for framing in (
+        "Content-Length: 0\r\nContent-Length: 5\r\n",
+        "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        "Content-Length: \u00b2\r\n",
+    ):
+        answer = _raw(
+            server, (_signed_head(server, "GET", f"/{BUCKET}/{key}", framing) + "\r\n").encode()
+        )
+        assert answer.split(b"\r\n")[0] == b"HTTP/1.1 400 Bad Request", (framing, answer)
+        assert b"<still open>" not in answer
+
+
+def test_odd_values_are_client_errors_not_server_errors(server: Server, s3: Any) -> None:
+    key = f"odd/{uuid.uuid4()}"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"0123456789")
+    for disposition in ('attachment; filename="\u20ac.png"', "attachment\r\nSet-Cookie: a=b"):
+        url = s3.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": BUCKET, "Key": key, "ResponseContentDisposition": disposition},
+        )
+        answer = httpx.get(url)
+        assert answer.status_code == 400 and "InvalidArgument" in answer.text
+        assert "set-cookie" not in answer.headers
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key})
+    forged = url.rsplit("=", 1)[0] + "=%C3%A9"
+    assert httpx.get(forged).status_code == 403
+    # A backwards range is ignored, as HTTP says: the whole object.
+    whole = s3.get_object(Bucket=BUCKET, Key=key, Range="bytes=5-3")
+    assert whole["Body"].read() == b"0123456789"
+    # Request documents are UTF-8: another encoding cannot hide a DTD.
+    document = (
+        '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE d [<!ENTITY e "x">]>'
+        "<Delete><Object><Key>&e;</Key></Object></Delete>"
+    ).encode("utf-16")
+    md5 = base64.b64encode(hashlib.md5(document).digest()).decode()
+    refused = _signed("POST", f"{server.endpoint}/{BUCKET}?delete", document, {"Content-MD5": md5})
+    assert refused.status_code == 400 and "MalformedXML" in refused.text
+
+
+def test_a_body_lost_after_a_crash_is_a_missing_object(server: Server, s3: Any) -> None:
+    key = f"lost/{uuid.uuid4()}"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * 5000)
+    newest = max(_blobs(server.root), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"x" * 100)  # what a power loss can leave
+    with pytest.raises(ClientError) as short:
+        s3.get_object(Bucket=BUCKET, Key=key)
+    assert _code(short) == "NoSuchKey"
+    newest.unlink()
+    with pytest.raises(ClientError) as gone:
+        s3.get_object(Bucket=BUCKET, Key=key)
+    assert _code(gone) == "NoSuchKey"
+
+
+def test_one_server_per_folder(server: Server) -> None:
+    second = subprocess.run(
+        s3_server_command(free_port(), server.root),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert "another S3 server keeps its objects in" in second.stderr
+    assert server.client().head_bucket(Bucket=BUCKET)  # the first one lost nothing

@@ -158,11 +158,19 @@ def _tag_set(tags: dict[str, str]) -> str:
 
 
 def _parse_xml(body: bytes) -> ElementTree.Element:
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
+    """S3's request documents are UTF-8; the text is checked for a DTD once decoded, so no
+    other encoding can hide one."""
+    try:
+        text = body.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        _refuse(400, "MalformedXML", "The XML you provided is not UTF-8.")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
         _refuse(400, "MalformedXML", "Document type declarations are not accepted.")
+    if re.match(r"\s*<\?xml[^>]*encoding=[\"'](?!utf-?8[\"'])", text, re.IGNORECASE):
+        _refuse(400, "MalformedXML", "The XML you provided is not UTF-8.")
     try:
         # Without a DTD there are no entities to expand, and expat fetches nothing.
-        return ElementTree.fromstring(body)  # noqa: S314
+        return ElementTree.fromstring(text)  # noqa: S314
     except ElementTree.ParseError:
         _refuse(400, "MalformedXML", "The XML you provided was not well-formed.")
 
@@ -225,7 +233,12 @@ class Handler(BaseHTTPRequestHandler):
         self.resource = ""
         try:
             try:
+                self._check_framing()
                 self._route(method)
+                if not self.body_read:
+                    # Answered without reading the body it came with: never parse that body
+                    # as the next request.
+                    self.close_connection = True
             except StoreError as exc:
                 raise S3Error(exc.status, exc.code, exc.message) from exc
             except sigv4.AuthError as exc:
@@ -238,7 +251,22 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("%s %s failed", method, self.path)
             self._error(method, S3Error(500, "InternalError", "We encountered an internal error."))
 
+    def _check_framing(self) -> None:
+        """One way to tell where the body ends, or the request is refused (and the
+        connection closed): two lengths, or a length and chunks, are how requests are
+        smuggled past a proxy."""
+        lengths = self.headers.get_all("Content-Length") or []
+        chunked = self.headers.get_all("Transfer-Encoding") or []
+        if len(lengths) > 1 or (lengths and chunked) or len(chunked) > 1:
+            self.body_read = False
+            _refuse(400, "InvalidRequest", "The request's length is given more than once.")
+        if lengths and not re.fullmatch(r"[0-9]{1,19}", lengths[0]):
+            self.body_read = False
+            _refuse(400, "InvalidArgument", "Content-Length must be a number.")
+
     def _error(self, method: str, exc: S3Error) -> None:
+        # Whatever headers a failed answer had started are dropped.
+        self._headers_buffer: list[bytes] = []
         if not self.body_read:
             # The body was not read: the connection cannot carry another request.
             self.close_connection = True
@@ -294,9 +322,7 @@ class Handler(BaseHTTPRequestHandler):
             if required:
                 _refuse(411, "MissingContentLength", "You must provide the Content-Length header.")
             return 0
-        if not value.isdigit():
-            _refuse(400, "InvalidArgument", "Content-Length must be a number.")
-        return int(value)
+        return int(value)  # checked by _check_framing
 
     # --- routing -------------------------------------------------------------------------
 
@@ -655,7 +681,7 @@ class Handler(BaseHTTPRequestHandler):
             out = self._object_headers(info, headers)
             for param, header in RESPONSE_OVERRIDES.items():
                 if param in query:
-                    out[header] = query[param]
+                    out[header] = _header_value(param, query[param])
             start, end = 0, info.size
             status = 200
             ranged = headers.get("range")
@@ -693,6 +719,22 @@ class Handler(BaseHTTPRequestHandler):
             _refuse(405, "MethodNotAllowed", "The method is not allowed on tags.")
 
 
+def _header_value(name: str, value: str) -> str:
+    """A ``response-*`` override as a header value: no line breaks or other control
+    characters (they would end the header or the response), nothing latin-1 cannot carry."""
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+        _refuse(400, "InvalidArgument", f"{name} holds a control character.")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        _refuse(
+            400,
+            "InvalidArgument",
+            f"{name} must be ISO-8859-1; send other characters encoded (RFC 6266 filename*).",
+        )
+    return value
+
+
 class _Tee:
     """A reader that feeds what it reads to extra hashers."""
 
@@ -709,21 +751,20 @@ class _Tee:
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     """One ``bytes=`` range as [start, end); None (the whole object) for forms S3 ignores."""
-    unit, _, spec = value.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
+    match = re.fullmatch(r"\s*bytes\s*=\s*([0-9]*)-([0-9]*)\s*", value)
+    if match is None or match.group(1) + match.group(2) == "":
         return None
-    first, _, last = spec.strip().partition("-")
-    try:
-        if first:
-            start = int(first)
-            end = min(int(last) + 1, size) if last else size
-        elif last:
-            start, end = max(size - int(last), 0), size
-        else:
-            return None
-    except ValueError:
-        return None
-    if start >= size or end <= start:
+    first, last = match.groups()
+    if first:
+        start = int(first)
+        if last and int(last) < start:
+            return None  # a backwards range is ignored (RFC 9110): the whole object
+        end = min(int(last) + 1, size) if last else size
+    else:
+        start, end = max(size - int(last), 0), size
+        if int(last) == 0:
+            raise S3Error(416, "InvalidRange", "The requested range is not satisfiable")
+    if start >= size:
         raise S3Error(416, "InvalidRange", "The requested range is not satisfiable")
     return start, end
 
@@ -758,7 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # bodies pass through megabyte buffers
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
     settings = get_settings()
-    store = ObjectStore(args.root)
+    try:
+        store = ObjectStore(args.root)
+    except StoreError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
     server = S3Server(
         (args.host, args.port),
         store,

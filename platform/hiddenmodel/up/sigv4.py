@@ -177,7 +177,9 @@ def verify(
     if payload_hash is None:
         raise AuthError("InvalidRequest", "Missing required header x-amz-content-sha256.")
     canonical = _canonical_request(method, raw_path, pairs, headers, signed_headers, payload_hash)
-    if not hmac.compare_digest(_signature(creds, amz_date, scope, canonical), signature):
+    if not hmac.compare_digest(
+        _signature(creds, amz_date, scope, canonical).encode(), signature.encode()
+    ):
         raise AuthError(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided.",
@@ -221,7 +223,9 @@ def _verify_presigned(
     canonical = _canonical_request(
         method, raw_path, unsigned, headers, signed_headers, UNSIGNED_PAYLOAD
     )
-    if not hmac.compare_digest(_signature(creds, amz_date, scope, canonical), signature):
+    if not hmac.compare_digest(
+        _signature(creds, amz_date, scope, canonical).encode(), signature.encode()
+    ):
         raise AuthError(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided.",
