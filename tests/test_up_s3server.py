@@ -458,7 +458,10 @@ def test_objects_outlive_a_restart_and_stray_files_are_swept(tmp_path: Path) -> 
         s3.create_bucket(Bucket=BUCKET)
         s3.put_object(Bucket=BUCKET, Key="kept", Body=b"still here", Tagging="tenant=t")
     finally:
-        first.stop()
+        assert "Traceback" not in first.stop()
+    assert first.process.returncode == 0
+    # Stopped cleanly (SIGTERM, as up stops it): the index is checkpointed and closed.
+    assert not (tmp_path / "index.sqlite3-wal").exists()
     stray = tmp_path / "blobs" / "00" / "00stray"
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"a body no index row names")

@@ -26,6 +26,7 @@ import binascii
 import hashlib
 import logging
 import re
+import signal
 import socket
 import sys
 import uuid
@@ -813,6 +814,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.s3_region,
     )
     log.info("S3 on %s:%s, objects under %s", args.host, server.server_port, args.root)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # out of serve_forever, so the index is closed cleanly
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
