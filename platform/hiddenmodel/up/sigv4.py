@@ -94,6 +94,22 @@ def _check_scope(credential: str, creds: Credentials, amz_date: str) -> tuple[st
     return access_key, day, region, service
 
 
+def _check_signature(
+    creds: Credentials,
+    amz_date: str,
+    scope: tuple[str, str, str, str],
+    canonical_request: str,
+    signature: str,
+) -> None:
+    expected = _signature(creds, amz_date, scope, canonical_request)
+    # As bytes: compare_digest refuses str with characters beyond ASCII.
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        raise AuthError(
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        )
+
+
 def _signature(
     creds: Credentials,
     amz_date: str,
@@ -177,13 +193,7 @@ def verify(
     if payload_hash is None:
         raise AuthError("InvalidRequest", "Missing required header x-amz-content-sha256.")
     canonical = _canonical_request(method, raw_path, pairs, headers, signed_headers, payload_hash)
-    if not hmac.compare_digest(
-        _signature(creds, amz_date, scope, canonical).encode(), signature.encode()
-    ):
-        raise AuthError(
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided.",
-        )
+    _check_signature(creds, amz_date, scope, canonical, signature)
     return Verified(presigned=False, payload_hash=payload_hash)
 
 
@@ -223,11 +233,5 @@ def _verify_presigned(
     canonical = _canonical_request(
         method, raw_path, unsigned, headers, signed_headers, UNSIGNED_PAYLOAD
     )
-    if not hmac.compare_digest(
-        _signature(creds, amz_date, scope, canonical).encode(), signature.encode()
-    ):
-        raise AuthError(
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided.",
-        )
+    _check_signature(creds, amz_date, scope, canonical, signature)
     return Verified(presigned=True, payload_hash=UNSIGNED_PAYLOAD)
