@@ -91,6 +91,11 @@ class Written:
     md5: bytes | None
 
 
+def _require_bucket(db: sqlite3.Connection, bucket: str) -> None:
+    if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
+        raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+
+
 def _info(row: tuple[Any, ...]) -> ObjectInfo:
     key, size, etag, sha256, content_type, metadata, tags, modified, blob = row
     return ObjectInfo(
@@ -168,14 +173,9 @@ class ObjectStore:
 
     # --- buckets -------------------------------------------------------------------------
 
-    def bucket_exists(self, bucket: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone()
-        return row is not None
-
     def require_bucket(self, bucket: str) -> None:
-        if not self.bucket_exists(bucket):
-            raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+        with self._lock:
+            _require_bucket(self._db, bucket)
 
     def buckets(self) -> list[tuple[str, datetime]]:
         with self._lock:
@@ -198,8 +198,7 @@ class ObjectStore:
 
     def delete_bucket(self, bucket: str) -> None:
         with self._transaction() as db:
-            if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
-                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+            _require_bucket(db, bucket)
             if db.execute("SELECT 1 FROM objects WHERE bucket = ? LIMIT 1", (bucket,)).fetchone():
                 raise StoreError(
                     409, "BucketNotEmpty", "The bucket you tried to delete is not empty"
@@ -264,8 +263,7 @@ class ObjectStore:
         modified = datetime.now(UTC)
         try:
             with self._transaction() as db:
-                if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
-                    raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+                _require_bucket(db, bucket)
                 old = db.execute(
                     "SELECT blob FROM objects WHERE bucket = ? AND key = ?", (bucket, key)
                 ).fetchone()
@@ -305,12 +303,8 @@ class ObjectStore:
         with self._lock:
             row = self._db.execute(_GET, (bucket, key)).fetchone()
             if row is None:
-                bucket_row = self._db.execute(
-                    "SELECT 1 FROM buckets WHERE name = ?", (bucket,)
-                ).fetchone()
+                _require_bucket(self._db, bucket)
         if row is None:
-            if bucket_row is None:
-                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
             raise StoreError(404, "NoSuchKey", "The specified key does not exist.")
         return _info(row)
 
@@ -337,8 +331,7 @@ class ObjectStore:
     def delete(self, bucket: str, key: str) -> None:
         """Delete ``key``; a missing key is no error (S3's delete is idempotent)."""
         with self._transaction() as db:
-            if not db.execute("SELECT 1 FROM buckets WHERE name = ?", (bucket,)).fetchone():
-                raise StoreError(404, "NoSuchBucket", "The specified bucket does not exist")
+            _require_bucket(db, bucket)
             old = db.execute(
                 "DELETE FROM objects WHERE bucket = ? AND key = ? RETURNING blob", (bucket, key)
             ).fetchone()

@@ -333,8 +333,14 @@ class Handler(BaseHTTPRequestHandler):
             _refuse(400, "InvalidURI", "Couldn't parse the specified URI.")
         headers = {name.lower(): value for name, value in self.headers.items()}
         verified = sigv4.verify(method, raw_path, raw_query, headers, self.server.credentials)
-        if self.server.region is not None:
-            self._check_region(headers, raw_query)
+        if self.server.region is not None and verified.region != self.server.region:
+            _refuse(
+                400,
+                "AuthorizationHeaderMalformed",
+                f"The authorization header is malformed; the region '{verified.region}' is "
+                f"wrong; expecting '{self.server.region}'",
+                Region=self.server.region,
+            )
         query = dict(sigv4.query_pairs(raw_query))
         try:
             path = unquote_to_bytes(raw_path).decode()
@@ -356,23 +362,7 @@ class Handler(BaseHTTPRequestHandler):
                 _refuse(400, "KeyTooLongError", "Your key is too long")
             self._object(method, bucket, key, query, headers, verified)
         else:
-            self._bucket(method, bucket, query)
-
-    def _check_region(self, headers: dict[str, str], raw_query: str) -> None:
-        match = re.search(r"Credential=[^/,]+/\d{8}/([^/,]+)/", headers.get("authorization", ""))
-        region = match.group(1) if match else None
-        if region is None:
-            credential = dict(sigv4.query_pairs(raw_query)).get("X-Amz-Credential", "")
-            parts = credential.split("/")
-            region = parts[2] if len(parts) == 5 else None
-        if region != self.server.region:
-            _refuse(
-                400,
-                "AuthorizationHeaderMalformed",
-                f"The authorization header is malformed; the region '{region}' is wrong; "
-                f"expecting '{self.server.region}'",
-                Region=self.server.region or "",
-            )
+            self._bucket(method, bucket, query, headers)
 
     def _unsupported(self, query: dict[str, str], allowed: set[str]) -> None:
         extra = sorted(
@@ -396,11 +386,13 @@ class Handler(BaseHTTPRequestHandler):
         body = _xml("ListAllMyBucketsResult", f"{owner}<Buckets>{inner}</Buckets>")
         self._send(200, {"Content-Type": "application/xml"}, body)
 
-    def _bucket(self, method: str, bucket: str, query: dict[str, str]) -> None:
+    def _bucket(
+        self, method: str, bucket: str, query: dict[str, str], headers: dict[str, str]
+    ) -> None:
         store = self.server.store
         self._unsupported(query, LIST_PARAMS | {"delete"})
         if method == "POST" and "delete" in query:
-            self._delete_objects(bucket)
+            self._delete_objects(bucket, headers)
         elif method == "GET":
             self._list_objects(bucket, query)
         elif method == "HEAD":
@@ -489,9 +481,8 @@ class Handler(BaseHTTPRequestHandler):
         body = _xml("ListBucketResult", "".join(parts) + contents + common)
         self._send(200, {"Content-Type": "application/xml"}, body)
 
-    def _delete_objects(self, bucket: str) -> None:
+    def _delete_objects(self, bucket: str, headers: dict[str, str]) -> None:
         body = self._read_small_body()
-        headers = {name.lower(): value for name, value in self.headers.items()}
         digests = self._expected_digests(headers)
         if not digests:
             _refuse(

@@ -44,6 +44,7 @@ class Verified:
     (a hex SHA-256 of the body, ``UNSIGNED-PAYLOAD``, or a streaming marker)."""
 
     presigned: bool
+    region: str  # the region of the credential scope the request was signed for
     payload_hash: str
 
 
@@ -194,7 +195,7 @@ def verify(
         raise AuthError("InvalidRequest", "Missing required header x-amz-content-sha256.")
     canonical = _canonical_request(method, raw_path, pairs, headers, signed_headers, payload_hash)
     _check_signature(creds, amz_date, scope, canonical, signature)
-    return Verified(presigned=False, payload_hash=payload_hash)
+    return Verified(presigned=False, region=scope[2], payload_hash=payload_hash)
 
 
 def _verify_presigned(
@@ -234,4 +235,4 @@ def _verify_presigned(
         method, raw_path, unsigned, headers, signed_headers, UNSIGNED_PAYLOAD
     )
     _check_signature(creds, amz_date, scope, canonical, signature)
-    return Verified(presigned=True, payload_hash=UNSIGNED_PAYLOAD)
+    return Verified(presigned=True, region=scope[2], payload_hash=UNSIGNED_PAYLOAD)
