@@ -230,7 +230,10 @@ async def test_a_dry_run_applies_the_submit_rules_and_changes_nothing(
 ) -> None:
     org, headers = await keyed_org(client)
     set_overrides(org, monthly_images=1)
-    assert (await submit(client, headers)).status_code == 202
+    first = await submit(client, headers)
+    assert first.status_code == 202
+    # Counters move while the first job runs (reserved, then used): compare once it is done.
+    await wait_job(client, headers, first.json()["id"])
     before = counters(org)
     r = await submit(client, headers, data={"dry_run": "true"})
     assert_problem(r, 429, "quota-exceeded")
