@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
+import psycopg
 from fastapi import Depends, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,9 +22,11 @@ from hiddenmodel.db import (
     async_tenant_session,
     bind_org_with_first_statement,
     commit,
+    fetch_one_statement,
     rollback,
 )
 from hiddenmodel.errors import Forbidden, NotFound, Problem, Unauthorized
+from hiddenmodel.models import from_json
 from hiddenmodel.security import InvalidToken, keyed_hashes, parse_token
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import current_org_id, current_user_id
@@ -140,6 +144,11 @@ class Principal:
         return frozenset(self.api_key.scopes) if self.api_key else frozenset()
 
 
+def key_allows(key: ApiKey, permission: Permission) -> bool:
+    """Whether an API key's scopes grant ``permission`` (``admin`` grants every one)."""
+    return permission.scope.value in key.scopes or Scope.ADMIN.value in key.scopes
+
+
 @dataclass
 class OrgScope:
     """A request acting inside one organization, with its RLS-bound session."""
@@ -156,8 +165,7 @@ class OrgScope:
 
     def allows(self, permission: Permission) -> bool:
         if self.principal.api_key is not None:
-            scopes = self.principal.scopes
-            return permission.scope.value in scopes or Scope.ADMIN.value in scopes
+            return key_allows(self.principal.api_key, permission)
         return self.role is not None and self.role in permission.roles
 
     def require(self, permission: Permission) -> None:
@@ -247,18 +255,100 @@ async def authenticate_api_key(
         raise Unauthorized("Unknown API key.", kind="invalid-api-key")
     key, org = found
     now = datetime.now(UTC)
+    require_live_key(key, org, now)
+    if _use_to_record(key, now) and await repository.touch_api_key(session, key.id, now):
+        key.last_used_at = now
+    return key, org
+
+
+def require_live_key(key: ApiKey, org: Organization, now: datetime) -> None:
+    """401 for a revoked or expired key, 403 when its organization is suspended."""
     if key.revoked_at is not None:
         raise Unauthorized("This API key has been revoked.", kind="api-key-revoked")
     if key.expires_at is not None and key.expires_at <= now:
         raise Unauthorized("This API key has expired.", kind="api-key-expired")
     require_not_suspended(org)
-    # last_used_at at a coarse resolution: not one write per request. Skipped while another
-    # request holds the row for the same purpose, so requests never queue on it.
+
+
+def _use_to_record(key: ApiKey, now: datetime) -> bool:
+    """Whether this request records the key's use: last_used_at is kept at a coarse
+    resolution, not one write per request (and the write is skipped while another request
+    holds the row for the same purpose, so requests never queue on it)."""
     resolution = timedelta(seconds=get_settings().api_key_last_used_resolution_seconds)
-    stale = key.last_used_at is None or now - key.last_used_at >= resolution
-    if stale and await repository.touch_api_key(session, key.id, now):
-        key.last_used_at = now
-    return key, org
+    return key.last_used_at is None or now - key.last_used_at >= resolution
+
+
+_FUNCTION_NAME = re.compile(r"hm_[a-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class KeyRead:
+    """What :func:`read_with_api_key` read: the live key, its organization, and the other
+    columns of the function's row."""
+
+    key: ApiKey
+    org: Organization
+    columns: tuple[Any, ...]
+
+
+async def read_with_api_key(
+    request: Request, permission: Permission, function: str, *args: Any
+) -> KeyRead | None:
+    """The request's API key and a read, in one statement outside any transaction:
+    ``function(org, key_hash, *args)`` returns ``api_key`` and ``organization`` as
+    ``hm_api_key_for_request`` does (which binds the organization for the rest of the
+    statement) and then its own columns, and no row for an unknown key.
+
+    For the hottest reads (a job polled while it runs): one round trip where the usual path
+    (:func:`key_org_scope`) takes a BEGIN, the key, the read and a COMMIT. It covers only the
+    plain case, a live key that holds ``permission`` and whose use need not be recorded now,
+    and then runs the API-key hooks (rate limits) as the usual path does. Anything else is
+    None, and the caller goes the usual way, which answers as it always has (401, 403, a
+    refused credential counted, last_used_at written).
+    """
+    header = request.headers.get("authorization")
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX + "_"):
+        return None
+    try:
+        parsed = parse_token(token, API_KEY_PREFIX)
+    except InvalidToken:
+        return None
+    if not _FUNCTION_NAME.fullmatch(function):
+        raise ValueError(f"not a function of ours: {function!r}")
+    placeholders = ", ".join("%s" for _ in range(2 + len(args)))
+    sql = f"SELECT * FROM {function}({placeholders})"  # noqa: S608 - checked just above
+    row = None
+    try:
+        for key_hash in keyed_hashes(token):  # a second try only while a key rotation is under way
+            row = await fetch_one_statement(sql, (parsed.org_id, key_hash, *args))
+            if row is not None:
+                break
+    except psycopg.OperationalError:
+        return None  # the usual way, on a fresh connection, answers as it would have
+    if row is None:
+        return None
+    key, org = from_json(ApiKey, row[0]), from_json(Organization, row[1])
+    now = datetime.now(UTC)
+    try:
+        require_live_key(key, org, now)
+    except Problem:
+        return None
+    if _use_to_record(key, now) or not key_allows(key, permission):
+        return None
+    if API_KEY_HOOKS:
+        # No connection is held here; a hook that needs one (a rate limit not yet cached)
+        # gets a session bound to the key's organization.
+        async with async_tenant_session(org.id) as session:
+            try:
+                for hook in API_KEY_HOOKS:
+                    await hook(key, session)
+                await commit(session)
+            except BaseException:
+                await rollback(session)
+                raise
+    return KeyRead(key, org, tuple(row[2:]))
 
 
 def request_token(request: Request) -> str | None:
@@ -494,9 +584,10 @@ async def org_scope_from_path(
         yield scope
 
 
-@accepts(API_KEY_SCHEME)
-async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
-    """Routes without an org in the path act in the API key's organization."""
+@asynccontextmanager
+async def key_org_scope(request: Request) -> AsyncIterator[OrgScope]:
+    """The API key's organization, for routes without an org in the path: authenticate, then
+    enter the organization (403 ``api-key-required`` for any other credential)."""
     async with authenticated(request) as principal:
         if principal.api_key is None:
             raise Forbidden(
@@ -505,6 +596,13 @@ async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
             )
         async with open_org_scope(principal.api_key.organization_id, principal) as scope:
             yield scope
+
+
+@accepts(API_KEY_SCHEME)
+async def org_scope_from_key(request: Request) -> AsyncIterator[OrgScope]:
+    """Routes without an org in the path act in the API key's organization."""
+    async with key_org_scope(request) as scope:
+        yield scope
 
 
 # scope="function": commit before the response is sent (see GlobalSessionDep).

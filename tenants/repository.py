@@ -6,13 +6,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hiddenmodel.db import Base
+from hiddenmodel.models import from_json
 from hiddenmodel.pagination import paginate
 from tenants.models import (
     ApiKey,
@@ -24,8 +23,6 @@ from tenants.models import (
     Role,
     User,
 )
-
-_M = TypeVar("_M", bound=Base)
 
 
 async def user_organizations(session: AsyncSession, user_id: uuid.UUID) -> Sequence[Any]:
@@ -167,27 +164,6 @@ async def unrevoked_api_keys_named(session: AsyncSession, name_prefix: str) -> S
 _API_KEY_FOR_REQUEST = text("SELECT api_key, organization FROM hm_api_key_for_request(:org, :hash)")
 
 
-@cache
-def _column_kinds(model: type[Base]) -> list[tuple[str, str, type | None]]:
-    """(JSON name, attribute, Python type to convert to) for each column of ``model``."""
-    kinds = []
-    for column in model.__table__.c:
-        kind = column.type.python_type
-        kinds.append((column.name, column.key, kind if kind in (uuid.UUID, datetime) else None))
-    return kinds
-
-
-def _from_json(model: type[_M], data: dict[str, Any]) -> _M:
-    """A detached instance from a row sent as JSON (``to_jsonb``): every column, typed."""
-    values: dict[str, Any] = {}
-    for name, key, kind in _column_kinds(model):
-        value = data.get(name)
-        if value is not None and kind is not None:
-            value = uuid.UUID(value) if kind is uuid.UUID else datetime.fromisoformat(value)
-        values[key] = value
-    return model(**values)
-
-
 async def get_api_key_with_org(
     session: AsyncSession, org_id: uuid.UUID, key_hash: str
 ) -> tuple[ApiKey, Organization] | None:
@@ -199,7 +175,7 @@ async def get_api_key_with_org(
     ).one_or_none()
     if row is None:
         return None
-    return _from_json(ApiKey, row.api_key), _from_json(Organization, row.organization)
+    return from_json(ApiKey, row.api_key), from_json(Organization, row.organization)
 
 
 async def touch_api_key(session: AsyncSession, key_id: uuid.UUID, now: datetime) -> bool:

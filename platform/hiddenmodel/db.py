@@ -26,11 +26,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
@@ -186,6 +187,32 @@ def async_tenant_session(org_id: uuid.UUID | None = None) -> AsyncSession:
 
 def async_global_session() -> AsyncSession:
     return _async_factories()[1]()
+
+
+async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The first row of one statement run outside any transaction: it is its own (autocommit),
+    so it costs one round trip where a session's transaction costs a BEGIN and a COMMIT more.
+
+    For reads that bind what they need themselves, in the same statement, such as
+    ``hm_job_for_key_request`` (whose ``set_config(..., true)`` lasts as long as the statement).
+    The connection comes from the API's pool and goes back to it as it came, out of autocommit;
+    a connection that failed is discarded, not pooled.
+    """
+    async with async_engine().connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(driver, psycopg.AsyncConnection)  # the psycopg dialect's
+        if driver.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
+            await driver.rollback()  # not expected from the pool; never run inside another
+        await driver.set_autocommit(True)
+        try:
+            cursor = await driver.execute(sql, params)
+            return await cursor.fetchone()
+        except psycopg.OperationalError:
+            await conn.invalidate()
+            raise
+        finally:
+            if not driver.closed:
+                await driver.set_autocommit(False)
 
 
 @lru_cache

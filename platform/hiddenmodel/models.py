@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from functools import cache
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from hiddenmodel.db import Base
+
+_M = TypeVar("_M", bound=Base)
+
+
+@cache
+def _column_kinds(model: type[Base]) -> list[tuple[str, str, type | None]]:
+    """(JSON name, attribute, Python type to convert to) for each column of ``model``."""
+    kinds = []
+    for column in model.__table__.c:
+        kind = column.type.python_type
+        kinds.append((column.name, column.key, kind if kind in (uuid.UUID, datetime) else None))
+    return kinds
+
+
+def from_json(model: type[_M], data: dict[str, Any]) -> _M:
+    """A detached instance from a row sent as JSON (``to_jsonb``): every column, typed."""
+    values: dict[str, Any] = {}
+    for name, key, kind in _column_kinds(model):
+        value = data.get(name)
+        if value is not None and kind is not None:
+            value = uuid.UUID(value) if kind is uuid.UUID else datetime.fromisoformat(value)
+        values[key] = value
+    return model(**values)
 
 
 def uuid_pk() -> Mapped[uuid.UUID]:

@@ -39,44 +39,11 @@ async def clear_idempotency_key(session: AsyncSession, job_id: uuid.UUID) -> Non
     await session.execute(update(Job).where(Job.id == job_id).values(idempotency_key=None))
 
 
-# A queued job's position: the organization's queued jobs of the minutes before the job's own
-# (``job_queue_minutes``, kept by the trigger that keeps ``job_counts``) plus those admitted in
-# its own minute before it. One statement, so one snapshot, for a whole page: each distinct
-# minute of the page sums its earlier minutes once (``minutes``, materialized so it is not
-# repeated per row) and ranks its queued jobs up to the page's newest in it once, from
-# ``ix_jobs_org_status_created`` (``ranked``: rank - 1 is how many were admitted strictly
-# before, so jobs admitted at one instant share a position). A page's job that left the queue
-# since the page was read is counted on its own. (bench/scale.py times it beside the count it
-# replaced.)
+# A page's queue positions in one statement, so one snapshot (``hm_queue_positions``,
+# migrations 0021 and 0022; bench/scale.py times it beside the count it replaced).
 QUEUE_POSITIONS = text(
-    """
-    WITH page AS (
-        SELECT p.id, p.created_at,
-               date_bin('1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00')
-                   AS minute
-        FROM unnest(CAST(:ids AS uuid[]), CAST(:created AS timestamptz[])) AS p(id, created_at)
-    ), minutes AS MATERIALIZED (
-        SELECT m.minute, m.newest,
-               (SELECT coalesce(sum(q.queued), 0) FROM job_queue_minutes q
-                WHERE q.organization_id = :org AND q.minute < m.minute) AS before
-        FROM (SELECT minute, max(created_at) AS newest FROM page GROUP BY minute) m
-    ), ranked AS MATERIALIZED (
-        SELECT DISTINCT r.created_at, r.ahead
-        FROM minutes m, LATERAL (
-            SELECT j.created_at, rank() OVER (ORDER BY j.created_at) - 1 AS ahead
-            FROM jobs j
-            WHERE j.organization_id = :org AND j.status = 'queued'
-              AND j.created_at >= m.minute AND j.created_at <= m.newest
-        ) r
-    )
-    SELECT page.id,
-           minutes.before + coalesce(
-               ranked.ahead,
-               (SELECT count(*) FROM jobs j
-                WHERE j.organization_id = :org AND j.status = 'queued'
-                  AND j.created_at >= page.minute AND j.created_at < page.created_at))
-    FROM page JOIN minutes USING (minute) LEFT JOIN ranked USING (created_at)
-    """
+    "SELECT job_id, ahead FROM hm_queue_positions("
+    ":org, CAST(:ids AS uuid[]), CAST(:created AS timestamptz[]))"
 )
 
 

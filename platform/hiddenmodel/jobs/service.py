@@ -429,14 +429,17 @@ def _seconds(a: datetime | None, b: datetime | None) -> float | None:
 
 
 async def view(scope: OrgScope, job: Job, queue_position: int | None = None) -> JobRead:
-    """The job resource, with presigned output URLs (issued after this RLS-scoped read)."""
-    position = None
-    if job.status == JobStatus.QUEUED.value:
-        position = (
-            queue_position
-            if queue_position is not None
-            else (await repository.queue_positions(scope.session, [job])).get(job.id, 0)
-        )
+    """The job resource, with presigned output URLs (issued after this RLS-scoped read); a
+    queued job's position is read unless given."""
+    if job.status == JobStatus.QUEUED.value and queue_position is None:
+        queue_position = (await repository.queue_positions(scope.session, [job])).get(job.id, 0)
+    return render(job, queue_position)
+
+
+def render(job: Job, queue_position: int | None) -> JobRead:
+    """The job resource from a job read in its organization, with presigned output URLs; the
+    queue position counts only while the job is queued."""
+    position = (queue_position or 0) if job.status == JobStatus.QUEUED.value else None
     ttl = get_settings().presigned_url_ttl_seconds
     expires = datetime.now(UTC) + timedelta(seconds=ttl)
     outputs = [
