@@ -344,9 +344,11 @@ async def read_with_api_key(
             try:
                 for hook in API_KEY_HOOKS:
                     await hook(key, session)
-                await commit(session)
+                if session.in_transaction():  # usually not: the limits are cached
+                    await commit(session)
             except BaseException:
-                await rollback(session)
+                if session.in_transaction():
+                    await rollback(session)
                 raise
     return KeyRead(key, org, tuple(row[2:]))
 
