@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-import psycopg
 from fastapi import Depends, Path, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hiddenmodel import authguard, ratelimit
@@ -325,8 +325,10 @@ async def read_with_api_key(
             row = await fetch_one_statement(sql, (parsed.org_id, key_hash, *args))
             if row is not None:
                 break
-    except psycopg.OperationalError:
-        return None  # the usual way, on a fresh connection, answers as it would have
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return None  # a dropped connection: the usual way, on a fresh one, answers as it would
     if row is None:
         return None
     key, org = from_json(ApiKey, row[0]), from_json(Organization, row[1])

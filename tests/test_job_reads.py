@@ -14,9 +14,11 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import create_engine, pool, text
+from sqlalchemy.exc import DBAPIError
 
 from hiddenmodel import db
 from hiddenmodel.jobs import router
+from hiddenmodel.redis import sync_redis
 from hiddenmodel.security import keyed_hashes
 from hiddenmodel.settings import get_settings
 from tests.conftest import (
@@ -198,6 +200,7 @@ async def test_every_other_case_goes_the_usual_way_and_answers_as_before(
     await refused(bearer(usage_only["key"]), 403, "missing-scope")
     # An unknown key of a real organization, and a malformed one.
     other = await make_key(client, org, ["jobs:read"])
+    await _used(client, bearer(other["key"]))  # revoked below: refused as revoked, not as unused
     await refused(bearer(other["key"][:-6] + "AAAAAA"), 401, "invalid-api-key")
     await refused(bearer("hmk_nonsense"), 401, "invalid-api-key")
     await refused({"Authorization": "Basic abc"}, 401, None)  # type: ignore[arg-type]
@@ -241,17 +244,32 @@ async def test_a_keys_use_is_still_recorded(client: httpx.AsyncClient, paths: Co
 async def test_polls_count_against_the_keys_rate_limit(
     client: httpx.AsyncClient, paths: Counter
 ) -> None:
-    org, headers = await keyed_org(client)
-    job = (await submit(client, headers)).json()
+    org, writer = await keyed_org(client)
+    job = (await submit(client, writer)).json()
+    reader = await make_key(client, org, ["jobs:read"])
+    headers = bearer(reader["key"])
+    await _used(client, headers)
     set_overrides(org, requests_per_minute=3)
+    sync_redis().delete(f"hm:rl:key:{reader['id']}")  # a fresh minute for the key
+    paths.update(one_statement=0, usual=0)
     try:
         answers = [await client.get(f"/v1/jobs/{job['id']}", headers=headers) for _ in range(4)]
         assert [a.status_code for a in answers[:3]] == [200, 200, 200]
         assert "RateLimit" in answers[0].headers
         assert_problem(answers[3], 429, "rate-limited")
-        assert paths["one_statement"] >= 2
+        assert paths == {"one_statement": 3, "usual": 0}
     finally:
         set_overrides(org)
+
+
+async def test_a_malformed_id_is_refused_only_after_the_credentials(
+    client: httpx.AsyncClient,
+) -> None:
+    _, headers = await keyed_org(client)
+    assert_problem(await client.get("/v1/jobs/not-a-uuid"), 401)
+    assert_problem(await client.get("/v1/jobs/not-a-uuid", headers=bearer("hmk_nonsense")), 401)
+    r = await client.get("/v1/jobs/not-a-uuid", headers=headers)
+    assert r.status_code == 422, r.text
 
 
 async def test_a_failed_connection_falls_back_and_is_not_pooled(
@@ -260,25 +278,30 @@ async def test_a_failed_connection_falls_back_and_is_not_pooled(
     _, headers = await keyed_org(client)
     job = (await submit(client, headers)).json()
     await _used(client, headers)
-    pid = (await db.fetch_one_statement("SELECT pg_backend_pid()", ()) or (None,))[0]
+    row = await db.fetch_one_statement("SELECT pg_backend_pid()", ())
+    assert row is not None
+    pid = row[0]
     engine = create_engine(superuser_url(), poolclass=pool.NullPool)
     with engine.begin() as conn:
-        conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        assert conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
     engine.dispose()
-    failures = 0
+    failures, invalidated = 0, False
     size = db.async_engine().pool.size() + 1  # type: ignore[attr-defined]
     for _ in range(size):
         try:
             row = await db.fetch_one_statement("SELECT pg_backend_pid()", ())
-        except psycopg.OperationalError:
+        except DBAPIError as exc:
             failures += 1
+            invalidated = exc.connection_invalidated
             continue
         assert row is not None and row[0] != pid
-    assert failures <= 1
+    assert failures == 1 and invalidated  # the dropped connection, once; then it is gone
 
     # A poll that meets a failure answers the usual way.
     async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise psycopg.OperationalError("the server closed the connection")
+        raise DBAPIError(
+            "SELECT", None, psycopg.OperationalError("server closed"), connection_invalidated=True
+        )
 
     monkeypatch.setattr(db, "fetch_one_statement", broken)
     from tenants import auth
@@ -293,7 +316,7 @@ async def test_pooled_connections_go_back_in_transactions(client: httpx.AsyncCli
     statement that fails leaves its connection as it found it."""
     for _ in range(3):
         await db.fetch_one_statement("SELECT 1", ())
-    with pytest.raises(psycopg.errors.DivisionByZero):
+    with pytest.raises(DBAPIError, match="division by zero"):
         await db.fetch_one_statement("SELECT 1 / 0", ())
     engine = db.async_engine()
     idle = engine.pool.checkedin()  # type: ignore[attr-defined]

@@ -31,7 +31,6 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from typing import Any
 
-import psycopg
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
@@ -195,24 +194,15 @@ async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...
 
     For reads that bind what they need themselves, in the same statement, such as
     ``hm_job_for_key_request`` (whose ``set_config(..., true)`` lasts as long as the statement).
-    The connection comes from the API's pool and goes back to it as it came, out of autocommit;
-    a connection that failed is discarded, not pooled.
+    The connection comes from the API's pool; SQLAlchemy sets its isolation level back when it
+    returns, wraps the driver's errors as everywhere else, and discards a connection that
+    dropped (``connection_invalidated`` on the error).
     """
     async with async_engine().connect() as conn:
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert isinstance(driver, psycopg.AsyncConnection)  # the psycopg dialect's
-        if driver.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
-            await driver.rollback()  # not expected from the pool; never run inside another
-        await driver.set_autocommit(True)
-        try:
-            cursor = await driver.execute(sql, params)
-            return await cursor.fetchone()
-        except psycopg.OperationalError:
-            await conn.invalidate()
-            raise
-        finally:
-            if not driver.closed:
-                await driver.set_autocommit(False)
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        result = await autocommit.exec_driver_sql(sql, tuple(params))
+        row = result.fetchone()
+        return None if row is None else tuple(row)
 
 
 @lru_cache

@@ -210,12 +210,23 @@ async def submit_job(
 
 
 @accepts(API_KEY_SCHEME)
-async def readable_job(request: Request, job_id: uuid.UUID) -> AsyncIterator[JobRead]:
+async def readable_job(request: Request) -> AsyncIterator[JobRead | None]:
     """The job as ``GET /v1/jobs/{id}`` answers it, read with the key in one statement
     (``hm_job_for_key_request``, see :func:`tenants.auth.read_with_api_key`): what a client
     polls, several times a job. Whatever that plain case does not cover goes the usual way,
-    in the key's organization scope."""
-    read = await read_with_api_key(request, JOBS_READ, "hm_job_for_key_request", job_id)
+    in the key's organization scope.
+
+    The id is read here, not declared: a dependency's own invalid parameter would skip the
+    dependency, and so the authentication. A malformed id is refused (422, by the route's
+    declared ``job_id``) only after the credentials are checked; None stands for it.
+    """
+    try:
+        job_id: uuid.UUID | None = uuid.UUID(request.path_params["job_id"])
+    except ValueError:
+        job_id = None
+    read = None
+    if job_id is not None:
+        read = await read_with_api_key(request, JOBS_READ, "hm_job_for_key_request", job_id)
     if read is not None:
         bound = current_org_id.set(read.org.id)  # for the request's log lines
         try:
@@ -228,14 +239,20 @@ async def readable_job(request: Request, job_id: uuid.UUID) -> AsyncIterator[Job
         return
     async with key_org_scope(request) as scope:
         scope.require(JOBS_READ)
-        yield await service.view(scope, await service.get(scope, job_id))
+        yield (
+            None if job_id is None else await service.view(scope, await service.get(scope, job_id))
+        )
 
 
 REQUIRED_PERMISSIONS[readable_job] = JOBS_READ
 
 
 @router.get("/jobs/{job_id}", operation_id="getJob", response_model=JobRead)
-async def get_job(job: Annotated[JobRead, Depends(readable_job, scope="function")]) -> JobRead:
+async def get_job(
+    job_id: uuid.UUID, job: Annotated[JobRead | None, Depends(readable_job, scope="function")]
+) -> JobRead:
+    if job is None or job.id != job_id:  # not reached: a malformed id is a 422 before this
+        raise NotFound("No such job.", kind="job-not-found")
     return job
 
 
