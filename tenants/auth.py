@@ -306,10 +306,11 @@ async def read_with_api_key(
     None, and the caller goes the usual way, which answers as it always has (401, 403, a
     refused credential counted, last_used_at written).
     """
-    header = request.headers.get("authorization")
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX + "_"):
+    try:
+        token = _bearer_token(request)
+    except Unauthorized:
+        return None
+    if token is None or not token.startswith(API_KEY_PREFIX + "_"):
         return None
     try:
         parsed = parse_token(token, API_KEY_PREFIX)
