@@ -230,14 +230,21 @@ async def cookie_csrf(request: Request) -> None:
         check_cookie_request(request)
 
 
+def _bearer_value(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None for any other form."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def _bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:
         return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = _bearer_value(header)
+    if token is None:
         raise Unauthorized("The Authorization header must be 'Bearer <token>'.")
-    return token.strip()
+    return token
 
 
 async def authenticate_api_key(
@@ -360,8 +367,7 @@ def request_token(request: Request) -> str | None:
     """The session token a request authenticates with (bearer or cookie), if any."""
     header = request.headers.get("authorization")
     if header:
-        scheme, _, token = header.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        return _bearer_value(header)
     return request.cookies.get(COOKIE_NAME) or None
 
 

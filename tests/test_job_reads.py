@@ -331,3 +331,32 @@ async def test_pooled_connections_go_back_in_transactions(client: httpx.AsyncCli
     finally:
         for conn in held:
             await conn.close()
+
+
+async def test_no_organization_stays_bound_to_a_pooled_connection(
+    client: httpx.AsyncClient, paths: Counter
+) -> None:
+    """The key binds its organization for its own statement only: once one-statement polls
+    are answered, no pooled connection still carries ``app.org_id`` (the next request on
+    it, of another organization or of none, would read as that one)."""
+    _, headers = await keyed_org(client)
+    await _used(client, headers)
+    job = (await submit(client, headers)).json()
+    paths.update(one_statement=0, usual=0)
+    for _ in range(4):
+        r = await client.get(f"/v1/jobs/{job['id']}", headers=headers)
+        assert r.status_code == 200
+    assert paths == {"one_statement": 4, "usual": 0}
+    engine = db.async_engine()
+    idle = engine.pool.checkedin()  # type: ignore[attr-defined]
+    assert idle >= 1
+    held = [await engine.connect() for _ in range(idle)]
+    try:
+        for conn in held:
+            setting = text("SELECT current_setting('app.org_id', true)")
+            bound = (await conn.execute(setting)).scalar()
+            assert bound in (None, ""), f"a pooled connection is still bound to {bound}"
+            await conn.rollback()
+    finally:
+        for conn in held:
+            await conn.close()
