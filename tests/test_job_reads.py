@@ -4,6 +4,7 @@ cover: both answer alike, and a refusal is the refusal it always was."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -360,3 +361,18 @@ async def test_no_organization_stays_bound_to_a_pooled_connection(
     finally:
         for conn in held:
             await conn.close()
+
+
+async def test_a_cancelled_statement_leaves_the_pool_whole(client: httpx.AsyncClient) -> None:
+    """A poll whose client went away mid-statement: its connection, in an unknown state, is
+    not pooled again (nor kept out of the pool), and the next statements run as usual."""
+    engine = db.async_engine()
+    await db.fetch_one_statement("SELECT 1", ())
+    task = asyncio.create_task(db.fetch_one_statement("SELECT pg_sleep(30)", ()))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    for _ in range(engine.pool.size() + 1):  # type: ignore[attr-defined]
+        assert await db.fetch_one_statement("SELECT 1", ()) == (1,)

@@ -31,9 +31,10 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Session, SessionTransaction, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from hiddenmodel.settings import Settings, get_settings
 from hiddenmodel.tenancy import TenantContextMissing, current_org_id, current_user_id
@@ -194,15 +196,50 @@ async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...
 
     For reads that bind what they need themselves, in the same statement, such as
     ``hm_job_for_key_request`` (whose ``set_config(..., true)`` lasts as long as the statement).
-    The connection comes from the API's pool; SQLAlchemy sets its isolation level back when it
-    returns, wraps the driver's errors as everywhere else, and discards a connection that
-    dropped (``connection_invalidated`` on the error).
+    The connection comes from the API's pool and goes back to it as it came (not in
+    autocommit); the driver's errors are wrapped as SQLAlchemy wraps them everywhere else, and
+    a connection that dropped is discarded (``connection_invalidated`` on the error).
+
+    It drives the pooled psycopg connection itself rather than through SQLAlchemy's
+    ``Connection``: for the most frequent request of all (a poll) that wrapper, its result
+    object and its isolation-level bookkeeping cost more than the statement's own round trip
+    (docs/BENCHMARKS.md).
     """
-    async with async_engine().connect() as conn:
-        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        result = await autocommit.exec_driver_sql(sql, tuple(params))
-        row = result.fetchone()
-        return None if row is None else tuple(row)
+    engine = async_engine()
+    pooled = await engine.raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    try:
+        await driver.set_autocommit(True)
+        cursor = await driver.execute(sql, tuple(params))
+        row = await cursor.fetchone()
+        await driver.set_autocommit(False)
+    except psycopg.Error as exc:
+        # What SQLAlchemy's psycopg dialect calls a disconnect.
+        dropped = driver.closed or driver.broken
+        if dropped or not await _out_of_autocommit(driver):
+            await greenlet_spawn(pooled.invalidate, exc)
+        await greenlet_spawn(pooled.close)
+        raise DBAPIError.instance(
+            sql, tuple(params), exc, psycopg.Error, connection_invalidated=dropped
+        ) from exc
+    except BaseException:
+        # Cancelled mid-statement: the connection's state is unknown, it is not pooled again.
+        await greenlet_spawn(pooled.invalidate)
+        await greenlet_spawn(pooled.close)
+        raise
+    await greenlet_spawn(pooled.close)
+    return None if row is None else tuple(row)
+
+
+async def _out_of_autocommit(driver: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a connection whose statement failed went back to transactions, as the pool
+    hands them out."""
+    try:
+        await driver.set_autocommit(False)
+    except psycopg.Error:
+        return False
+    return True
 
 
 @lru_cache
