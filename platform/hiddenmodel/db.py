@@ -210,25 +210,25 @@ async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...
     driver = pooled.driver_connection
     assert isinstance(driver, psycopg.AsyncConnection)
     try:
-        await driver.set_autocommit(True)
-        cursor = await driver.execute(sql, tuple(params))
-        row = await cursor.fetchone()
-        await driver.set_autocommit(False)
-    except psycopg.Error as exc:
-        # What SQLAlchemy's psycopg dialect calls a disconnect.
-        dropped = driver.closed or driver.broken
-        if dropped or not await _out_of_autocommit(driver):
-            await greenlet_spawn(pooled.invalidate, exc)
+        try:
+            await driver.set_autocommit(True)
+            cursor = await driver.execute(sql, tuple(params))
+            row = await cursor.fetchone()
+            await driver.set_autocommit(False)
+        except psycopg.Error as exc:
+            # What SQLAlchemy's psycopg dialect calls a disconnect.
+            dropped = driver.closed or driver.broken
+            if dropped or not await _out_of_autocommit(driver):
+                await greenlet_spawn(pooled.invalidate, exc)
+            raise DBAPIError.instance(
+                sql, tuple(params), exc, psycopg.Error, connection_invalidated=dropped
+            ) from exc
+        except BaseException:
+            # Cancelled mid-statement: the connection's state is unknown, it is not pooled again.
+            await greenlet_spawn(pooled.invalidate)
+            raise
+    finally:
         await greenlet_spawn(pooled.close)
-        raise DBAPIError.instance(
-            sql, tuple(params), exc, psycopg.Error, connection_invalidated=dropped
-        ) from exc
-    except BaseException:
-        # Cancelled mid-statement: the connection's state is unknown, it is not pooled again.
-        await greenlet_spawn(pooled.invalidate)
-        await greenlet_spawn(pooled.close)
-        raise
-    await greenlet_spawn(pooled.close)
     return None if row is None else tuple(row)
 
 
