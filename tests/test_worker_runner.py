@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from hiddenmodel import storage
-from hiddenmodel.jobs import events
+from hiddenmodel.db import tenant_session
+from hiddenmodel.jobs import events, repository
 from hiddenmodel.redis import sync_redis
+from hiddenmodel.tenancy import org_context
 from tests.conftest import db_rows, db_scalar
 from tests.factories import keyed_org, submit
 from workers import runner
@@ -104,6 +106,32 @@ async def test_a_job_past_its_deadline_expires_at_the_claim_instead_of_running(
     assert job.started_at is None and job.outputs == [] and job.in_outbox == 0
     r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
     assert r.json()["status"] == "expired"
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_the_one_statement_claim_starts_only_a_job_nothing_holds_back(
+    client: httpx.AsyncClient,
+) -> None:
+    """The claim's first statement wins a queued job whose deadline is still ahead. A job past
+    its deadline, a job of a suspended organization and a job no longer queued it leaves as
+    they are, for the second look that says why."""
+    org, headers = await keyed_org(client)
+    org_id = uuid.UUID(org.id)
+    ids = [
+        uuid.UUID((await submit(client, headers, data={"cancel_after": "60"})).json()["id"])
+        for _ in range(3)
+    ]
+    db_rows("UPDATE jobs SET cancel_after = now() - interval '1 second' WHERE id = :id", id=ids[1])
+    with org_context(org_id), tenant_session(org_id) as session:
+        assert repository.start_if_clear_sync(session, ids[1], "test-worker") is None
+        job = repository.start_if_clear_sync(session, ids[0], "test-worker")
+        assert job is not None and (job.status, job.attempts) == ("running", 1)
+        assert repository.start_if_clear_sync(session, ids[0], "test-worker") is None
+    db_rows("UPDATE organizations SET suspended_at = now() WHERE id = :id", id=org.id)
+    with org_context(org_id), tenant_session(org_id) as session:
+        assert repository.start_if_clear_sync(session, ids[2], "test-worker") is None
+    assert [_job(str(i)).status for i in ids] == ["running", "queued", "queued"]
+    assert _job(str(ids[0])).attempts == 1
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")

@@ -183,28 +183,33 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     ended: list[lifecycle.Ended] = []
     job = None
     with tenant_session(org_id) as session:
-        check = repository.start_check_sync(session, job_id)
-        if check is None or check.status != JobStatus.QUEUED.value:
-            log.info(
-                "job %s: not started here, it is %s",
-                job_id,
-                check.status if check else "gone",
-            )
-            return None
-        if check.suspended:
-            # Suspended after the dispatch: back to the outbox, where the dispatcher leaves a
-            # suspended organization's jobs until it is restored. Nothing ran, nothing billed.
-            held = repository.redispatch_sync(session, job_id, None)
-            log.info(
-                "job %s: its organization is suspended, %s",
-                job_id,
-                "back in the outbox" if held else "left as it is",
-            )
-            return None
-        if check.past_deadline and repository.expire_sync(session, job_id):
-            ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
-        else:
-            job = repository.start_sync(session, job_id, worker)
+        # The usual case in one statement; only a job that is not simply queued and clear to
+        # run takes the second look that says why.
+        job = repository.start_if_clear_sync(session, job_id, worker)
+        if job is None:
+            check = repository.start_check_sync(session, job_id)
+            if check is None or check.status != JobStatus.QUEUED.value:
+                log.info(
+                    "job %s: not started here, it is %s",
+                    job_id,
+                    check.status if check else "gone",
+                )
+                return None
+            if check.suspended:
+                # Suspended after the dispatch: back to the outbox, where the dispatcher
+                # leaves a suspended organization's jobs until it is restored. Nothing ran,
+                # nothing billed.
+                held = repository.redispatch_sync(session, job_id, None)
+                log.info(
+                    "job %s: its organization is suspended, %s",
+                    job_id,
+                    "back in the outbox" if held else "left as it is",
+                )
+                return None
+            if check.past_deadline and repository.expire_sync(session, job_id):
+                ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
+            else:
+                job = repository.start_sync(session, job_id, worker)
     lifecycle.announce(ended)
     if ended:
         log.info("job %s: expired before it could start", job_id)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -195,11 +195,10 @@ def running_jobs_sync(session: Session) -> list[Held]:
 # --- worker side (inside the job's tenant session) ---------------------------------------
 
 
-def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
-    """queued → running; the winner gets the job with its new attempt number."""
-    row = session.execute(
+def _start(job_id: uuid.UUID, worker: str, *conditions: Any) -> Any:
+    return (
         update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED)
+        .where(Job.id == job_id, Job.status == QUEUED, *conditions)
         .values(
             status=RUNNING,
             attempts=Job.attempts + 1,
@@ -210,8 +209,28 @@ def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
             worker=worker,
         )
         .returning(Job)
-    ).scalar_one_or_none()
-    return row
+    )
+
+
+def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """queued → running; the winner gets the job with its new attempt number."""
+    job: Job | None = session.execute(_start(job_id, worker)).scalar_one_or_none()
+    return job
+
+
+def start_if_clear_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
+    """queued → running in one statement, only while nothing holds the job back: its
+    organization is not suspended and its deadline (``cancel_after``) has not passed, as
+    :func:`start_check_sync` judges them. None when something does, or when the job is not
+    queued; the caller then asks :func:`start_check_sync` why."""
+    suspended = (
+        select(Organization.id)
+        .where(Organization.id == Job.organization_id, Organization.suspended_at.is_not(None))
+        .exists()
+    )
+    clear = (or_(Job.cancel_after.is_(None), Job.cancel_after >= func.now()), ~suspended)
+    job: Job | None = session.execute(_start(job_id, worker, *clear)).scalar_one_or_none()
+    return job
 
 
 def get_job_sync(session: Session, job_id: uuid.UUID) -> Job | None:
