@@ -6,6 +6,8 @@ once, not once a step)."""
 from __future__ import annotations
 
 import io
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -228,6 +230,31 @@ def test_a_cancel_before_the_outputs_are_stored_always_stops_the_job(
     with pytest.raises(JobCancelled):
         progress("storing", 0.95, check_cancel=True)
     assert len(asked) == 2
+
+
+def test_the_first_step_announces_the_run_and_asks_about_a_cancel(job_id: uuid.UUID) -> None:
+    """One round trip: the running state and the first progress event reach a subscriber in
+    that order, and a cancel already asked for stops the job there."""
+    pubsub = sync_redis().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(events.channel(job_id))
+    try:
+        runner.ProgressReporter(uuid.uuid4(), job_id, 1, runner.Ownership()).begin("reading")
+        sync_redis().set(events.cancel_key(job_id), 1, ex=60)
+        with pytest.raises(JobCancelled):
+            runner.ProgressReporter(uuid.uuid4(), job_id, 1, runner.Ownership()).begin("reading")
+        seen = []
+        deadline = time.monotonic() + 5
+        while len(seen) < 4 and time.monotonic() < deadline:
+            # None for the subscription's own confirmation as for a timeout
+            if (message := pubsub.get_message(timeout=0.5)) is not None:
+                seen.append(json.loads(message["data"]))
+    finally:
+        pubsub.close()
+    first = [
+        {"type": "status", "status": "running"},
+        {"type": "progress", "stage": "reading", "progress": 0.0},
+    ]
+    assert seen == first * 2
 
 
 def test_a_lost_lease_stops_the_job_at_its_next_step_without_asking_redis(

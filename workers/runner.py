@@ -29,6 +29,7 @@ from hiddenmodel.images import (
 )
 from hiddenmodel.jobs import events, lifecycle, repository
 from hiddenmodel.jobs.models import Job, JobStatus
+from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import org_context
 from workers.executors import EXECUTORS, Execution, ExecutionResult, GpuMeter, OperationFailed
@@ -37,6 +38,7 @@ from workers.pipelines.contracts import JobCancelled
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL_S = 0.1
+RUNNING = JobStatus.RUNNING.value
 # How often a running job asks Redis whether it was canceled: at its first step, at the
 # first step after each interval (a resize reports four steps in about 50 ms), and always
 # before its outputs are stored: a cancel that comes before then stops the job unbilled.
@@ -74,6 +76,21 @@ class ProgressReporter:
         # The claim has just written the job's heartbeat: the first progress row can wait.
         self._last_db = time.monotonic()
         self._db_interval = get_settings().progress_db_interval_seconds
+
+    def begin(self, stage: str) -> None:
+        """The job's first step: its running state, the cancel check and the step's progress
+        event in one round trip; :class:`JobCancelled` as for any step."""
+        if self.ownership.lost:
+            raise JobCancelled()
+        self._last_cancel_check = self._last_publish = time.monotonic()
+        pipe = sync_redis().pipeline(transaction=False)
+        events.queue_publish(pipe, self.job_id, {"type": "status", "status": RUNNING})
+        pipe.exists(events.cancel_key(self.job_id))
+        events.queue_publish(
+            pipe, self.job_id, {"type": "progress", "stage": stage, "progress": 0.0}
+        )
+        if pipe.execute()[1]:
+            raise JobCancelled()
 
     def __call__(self, stage: str, fraction: float, *, check_cancel: bool = False) -> None:
         """Report a step; :class:`JobCancelled` when the job must stop here (asked of Redis
@@ -282,7 +299,6 @@ def run_job(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> str:
             raise TransientError(f"claiming the job: {exc.orig or exc}") from exc
         if job is None:
             return "skipped"
-        events.publish(job_id, {"type": "status", "status": JobStatus.RUNNING.value})
         ownership = Ownership()
         heartbeat = Heartbeat(org_id, job_id, job.attempts, ownership)
         heartbeat.start()
@@ -306,7 +322,7 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
             raise OperationFailed(
                 "operation-unavailable", f"This worker cannot run '{job.operation}'."
             )
-        progress("reading", 0.0)
+        progress.begin("reading")  # publishes the running state
         images = _load_inputs(job)
         result = executor(
             Execution(params=job.params, images=images, progress=progress, meter=meter)

@@ -36,6 +36,11 @@ def publish(job_id: uuid.UUID | str, event: dict[str, Any]) -> None:
     sync_redis().publish(channel(job_id), json.dumps(event, default=str))
 
 
+def queue_publish(pipe: Pipeline, job_id: uuid.UUID | str, event: dict[str, Any]) -> None:
+    """:func:`publish` as one command of ``pipe``."""
+    pipe.publish(channel(job_id), json.dumps(event, default=str))
+
+
 async def publish_async(job_id: uuid.UUID | str, event: dict[str, Any]) -> None:
     await async_redis().publish(channel(job_id), json.dumps(event, default=str))
 
@@ -50,6 +55,11 @@ def wake_dispatcher_sync() -> None:
     pipe = sync_redis().pipeline(transaction=False)
     _queue_wake(pipe)
     pipe.execute()
+
+
+def queue_wake_sync(pipe: Pipeline) -> None:
+    """:func:`wake_dispatcher_sync` as commands of ``pipe``."""
+    _queue_wake(pipe)
 
 
 async def _push_wake() -> None:

@@ -20,6 +20,7 @@ from hiddenmodel.batches import repository as batches
 from hiddenmodel.db import after_commit
 from hiddenmodel.jobs import events
 from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.redis import sync_redis
 from hiddenmodel.usage.repository import settle_sync
 from hiddenmodel.webhooks import enqueue as webhook_enqueue
 from hiddenmodel.webhooks import service as webhooks
@@ -94,11 +95,15 @@ def record_end_sync(
 def announce(ended: list[Ended]) -> None:
     """After the commit: publish, wake the dispatcher, queue webhook deliveries, and end
     the batch of any job that was its batch's last."""
-    for end in ended:
-        events.publish(end.job_id, {"type": "status", "status": end.status.value})
-        webhook_enqueue.send_deliveries(end.org_id, end.deliveries)
     if ended:
-        events.wake_dispatcher_sync()
+        # The states and the dispatcher's wake in one round trip.
+        pipe = sync_redis().pipeline(transaction=False)
+        for end in ended:
+            events.queue_publish(pipe, end.job_id, {"type": "status", "status": end.status.value})
+        events.queue_wake_sync(pipe)
+        pipe.execute()
+    for end in ended:
+        webhook_enqueue.send_deliveries(end.org_id, end.deliveries)
     for org_id, batch_id in dict.fromkeys((e.org_id, e.batch_id) for e in ended if e.batch_id):
         batch_completion.finish_if_done_sync(org_id, batch_id)
 
