@@ -250,10 +250,12 @@ REQUIRED_PERMISSIONS[readable_job] = JOBS_READ
 @router.get("/jobs/{job_id}", operation_id="getJob", response_model=JobRead)
 async def get_job(
     job_id: uuid.UUID, job: Annotated[JobRead | None, Depends(readable_job, scope="function")]
-) -> JobRead:
+) -> Response:
     if job is None or job.id != job_id:  # not reached: a malformed id is a 422 before this
         raise NotFound("No such job.", kind="job-not-found")
-    return job
+    # Serialised once, as the submit's answer is: returned as the model, it would be
+    # validated against the response model again first, on every poll.
+    return Response(job.model_dump_json(), media_type="application/json")
 
 
 @router.get("/jobs", operation_id="listJobs", response_model=Page[JobRead])
