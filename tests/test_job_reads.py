@@ -14,14 +14,18 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import create_engine, inspect, pool, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, undefer
 
 from hiddenmodel import db
 from hiddenmodel.jobs import router
+from hiddenmodel.jobs.models import Job
+from hiddenmodel.models import from_json
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.security import keyed_hashes
 from hiddenmodel.settings import get_settings
+from tenants.models import ApiKey, Organization
 from tests.conftest import (
     assert_problem,
     bearer,
@@ -376,3 +380,38 @@ async def test_a_cancelled_statement_leaves_the_pool_whole(client: httpx.AsyncCl
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     for _ in range(engine.pool.size() + 1):  # type: ignore[attr-defined]
         assert await db.fetch_one_statement("SELECT 1", ()) == (1,)
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_rows_sent_as_json_become_the_objects_the_orm_loads(
+    client: httpx.AsyncClient,
+) -> None:
+    """``from_json`` (the one-statement reads) gives every column the value and type that
+    loading the row through the ORM gives, as a detached object with no change to flush."""
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    engine = create_engine(superuser_url(), poolclass=pool.NullPool)
+    try:
+        with Session(engine) as session:
+            for model, table, row_id in (
+                (Job, "jobs", job_id),
+                (Organization, "organizations", org.id),
+                (
+                    ApiKey,
+                    "api_keys",
+                    db_scalar("SELECT id FROM api_keys WHERE organization_id = :o", o=org.id),
+                ),
+            ):
+                data = session.execute(
+                    text(f"SELECT to_jsonb(t) FROM {table} t WHERE id = :id"),
+                    {"id": row_id},
+                ).scalar_one()
+                loaded = session.get(model, uuid.UUID(str(row_id)), options=[undefer("*")])
+                made = from_json(model, data)
+                state = inspect(made)
+                assert state.transient and not state.modified
+                for column in model.__table__.c:
+                    value, expected = getattr(made, column.key), getattr(loaded, column.key)
+                    assert (value, type(value)) == (expected, type(expected)), column.key
+    finally:
+        engine.dispose()
