@@ -64,11 +64,13 @@ def accepts(*schemes: str) -> Callable[[_F], _F]:
     return register
 
 
-# Run for every request authenticated by an API key (rate limits), with the key's session:
-# a hook must not open a session of its own (a request holding one connection while waiting
-# for a second can starve the pool). Registered by the app factory, so identity stays below
-# the domains that define those limits.
-API_KEY_HOOKS: list[Callable[[ApiKey, AsyncSession], Awaitable[None]]] = []
+# Run for every request authenticated by an API key (rate limits), with a way to the key's
+# session: called, it gives the request's session, bound to the key's organization (made on
+# first use where the request has none yet). A hook must not open a session of its own (a
+# request holding one connection while waiting for a second can starve the pool). Registered
+# by the app factory, so identity stays below the domains that define those limits.
+KeySession = Callable[[], AsyncSession]
+API_KEY_HOOKS: list[Callable[[ApiKey, KeySession], Awaitable[None]]] = []
 
 
 class Permission:
@@ -349,17 +351,26 @@ async def read_with_api_key(
         return None
     if API_KEY_HOOKS:
         # No connection is held here; a hook that needs one (a rate limit not yet cached)
-        # gets a session bound to the key's organization.
-        async with async_tenant_session(org.id) as session:
-            try:
-                for hook in API_KEY_HOOKS:
-                    await hook(key, session)
-                if session.in_transaction():  # usually not: the limits are cached
-                    await commit(session)
-            except BaseException:
-                if session.in_transaction():
-                    await rollback(session)
-                raise
+        # gets a session bound to the key's organization, made then: usually none is.
+        made: list[AsyncSession] = []
+
+        def key_session() -> AsyncSession:
+            if not made:
+                made.append(async_tenant_session(org.id))
+            return made[0]
+
+        try:
+            for hook in API_KEY_HOOKS:
+                await hook(key, key_session)
+            if made and made[0].in_transaction():
+                await commit(made[0])
+        except BaseException:
+            if made and made[0].in_transaction():
+                await rollback(made[0])
+            raise
+        finally:
+            if made:
+                await made[0].close()
     return KeyRead(key, org, tuple(row[2:]))
 
 
@@ -489,7 +500,7 @@ async def authenticated(request: Request) -> AsyncIterator[Principal]:
                     await refused_credentials()
                     raise
                 for hook in API_KEY_HOOKS:
-                    await hook(key, key_session)
+                    await hook(key, lambda: key_session)
                 yield Principal(api_key=key, key_org=org, session=key_session)
                 # Already committed by the org scope when the route had one.
                 await commit(key_session)
