@@ -17,9 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import event
 
 from hiddenmodel import storage
-from hiddenmodel.db import tenant_session
+from hiddenmodel.db import sync_engine, tenant_session
 from hiddenmodel.jobs import events, repository
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.tenancy import org_context
@@ -134,6 +135,31 @@ async def test_the_one_statement_claim_starts_only_a_job_nothing_holds_back(
         assert repository.start_if_clear_sync(session, ids[2], "test-worker") is None
     assert [_job(str(i)).status for i in ids] == ["running", "queued", "queued"]
     assert _job(str(ids[0])).attempts == 1
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_clear_job_is_claimed_in_one_statement(client: httpx.AsyncClient) -> None:
+    """Besides the organization's binding, the claim of a job nothing holds back is its one
+    UPDATE; the look that says why comes only when that wins nothing."""
+    org, headers = await keyed_org(client)
+    job_id = uuid.UUID((await submit(client, headers)).json()["id"])
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "set_config" not in statement:
+            statements.append(statement.split(None, 1)[0].upper())
+
+    engine = sync_engine()
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        job = runner._claim(uuid.UUID(org.id), job_id, "test-worker")
+        assert job is not None and job.attempts == 1
+        assert statements == ["UPDATE"]
+        statements.clear()
+        assert runner._claim(uuid.UUID(org.id), job_id, "another") is None
+        assert statements == ["UPDATE", "SELECT"]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")
