@@ -16,12 +16,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from sqlalchemy import event
 
 from hiddenmodel import storage
 from hiddenmodel.db import sync_engine, tenant_session
 from hiddenmodel.jobs import events, repository
+from hiddenmodel.processes import free_port
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.tenancy import org_context
 from tests.conftest import db_rows, db_scalar
@@ -163,6 +165,19 @@ async def test_a_clear_job_is_claimed_in_one_statement(client: httpx.AsyncClient
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_an_operation_this_worker_lacks_fails_the_job_unbilled(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    monkeypatch.setattr(runner, "EXECUTORS", {})
+    assert runner.run_job(uuid.UUID(org.id), uuid.UUID(job_id), "test-worker") == "failed"
+    job = _job(job_id)
+    assert (job.status, job.error_code, job.outputs) == ("failed", "operation-unavailable", [])
+    assert db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :id", id=job_id) == 0
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
 async def test_a_cancel_during_a_short_job_stops_it_before_its_outputs_are_stored(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,6 +296,17 @@ def test_the_first_step_announces_the_run_and_asks_about_a_cancel(job_id: uuid.U
         {"type": "progress", "stage": "reading", "progress": 0.0},
     ]
     assert seen == first * 2
+
+
+def test_a_first_step_without_redis_is_a_transient_error(
+    monkeypatch: pytest.MonkeyPatch, job_id: uuid.UUID
+) -> None:
+    """Nothing has been done yet: the job goes back to the queue (TransientError), it does
+    not fail."""
+    unreachable = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    monkeypatch.setattr(runner, "sync_redis", lambda: unreachable)
+    with pytest.raises(runner.TransientError):
+        runner.ProgressReporter(uuid.uuid4(), job_id, 1, runner.Ownership()).begin("reading")
 
 
 def test_a_lost_lease_stops_the_job_at_its_next_step_without_asking_redis(

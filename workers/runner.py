@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from PIL import Image
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -79,7 +80,8 @@ class ProgressReporter:
 
     def begin(self, stage: str) -> None:
         """The job's first step: its running state, the cancel check and the step's progress
-        event in one round trip; :class:`JobCancelled` as for any step."""
+        event in one round trip; :class:`JobCancelled` as for any step, and
+        :class:`TransientError` when Redis cannot be reached (nothing has been done yet)."""
         if self.ownership.lost:
             raise JobCancelled()
         self._last_cancel_check = self._last_publish = time.monotonic()
@@ -89,7 +91,11 @@ class ProgressReporter:
         events.queue_publish(
             pipe, self.job_id, {"type": "progress", "stage": stage, "progress": 0.0}
         )
-        if pipe.execute()[1]:
+        try:
+            canceled = pipe.execute()[1]
+        except redis.RedisError as exc:
+            raise TransientError(f"announcing the run: {exc}") from exc
+        if canceled:
             raise JobCancelled()
 
     def __call__(self, stage: str, fraction: float, *, check_cancel: bool = False) -> None:
@@ -318,11 +324,11 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
     executor = EXECUTORS.get(job.operation)
     meter = GpuMeter()
     try:
+        progress.begin("reading")  # publishes the running state
         if executor is None:
             raise OperationFailed(
                 "operation-unavailable", f"This worker cannot run '{job.operation}'."
             )
-        progress.begin("reading")  # publishes the running state
         images = _load_inputs(job)
         result = executor(
             Execution(params=job.params, images=images, progress=progress, meter=meter)
