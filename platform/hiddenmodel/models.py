@@ -17,14 +17,10 @@ from hiddenmodel.db import Base
 _M = TypeVar("_M", bound=Base)
 
 
-def _as_float(value: Any) -> float:
-    return float(value)  # JSON writes a whole float as an integer (``0`` for ``0.0``)
-
-
 _FROM_JSON: dict[type, Callable[[Any], Any]] = {
     uuid.UUID: uuid.UUID,
     datetime: datetime.fromisoformat,
-    float: _as_float,
+    float: float,  # JSON writes a whole float as an integer (``0`` for ``0.0``)
 }
 
 

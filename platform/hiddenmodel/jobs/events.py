@@ -45,7 +45,7 @@ async def publish_async(job_id: uuid.UUID | str, event: dict[str, Any]) -> None:
     await async_redis().publish(channel(job_id), json.dumps(event, default=str))
 
 
-def _queue_wake(pipe: Pipeline | AsyncPipeline) -> None:
+def queue_wake(pipe: Pipeline | AsyncPipeline) -> None:
     # One pending wake is enough: the dispatcher drains everything due when it wakes.
     pipe.lpush(DISPATCH_WAKE, 1)
     pipe.ltrim(DISPATCH_WAKE, 0, 0)
@@ -53,18 +53,13 @@ def _queue_wake(pipe: Pipeline | AsyncPipeline) -> None:
 
 def wake_dispatcher_sync() -> None:
     pipe = sync_redis().pipeline(transaction=False)
-    _queue_wake(pipe)
+    queue_wake(pipe)
     pipe.execute()
-
-
-def queue_wake_sync(pipe: Pipeline) -> None:
-    """:func:`wake_dispatcher_sync` as commands of ``pipe``."""
-    _queue_wake(pipe)
 
 
 async def _push_wake() -> None:
     pipe = async_redis().pipeline(transaction=False)
-    _queue_wake(pipe)
+    queue_wake(pipe)
     await pipe.execute()
 
 

@@ -100,7 +100,7 @@ def announce(ended: list[Ended]) -> None:
         pipe = sync_redis().pipeline(transaction=False)
         for end in ended:
             events.queue_publish(pipe, end.job_id, {"type": "status", "status": end.status.value})
-        events.queue_wake_sync(pipe)
+        events.queue_wake(pipe)
         pipe.execute()
     for end in ended:
         webhook_enqueue.send_deliveries(end.org_id, end.deliveries)
