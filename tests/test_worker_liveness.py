@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, pool, text
 
 from hiddenmodel.db import dispose_engines
+from hiddenmodel.processes import wait_for_output
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
 from tests.conftest import db_rows, db_scalar, superuser_url
@@ -240,6 +241,8 @@ async def test_a_claim_on_a_dead_connection_is_delivered_again_and_logged_as_suc
         done = await wait_job(client, headers, job_id, timeout=60)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 1
+        # The worker writes its last line after the commit the poll saw.
+        wait_for_output(worker, f"job {job_id}: succeeded", "the job's last log line", timeout=10)
         log = worker.log()[seen:]
         # The log says what became of the job, not that a Celery task "succeeded".
         assert f"job {job_id}: claiming the job:" in log, log[-3000:]
