@@ -24,12 +24,19 @@ batching window included).
     python bench/peer_job.py
     python bench/peer_job.py --operation ghost_mannequin --sequential 20 --concurrent 40
 
+Before and after the platform's runs it times a yardstick of the machine's speed in this process
+on one thread: the same image through Pillow's PNG decode, a Lanczos resize and a PNG encode at
+zlib level 1 (``ref``, the mean of the two medians). It is not a model of the peer; the speed of
+a shared machine drifts by 2x within an hour, and runs taken at different times are compared by
+their ratio to ``ref`` as well as by their raw figures.
+
 It prints one ``SUMMARY peer_job:`` line; ``--out`` writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -327,6 +334,22 @@ def lift_request_limits(base: str, key: str, env: dict[str, str]) -> dict[str, A
     return {"organization": org["slug"], "plan": body["plan"], "overrides": overrides}
 
 
+def reference_ms(image: bytes, operation: str, runs: int = 15) -> float:
+    """The yardstick's median wall time in milliseconds (see the module doc)."""
+    from PIL import Image
+
+    size = (PARAMS["resize"]["width"], PARAMS["resize"]["height"])
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        with Image.open(io.BytesIO(image)) as img:
+            img.load()
+            out = img.resize(size, Image.Resampling.LANCZOS) if operation == "resize" else img
+        out.save(io.BytesIO(), format="PNG", compress_level=1)
+        times.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(times), 1)
+
+
 def measure(
     base: str,
     key: str,
@@ -338,6 +361,7 @@ def measure(
     image = h.photo_png(1024, 1024, seed=1)
     poll_s = args.poll_ms / 1000
     result: dict[str, Any] = {"input_bytes": len(image), "operation": args.operation}
+    before = reference_ms(image, args.operation)
     log(f"warm-up: {args.warmup} jobs")
     run_clients(base, headers, image, args.operation, args.warmup, 1, poll_s)
 
@@ -370,6 +394,8 @@ def measure(
         "median_ms": median_of(rows),
         "cpu_per_job": meter.per_job(len(rows)),
     }
+    after = reference_ms(image, args.operation)
+    result["reference_ms"] = {"before": before, "after": after, "mean": (before + after) / 2}
     return result
 
 
@@ -428,6 +454,7 @@ def main() -> int:
         f"conc_median={conc['median_ms'].get('total_ms', float('nan')):.0f}ms "
         f"cpu_seq={seq['cpu_per_job']['total_cpu_ms']:.0f}ms/job "
         f"cpu_conc={conc['cpu_per_job']['total_cpu_ms']:.0f}ms/job "
+        f"ref={result['reference_ms']['mean']:.0f}ms "
         f"errors={seq['error_count'] + conc['error_count']}"
     )
     print(json.dumps({"sequential": seq, "concurrent": conc}, indent=2), file=sys.stderr)
