@@ -9,6 +9,8 @@ reaches; ``test_the_accuracy_bar_rejects_poor_mattes`` shows where those stand.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 from collections import deque
 
@@ -448,6 +450,13 @@ def textured(width: int, height: int, mode: str = "RGB", seed: int = 5) -> Image
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).convert(mode)
 
 
+@pytest.fixture
+def pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resize as a platform without libvips does: every pass Pillow's."""
+    monkeypatch.setattr(resize_module, "_libvips", lambda: None)
+
+
+@pytest.mark.usefixtures("pillow_only")
 @pytest.mark.parametrize(
     ("source", "size", "box"),
     [
@@ -478,6 +487,7 @@ def test_banded_resampling_writes_pillows_single_pass_exactly(
     assert np.array_equal(np.asarray(banded), np.asarray(expected))
 
 
+@pytest.mark.usefixtures("pillow_only")
 def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -507,3 +517,166 @@ def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
     kept = resize(same, width=300, height=None, mode="fit")
     assert np.array_equal(np.asarray(kept), np.asarray(same))
     assert calls == []
+
+
+def pillow_resizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes Pillow's resize is called for from now on."""
+    calls: list[tuple[int, int]] = []
+    real = Image.Image.resize
+
+    def counted(
+        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
+    ) -> object:
+        calls.append(size)
+        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "resize", counted)
+    return calls
+
+
+def cut_out(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode``; with alpha, a ramp from clear to opaque crossed by fully clear
+    stripes whose hidden colour is the image's inverse, which must not bleed into the rest."""
+    out = image.convert(mode)
+    if mode in ("RGBA", "LA"):
+        w, h = out.size
+        alpha = np.add.outer(np.arange(h), np.arange(w)) * 255 // max(1, w + h - 2)
+        clear = (np.arange(w) // max(1, w // 16)) % 3 == 0
+        alpha[:, clear] = 0
+        pixels = np.asarray(out).copy()
+        pixels[:, clear, :-1] = 255 - pixels[:, clear, :-1]
+        pixels[..., -1] = alpha
+        out = Image.fromarray(pixels.astype(np.uint8), mode)
+    return out
+
+
+def lanczos3(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The exact Lanczos 3 reduction in float64 (Pillow's pixel centres, weights normalised
+    at the edges), clipped to 0..255 but not rounded: what both libraries approximate."""
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        scale = n_in / n_out
+        support = 3.0 * max(scale, 1.0)
+        out = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            centre = (i + 0.5) * scale
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            x = (np.arange(lo, hi) - centre + 0.5) / max(scale, 1.0)
+            w = np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+            out[i, lo:hi] = w / w.sum()
+        return out
+
+    data = pixels.astype(np.float64).reshape(pixels.shape[0], pixels.shape[1], -1)
+    rows = np.einsum("ij,jkc->ikc", weights(data.shape[0], size[1]), data)
+    both = np.einsum("kj,ijc->ikc", weights(data.shape[1], size[0]), rows)
+    return np.clip(both, 0, 255).reshape((size[1], size[0], *pixels.shape[2:]))
+
+
+@pytest.mark.parametrize(
+    ("source", "size"),
+    [
+        ((1024, 1024), (512, 512)),
+        ((999, 777), (512, 398)),
+        ((1024, 1024), (1000, 1000)),  # a slight reduction
+        ((1024, 768), (1024, 300)),  # one side only
+    ],
+)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_whole_image_reductions_are_libvips_and_as_exact_as_pillow(
+    source: tuple[int, int], size: tuple[int, int], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = textured(*source, mode=mode)
+    image.info["icc_profile"] = b"profile"
+    expected = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    calls = pillow_resizes(monkeypatch)
+    out = resize_module._lanczos(image, size)
+    assert calls == []  # no Pillow pass
+    assert out.size == size and out.mode == mode
+    assert out.info.get("icc_profile") == b"profile"
+    # Both round to 8 bits between their two passes, so neither is the exact result; libvips
+    # must be as near it as Pillow is. The outermost pixels are left out: the libraries
+    # extend the image differently past its edge.
+    exact = lanczos3(np.asarray(image), size)[4:-4, 4:-4]
+
+    def error(im: Image.Image) -> tuple[float, float]:
+        e = np.asarray(im, dtype=np.float64)[4:-4, 4:-4] - exact
+        return float(np.abs(e).max()), float(np.sqrt((e**2).mean()))
+
+    (ours_max, ours_rms), (pillow_max, pillow_rms) = error(out), error(expected)
+    assert ours_rms <= 1.15 * pillow_rms + 0.02, (ours_rms, pillow_rms)
+    assert ours_max <= pillow_max + 1.5, (ours_max, pillow_max)
+
+
+@pytest.mark.parametrize(
+    ("source", "size"),
+    [
+        ((1024, 1024), (512, 512)),
+        ((4000, 3000), (512, 384)),  # past the reducing gap: a box shrink first
+        ((3000, 2000), (1024, 683)),
+        ((5, 3), (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "RGB"])
+def test_reductions_with_alpha_are_premultiplied_as_pillows(
+    source: tuple[int, int], size: tuple[int, int], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = cut_out(textured(*source), mode)
+    expected = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    calls = pillow_resizes(monkeypatch)
+    out = resize_module._lanczos(image, size)
+    assert calls == []
+    assert out.size == size and out.mode == mode
+    # What is composited, colour times alpha, and the alpha itself: without premultiplying,
+    # the clear side's colour would bleed into the opaque one and these would differ widely.
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(mode, mode)
+    ours = np.asarray(out.convert(premultiplied), dtype=np.int16)
+    theirs = np.asarray(expected.convert(premultiplied), dtype=np.int16)
+    diff = np.abs(ours - theirs)
+    if min(size) >= 8:
+        assert diff.max() <= 4, diff.max()
+        assert diff.mean() < 0.75, diff.mean()
+    else:  # all edge: the libraries extend the image past it differently
+        assert diff.max() <= 8, diff.max()
+
+
+@pytest.mark.parametrize(
+    ("source", "size", "box"),
+    [
+        ((300, 200), (1200, 800), None),  # an enlargement
+        ((1024, 768), (2048, 300), None),  # wider, though shorter
+        ((3000, 2000), (512, 512), (500.0, 0.0, 2500.0, 2000.0)),  # fill's crop box
+    ],
+)
+def test_enlargements_and_crops_stay_with_pillow(
+    source: tuple[int, int],
+    size: tuple[int, int],
+    box: tuple[float, float, float, float] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = textured(*source)
+    expected = image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    calls = pillow_resizes(monkeypatch)
+    out = resize_module._lanczos(image, size, box)
+    assert calls and all(w == size[0] for w, _ in calls)
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_other_modes_stay_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = textured(400, 300).convert("I")
+    calls = pillow_resizes(monkeypatch)
+    assert resize_module._lanczos(image, (200, 150)).mode == "I"
+    assert calls and all(w == 200 for w, _ in calls)
+
+
+def test_libvips_is_not_loaded_until_a_resize_needs_it() -> None:
+    # A Celery worker imports its tasks before it forks its pool, and libvips' threads do not
+    # survive a fork: loading it there would hang the pool's first resize.
+    code = (
+        "import sys, workers.celery_app, workers.executors, workers.pipelines.resize as r\n"
+        "from PIL import Image\n"
+        "assert 'pyvips' not in sys.modules, 'loaded on import'\n"
+        "r.resize(Image.new('RGB', (64, 64)), width=32, height=32, mode='fit')\n"
+        "assert 'pyvips' in sys.modules, 'not used for a reduction'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -7,7 +7,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from PIL import Image
 
@@ -32,6 +32,16 @@ _LANCZOS_SUPPORT: Final = 3.0
 # a few, and the resize is one pass.
 _BAND_MIN_ROWS: Final = 128
 
+# Reductions of a whole image of 8-bit bands go through libvips' Lanczos 3, which is
+# vectorised: 1024² → 512² RGB in 5 ms of CPU where Pillow takes 13, every pixel within two
+# levels of Pillow's. Enlargements, crops to a fractional box and other modes stay Pillow's.
+# libvips is loaded on first use, in the process that resizes: a Celery pool child, never the
+# parent it forks from (libvips' threads do not survive a fork).
+_VIPS_BANDS: Final = {"L": 1, "La": 2, "RGB": 3, "RGBa": 4}
+_vips: Any = None
+_vips_loaded = False
+_vips_lock = threading.Lock()
+
 _band_pool: tuple[int, ThreadPoolExecutor] | None = None
 _band_pool_lock = threading.Lock()
 
@@ -43,6 +53,46 @@ def _band_executor() -> ThreadPoolExecutor:
         if _band_pool is None or _band_pool[0] != os.getpid():
             _band_pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="resize-band"))
         return _band_pool[1]
+
+
+def _libvips() -> Any:
+    """The pyvips module with its operation cache off, or None where libvips is missing."""
+    global _vips, _vips_loaded
+    with _vips_lock:
+        if not _vips_loaded:
+            try:
+                import pyvips
+
+                # The cache would keep each input image alive for the next resize of the same
+                # size, which never comes: one job, one image.
+                pyvips.cache_set_max(0)
+                _vips = pyvips
+            except (ImportError, OSError):  # pragma: no cover - no libvips for this platform
+                _vips = None
+            _vips_loaded = True
+        return _vips
+
+
+def _vips_reduce(image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
+    """The whole ``image`` reduced to ``size`` by libvips' Lanczos 3, with Pillow's reducing
+    gap; None where it does not apply (an enlargement on either side, a mode it is not used
+    for, no libvips)."""
+    bands = _VIPS_BANDS.get(image.mode)
+    width, height = size
+    if bands is None or width > image.width or height > image.height:
+        return None
+    vips = _libvips()
+    if vips is None:
+        return None
+    source = vips.Image.new_from_memory(image.tobytes(), image.width, image.height, bands, "uchar")
+    reduced = source.resize(
+        width / image.width, vscale=height / image.height, kernel="lanczos3", gap=_REDUCING_GAP
+    )
+    if (reduced.width, reduced.height) != size:  # pragma: no cover - libvips rounds to size
+        return None
+    out = Image.frombytes(image.mode, size, reduced.write_to_memory())
+    out.info = dict(image.info)  # as Image.resize keeps it: the ICC profile goes on
+    return out
 
 
 def _first_band_rows(span: float, height: int) -> int | None:
@@ -63,8 +113,10 @@ def _lanczos(
     size: tuple[int, int],
     box: tuple[float, float, float, float] | None = None,
 ) -> Image.Image:
-    """``image.resize(size, LANCZOS, box=box, reducing_gap=_REDUCING_GAP)``, the final Lanczos
-    pass in two bands of rows when the output is tall enough (see :data:`_BAND_MIN_ROWS`).
+    """``image.resize(size, LANCZOS, box=box, reducing_gap=_REDUCING_GAP)``: a reduction of
+    the whole image by libvips (see :data:`_VIPS_BANDS`); otherwise Pillow's, its final
+    Lanczos pass in two bands of rows when the output is tall enough (see
+    :data:`_BAND_MIN_ROWS`).
 
     Pillow's own steps, each done once for the whole box so that both bands resample the same
     pixels: alpha premultiplied before and undone after, and the integer reduction when the
@@ -79,6 +131,10 @@ def _lanczos(
         out = _lanczos(image.convert(premultiplied), size, (x0, y0, x1, y1)).convert(straight)
         out.info = dict(image.info)
         return out
+    if (x0, y0, x1, y1) == (0, 0, *image.size):
+        reduced = _vips_reduce(image, size)
+        if reduced is not None:
+            return reduced
     width, height = size
     factor_x = int((x1 - x0) / width / _REDUCING_GAP) or 1
     factor_y = int((y1 - y0) / height / _REDUCING_GAP) or 1
