@@ -450,6 +450,21 @@ def textured(width: int, height: int, mode: str = "RGB", seed: int = 5) -> Image
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).convert(mode)
 
 
+def pillow_resizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes Pillow's resize is called for from now on."""
+    calls: list[tuple[int, int]] = []
+    real = Image.Image.resize
+
+    def counted(
+        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
+    ) -> object:
+        calls.append(size)
+        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "resize", counted)
+    return calls
+
+
 @pytest.fixture
 def pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resize as a platform without libvips does: every pass Pillow's."""
@@ -491,16 +506,7 @@ def test_banded_resampling_writes_pillows_single_pass_exactly(
 def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[tuple[int, int]] = []
-    real = Image.Image.resize
-
-    def counted(
-        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
-    ) -> object:
-        calls.append(size)
-        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Image.Image, "resize", counted)
+    calls = pillow_resizes(monkeypatch)
     resize(textured(400, 400), width=100, height=100, mode="exact")
     assert calls == [(100, 100)]
     calls.clear()
@@ -517,21 +523,6 @@ def test_short_outputs_are_one_pass_and_tall_ones_two_bands(
     kept = resize(same, width=300, height=None, mode="fit")
     assert np.array_equal(np.asarray(kept), np.asarray(same))
     assert calls == []
-
-
-def pillow_resizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """The sizes Pillow's resize is called for from now on."""
-    calls: list[tuple[int, int]] = []
-    real = Image.Image.resize
-
-    def counted(
-        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
-    ) -> object:
-        calls.append(size)
-        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Image.Image, "resize", counted)
-    return calls
 
 
 def cut_out(image: Image.Image, mode: str) -> Image.Image:
