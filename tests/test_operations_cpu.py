@@ -652,6 +652,22 @@ def test_enlargements_and_crops_stay_with_pillow(
     assert np.array_equal(np.asarray(out), np.asarray(expected))
 
 
+def test_a_reduction_libvips_refuses_is_pillows(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    vips = resize_module._libvips()
+
+    def refuse(self: object, *args: object, **kwargs: object) -> object:
+        raise vips.Error("out of order")
+
+    monkeypatch.setattr(vips.Image, "resize", refuse)
+    image = textured(1024, 1024)
+    expected = image.resize((512, 512), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = resize(image, width=512, height=512, mode="fit")
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    assert "libvips could not reduce RGB (1024, 1024) to (512, 512)" in caplog.text
+
+
 def test_other_modes_stay_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     image = textured(400, 300).convert("I")
     calls = pillow_resizes(monkeypatch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -12,6 +13,8 @@ from typing import Any, Final, Literal
 from PIL import Image
 
 ResizeMode = Literal["fit", "fill", "exact"]
+
+log = logging.getLogger(__name__)
 
 # Beyond these an "upscale" only invents pixels: the result would be blur, sold as detail.
 MAX_UPSCALE: Final = 4.0
@@ -84,13 +87,27 @@ def _vips_reduce(image: Image.Image, size: tuple[int, int]) -> Image.Image | Non
     vips = _libvips()
     if vips is None:
         return None
-    source = vips.Image.new_from_memory(image.tobytes(), image.width, image.height, bands, "uchar")
-    reduced = source.resize(
-        width / image.width, vscale=height / image.height, kernel="lanczos3", gap=_REDUCING_GAP
-    )
+    try:
+        source = vips.Image.new_from_memory(
+            image.tobytes(), image.width, image.height, bands, "uchar"
+        )
+        reduced = source.resize(
+            width / image.width, vscale=height / image.height, kernel="lanczos3", gap=_REDUCING_GAP
+        )
+        pixels = reduced.write_to_memory()
+    except vips.Error as exc:
+        # libvips refusing a valid image is its fault, not the job's: Pillow does it instead.
+        log.warning(
+            "libvips could not reduce %s %s to %s, Pillow will: %s",
+            image.mode,
+            image.size,
+            size,
+            exc,
+        )
+        return None
     if (reduced.width, reduced.height) != size:  # pragma: no cover - libvips rounds to size
         return None
-    out = Image.frombytes(image.mode, size, reduced.write_to_memory())
+    out = Image.frombytes(image.mode, size, pixels)
     out.info = dict(image.info)  # as Image.resize keeps it: the ICC profile goes on
     return out
 
