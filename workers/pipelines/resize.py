@@ -8,6 +8,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from functools import cache
 from typing import Any, Final, Literal
 
 from PIL import Image
@@ -41,9 +42,6 @@ _BAND_MIN_ROWS: Final = 128
 # libvips is loaded on first use, in the process that resizes: a Celery pool child, never the
 # parent it forks from (libvips' threads do not survive a fork).
 _VIPS_BANDS: Final = {"L": 1, "La": 2, "RGB": 3, "RGBa": 4}
-_vips: Any = None
-_vips_loaded = False
-_vips_lock = threading.Lock()
 
 _band_pool: tuple[int, ThreadPoolExecutor] | None = None
 _band_pool_lock = threading.Lock()
@@ -58,22 +56,17 @@ def _band_executor() -> ThreadPoolExecutor:
         return _band_pool[1]
 
 
+@cache
 def _libvips() -> Any:
     """The pyvips module with its operation cache off, or None where libvips is missing."""
-    global _vips, _vips_loaded
-    with _vips_lock:
-        if not _vips_loaded:
-            try:
-                import pyvips
-
-                # The cache would keep each input image alive for the next resize of the same
-                # size, which never comes: one job, one image.
-                pyvips.cache_set_max(0)
-                _vips = pyvips
-            except (ImportError, OSError):  # pragma: no cover - no libvips for this platform
-                _vips = None
-            _vips_loaded = True
-        return _vips
+    try:
+        import pyvips
+    except (ImportError, OSError):  # pragma: no cover - no libvips for this platform
+        return None
+    # The cache would keep each input image alive for the next resize of the same size,
+    # which never comes: one job, one image.
+    pyvips.cache_set_max(0)
+    return pyvips
 
 
 def _vips_reduce(image: Image.Image, size: tuple[int, int]) -> Image.Image | None:
