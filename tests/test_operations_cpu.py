@@ -9,6 +9,7 @@ reaches; ``test_the_accuracy_bar_rejects_poor_mattes`` shows where those stand.
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import sys
 import time
@@ -666,6 +667,13 @@ def test_a_reduction_libvips_refuses_is_pillows(
     out = resize(image, width=512, height=512, mode="fit")
     assert np.array_equal(np.asarray(out), np.asarray(expected))
     assert "libvips could not reduce RGB (1024, 1024) to (512, 512)" in caplog.text
+
+
+def test_a_reduction_logs_nothing_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    resize(textured(1024, 1024), width=384, height=384, mode="fit")
+    assert resize_module._libvips() is not None
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_other_modes_stay_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:

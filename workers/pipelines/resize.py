@@ -66,6 +66,9 @@ def _libvips() -> Any:
     # The cache would keep each input image alive for the next resize of the same size,
     # which never comes: one job, one image.
     pyvips.cache_set_max(0)
+    # libvips' own info messages (the mask it chose, its threads) reach Python's logging at
+    # INFO: seven lines a resize in a worker's log. Its warnings still come through.
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
     return pyvips
 
 
