@@ -23,6 +23,7 @@ from sqlalchemy import event
 from hiddenmodel import storage
 from hiddenmodel.db import sync_engine, tenant_session
 from hiddenmodel.jobs import events, repository
+from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.processes import free_port
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.tenancy import org_context
@@ -162,6 +163,53 @@ async def test_a_clear_job_is_claimed_in_one_statement(client: httpx.AsyncClient
         assert statements == ["UPDATE", "SELECT"]
     finally:
         event.remove(engine, "before_cursor_execute", seen)
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_only_the_owning_attempt_finishes_and_each_value_is_stored_as_its_column(
+    client: httpx.AsyncClient,
+) -> None:
+    """finish_sync's UPDATE is built once per set of columns: the attempt check, the
+    terminal state and every value (JSON, numbers, NULLs) land as the ORM would write them."""
+    org, headers = await keyed_org(client)
+    org_id = uuid.UUID(org.id)
+    job_id = uuid.UUID((await submit(client, headers)).json()["id"])
+    outputs = [{"name": "output", "key": "k", "width": 3}]
+    report = {"needs_review": True, "reasons": ["visible seam: median ΔE 45.5"]}
+    with org_context(org_id), tenant_session(org_id) as session:
+        job = repository.start_if_clear_sync(session, job_id, "test-worker")
+        assert job is not None and job.stage == "starting"
+        stale = repository.finish_sync(
+            session, job_id, job.attempts + 1, JobStatus.SUCCEEDED, progress=1.0
+        )
+        assert not stale
+        assert repository.finish_sync(
+            session,
+            job_id,
+            job.attempts,
+            JobStatus.SUCCEEDED,
+            progress=1.0,
+            outputs=outputs,
+            report=report,
+            compute_seconds=0.25,
+            gpu_seconds=None,
+        )
+        again = repository.finish_sync(
+            session, job_id, job.attempts, JobStatus.FAILED, error_code="x", error_message="y"
+        )
+        assert not again
+    with (
+        org_context(org_id),
+        tenant_session(org_id) as session,
+        pytest.raises(ValueError, match="not columns of jobs"),
+    ):
+        repository.finish_sync(session, job_id, 1, JobStatus.FAILED, owner="someone")
+    (row,) = db_rows(
+        "SELECT status, stage, progress, outputs, report, compute_seconds, gpu_seconds,"
+        " error_code, finished_at IS NOT NULL AS finished FROM jobs WHERE id = :id",
+        id=job_id,
+    )
+    assert tuple(row) == ("succeeded", None, 1.0, outputs, report, 0.25, None, None, True)
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")

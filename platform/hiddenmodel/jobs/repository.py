@@ -10,9 +10,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
 
-from sqlalchemy import delete, func, insert, or_, select, text, update
+from sqlalchemy import Table, bindparam, delete, exists, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -218,18 +219,43 @@ def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     return job
 
 
+# The claim every job's run starts with, built once. A statement built per call, through the
+# ORM's UPDATE, took about 0.7 ms of the worker's CPU more than this one (its construction,
+# its cache key and the ORM's bulk-update bookkeeping): the same SQL, the same Job loaded.
+_JOBS = cast(Table, Job.__table__)
+_ORGANIZATIONS = cast(Table, Organization.__table__)
+_START_IF_CLEAR = select(Job).from_statement(
+    update(_JOBS)
+    .where(
+        _JOBS.c.id == bindparam("job_id"),
+        _JOBS.c.status == QUEUED,
+        or_(_JOBS.c.cancel_after.is_(None), _JOBS.c.cancel_after >= func.now()),
+        ~exists().where(
+            _ORGANIZATIONS.c.id == _JOBS.c.organization_id,
+            _ORGANIZATIONS.c.suspended_at.is_not(None),
+        ),
+    )
+    .values(
+        status=RUNNING,
+        attempts=_JOBS.c.attempts + 1,
+        started_at=func.now(),
+        heartbeat_at=func.now(),
+        stage="starting",
+        progress=0.0,
+        worker=bindparam("worker"),
+    )
+    .returning(*_JOBS.c)
+)
+
+
 def start_if_clear_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     """queued → running in one statement, only while nothing holds the job back: its
     organization is not suspended and its deadline (``cancel_after``) has not passed, as
     :func:`start_check_sync` judges them. None when something does, or when the job is not
     queued; the caller then asks :func:`start_check_sync` why."""
-    suspended = (
-        select(Organization.id)
-        .where(Organization.id == Job.organization_id, Organization.suspended_at.is_not(None))
-        .exists()
-    )
-    clear = (or_(Job.cancel_after.is_(None), Job.cancel_after >= func.now()), ~suspended)
-    job: Job | None = session.execute(_start(job_id, worker, *clear)).scalar_one_or_none()
+    job: Job | None = session.execute(
+        _START_IF_CLEAR, {"job_id": job_id, "worker": worker}
+    ).scalar_one_or_none()
     return job
 
 
@@ -288,13 +314,34 @@ def finish_sync(
     session: Session, job_id: uuid.UUID, attempt: int, status: JobStatus, **values: Any
 ) -> bool:
     """running → terminal, only for the attempt that owns the job (exactly one completion)."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
-        .values(status=status.value, finished_at=func.now(), stage=None, **values)
-        .returning(Job.id)
-    )
+    params = {f"set_{name}": value for name, value in values.items()}
+    params |= {"job_id": job_id, "attempt": attempt, "status": status.value}
+    result = session.execute(_finish_statement(tuple(sorted(values))), params)
     return result.scalar_one_or_none() is not None
+
+
+@lru_cache(maxsize=64)
+def _finish_statement(columns: tuple[str, ...]) -> Any:
+    """:func:`finish_sync`'s UPDATE for one set of further columns, built once (see
+    ``_START_IF_CLEAR``); each value is bound with its column's type."""
+    unknown = set(columns) - set(_JOBS.c.keys())
+    if unknown:
+        raise ValueError(f"not columns of jobs: {sorted(unknown)}")
+    return (
+        update(_JOBS)
+        .where(
+            _JOBS.c.id == bindparam("job_id"),
+            _JOBS.c.status == RUNNING,
+            _JOBS.c.attempts == bindparam("attempt"),
+        )
+        .values(
+            status=bindparam("status"),
+            finished_at=func.now(),
+            stage=None,
+            **{name: bindparam(f"set_{name}", type_=_JOBS.c[name].type) for name in columns},
+        )
+        .returning(_JOBS.c.id)
+    )
 
 
 def expire_sync(session: Session, job_id: uuid.UUID) -> bool:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Select, func, or_, select, text, update
@@ -29,7 +30,10 @@ DELIVERING = DeliveryStatus.DELIVERING.value
 LIVE = (PENDING, DELIVERING)
 
 
+@lru_cache(maxsize=64)
 def _subscribed(event_type: str) -> Select[tuple[WebhookEndpoint]]:
+    # Built once per event type: a job's finish asks, and building it took longer than
+    # running it.
     return (
         select(WebhookEndpoint)
         .where(
