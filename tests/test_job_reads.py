@@ -415,3 +415,29 @@ async def test_rows_sent_as_json_become_the_objects_the_orm_loads(
                     assert (value, type(value)) == (expected, type(expected)), column.key
     finally:
         engine.dispose()
+
+
+async def test_a_polls_rendering_runs_bound_to_its_organization_and_leaves_nothing_bound(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log lines written while the job is rendered carry its organization; the binding ends
+    with the read, so nothing after the request (or a later one in the same task) runs as
+    that organization."""
+    from hiddenmodel.jobs import service
+    from hiddenmodel.tenancy import current_org_id
+
+    org, headers = await keyed_org(client)
+    job_id = (await submit(client, headers)).json()["id"]
+    seen: list[uuid.UUID | None] = []
+    render = service.render
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(current_org_id.get())
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(service, "render", recording)
+    assert current_org_id.get() is None
+    r = await client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert r.status_code == 200, r.text
+    assert seen == [uuid.UUID(org.id)]
+    assert current_org_id.get() is None

@@ -38,7 +38,7 @@ from hiddenmodel.pagination import DEFAULT_LIMIT, MAX_LIMIT, Page
 from hiddenmodel.redis import async_redis
 from hiddenmodel.retention import service as retention_service
 from hiddenmodel.settings import get_settings
-from hiddenmodel.tenancy import current_org_id
+from hiddenmodel.tenancy import org_context
 from tenants.auth import (
     API_KEY_SCHEME,
     JOBS_READ,
@@ -210,7 +210,7 @@ async def submit_job(
 
 
 @accepts(API_KEY_SCHEME)
-async def readable_job(request: Request) -> AsyncIterator[JobRead | None]:
+async def readable_job(request: Request) -> JobRead | None:
     """The job as ``GET /v1/jobs/{id}`` answers it, read with the key in one statement
     (``hm_job_for_key_request``, see :func:`tenants.auth.read_with_api_key`): what a client
     polls, several times a job. Whatever that plain case does not cover goes the usual way,
@@ -228,18 +228,14 @@ async def readable_job(request: Request) -> AsyncIterator[JobRead | None]:
     if job_id is not None:
         read = await read_with_api_key(request, JOBS_READ, "hm_job_for_key_request", job_id)
     if read is not None:
-        bound = current_org_id.set(read.org.id)  # for the request's log lines
-        try:
-            job, position = read.columns
-            if job is None:
-                raise NotFound("No such job.", kind="job-not-found")
-            yield service.render(from_json(Job, job), position)
-        finally:
-            current_org_id.reset(bound)
-        return
+        job, position = read.columns
+        if job is None:
+            raise NotFound("No such job.", kind="job-not-found")
+        with org_context(read.org.id):  # for the log lines of its rendering
+            return service.render(from_json(Job, job), position)
     async with key_org_scope(request) as scope:
         scope.require(JOBS_READ)
-        yield (
+        return (
             None if job_id is None else await service.view(scope, await service.get(scope, job_id))
         )
 
@@ -249,7 +245,7 @@ REQUIRED_PERMISSIONS[readable_job] = JOBS_READ
 
 @router.get("/jobs/{job_id}", operation_id="getJob", response_model=JobRead)
 async def get_job(
-    job_id: uuid.UUID, job: Annotated[JobRead | None, Depends(readable_job, scope="function")]
+    job_id: uuid.UUID, job: Annotated[JobRead | None, Depends(readable_job)]
 ) -> Response:
     if job is None or job.id != job_id:  # not reached: a malformed id is a 422 before this
         raise NotFound("No such job.", kind="job-not-found")
