@@ -251,8 +251,7 @@ class Presigner:
     ) -> str:
         at = at or datetime.now(UTC)
         amz_date = at.strftime("%Y%m%dT%H%M%SZ")
-        day = amz_date[:8]
-        scope = f"{day}/{self.region}/s3/aws4_request"
+        scope = self.scope(amz_date[:8])
         path = _encode(key, safe="/~")
         query: list[tuple[str, str]] = []
         if disposition is not None:
@@ -270,15 +269,21 @@ class Presigner:
             f"GET\n{self.path_prefix}{path}\n{canonical_query}\nhost:{self.host}\n\nhost\n"
             "UNSIGNED-PAYLOAD"
         )
+        query_string = "&".join(f"{k}={v}" for k, v in encoded)
+        return f"{self.base}{path}?{query_string}&X-Amz-Signature={self.sign(amz_date, canonical)}"
+
+    def scope(self, day: str) -> str:
+        return f"{day}/{self.region}/s3/aws4_request"
+
+    def sign(self, amz_date: str, canonical: str) -> str:
+        """The signature of a canonical request made at ``amz_date`` (``%Y%m%dT%H%M%SZ``)."""
+        day = amz_date[:8]
         to_sign = (
-            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
+            f"AWS4-HMAC-SHA256\n{amz_date}\n{self.scope(day)}\n"
             f"{hashlib.sha256(canonical.encode()).hexdigest()}"
         )
-        signature = hmac.new(
-            _signing_key(self.secret_key, day, self.region), to_sign.encode(), hashlib.sha256
-        ).hexdigest()
-        query_string = "&".join(f"{k}={v}" for k, v in encoded)
-        return f"{self.base}{path}?{query_string}&X-Amz-Signature={signature}"
+        key = _signing_key(self.secret_key, day, self.region)
+        return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
 @lru_cache(maxsize=4)
@@ -370,9 +375,7 @@ class DirectS3:
         """``headers`` (lower-case names) with the date, payload and signature headers."""
         at = at or datetime.now(UTC)
         amz_date = at.strftime("%Y%m%dT%H%M%SZ")
-        day = amz_date[:8]
         signer = self.signer
-        scope = f"{day}/{signer.region}/s3/aws4_request"
         all_headers = {
             **headers,
             "host": signer.host,
@@ -390,16 +393,9 @@ class DirectS3:
                 "UNSIGNED-PAYLOAD",
             ]
         )
-        to_sign = (
-            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
-            f"{hashlib.sha256(canonical.encode()).hexdigest()}"
-        )
-        signature = hmac.new(
-            _signing_key(signer.secret_key, day, signer.region), to_sign.encode(), hashlib.sha256
-        ).hexdigest()
         all_headers["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={signer.access_key}/{scope}, "
-            f"SignedHeaders={';'.join(names)}, Signature={signature}"
+            f"AWS4-HMAC-SHA256 Credential={signer.access_key}/{signer.scope(amz_date[:8])}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signer.sign(amz_date, canonical)}"
         )
         return all_headers
 
