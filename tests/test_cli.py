@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import db_rows, db_scalar, make_org, unique
 
@@ -111,3 +112,22 @@ async def test_up_demo_limits_are_set_once_and_an_operators_plan_is_kept(
     )
     assert await provisioning.set_limits_if_unassigned(org.slug, DEMO_LIMITS) is False
     assert db_scalar(overrides, o=org.id) == {"requests_per_minute": 7}
+
+
+def test_a_worker_passes_its_prefetch_multiplier_to_celery(monkeypatch: Any) -> None:
+    """``--prefetch-multiplier`` reaches the Celery worker's own option; without it, the
+    app's default (1) applies. Out of range, the command refuses it."""
+    from hiddenmodel import cli
+    from workers.celery_app import app
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(app, "worker_main", lambda argv: seen.append(list(argv)))
+    parser = cli.build_parser()
+    assert cli._cmd_worker(parser.parse_args(["worker", "--queues", "cpu"])) == 0
+    args = parser.parse_args(["worker", "--queues", "cpu", "--prefetch-multiplier", "2"])
+    assert cli._cmd_worker(args) == 0
+    assert "--prefetch-multiplier" not in seen[0]
+    assert seen[1][seen[1].index("--prefetch-multiplier") + 1] == "2"
+    assert app.conf.worker_prefetch_multiplier == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["worker", "--prefetch-multiplier", "0"])

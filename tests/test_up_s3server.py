@@ -31,7 +31,12 @@ from hiddenmodel.processes import free_port, port_open
 from hiddenmodel.up import sigv4
 from hiddenmodel.up.objectstore import ObjectStore
 from hiddenmodel.up.servers import s3_server_command
-from hiddenmodel.up.stack import CPU_WORKER_MAX_PROCESSES, cpu_worker_processes, platform_processes
+from hiddenmodel.up.stack import (
+    CPU_WORKER_MAX_PROCESSES,
+    CPU_WORKER_PREFETCH,
+    cpu_worker_processes,
+    platform_processes,
+)
 
 ACCESS, SECRET, REGION, BUCKET = "up", "up-secret", "us-east-1", "hiddenmodel"
 
@@ -520,6 +525,11 @@ def test_the_cpu_worker_runs_a_job_per_core_in_pool_processes(tmp_path: Any) -> 
     argv = list(worker.argv)
     assert argv[argv.index("--pool") + 1] == "prefork"
     assert argv[argv.index("--concurrency") + 1] == str(processes)
+    # Short jobs: each pool process holds the next one; the GPU worker's long jobs, one.
+    assert argv[argv.index("--prefetch-multiplier") + 1] == str(CPU_WORKER_PREFETCH) == "2"
+    with_model = platform_processes("127.0.0.1", 8000, tmp_path, ModelPlan(path=tmp_path))
+    (gpu,) = [c for c in with_model if c.name == "worker-gpu"]
+    assert "--prefetch-multiplier" not in gpu.argv
 
 
 def test_the_server_module_runs_as_a_script() -> None:

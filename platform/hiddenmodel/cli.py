@@ -135,6 +135,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
+    if args.prefetch_multiplier is not None:
+        argv += ["--prefetch-multiplier", str(args.prefetch_multiplier)]
     if get_settings().log_format == "json":
         # No start-up banner (a global option, before the sub-command): only log records.
         argv.insert(0, "--quiet")
@@ -221,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--hostname", default=None)
+    worker.add_argument(
+        "--prefetch-multiplier",
+        type=int,
+        default=None,
+        choices=range(1, 17),
+        metavar="N",
+        help="messages the worker holds per pool process, the one it runs included (default "
+        "1, from the Celery app): 2 suits many short jobs, 1 long ones (the model operations)",
+    )
     worker.set_defaults(func=_cmd_worker)
 
     tiny = sub.add_parser(

@@ -20,6 +20,13 @@ WORKER_QUEUES = "cpu,webhooks,maintenance"
 # (Celery, SQL, S3 requests) holds it: on two cores, with eight clients, two processes ran
 # 9 % more jobs a second for 8 % less CPU a job (docs/BENCHMARKS.md).
 CPU_WORKER_MAX_PROCESSES = 4
+# Each pool process may hold a second message, so the next short job is handed over as the
+# last one ends instead of after an ack and a fetch from Redis: with eight clients on two
+# cores, 5-11 % more jobs a second for 3-8 % less CPU a job (docs/BENCHMARKS.md). What one
+# worker can hold stays bounded by the dispatcher's in-flight cap per organization, and a
+# held message has its receipt, so a worker that dies gives it back as it gives back the
+# one it runs. The GPU worker keeps one: its jobs are long.
+CPU_WORKER_PREFETCH = 2
 
 
 def cpu_worker_processes() -> int:
@@ -55,6 +62,8 @@ def platform_processes(host: str, port: int, log_dir: Path, model: ModelPlan) ->
                 "prefork",
                 "--concurrency",
                 str(cpu_worker_processes()),
+                "--prefetch-multiplier",
+                str(CPU_WORKER_PREFETCH),
             ),
             log_path=log_dir / "worker.log",
             die_with_parent=True,
