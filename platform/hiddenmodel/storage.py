@@ -344,7 +344,7 @@ _DIRECT_RETRY = urllib3.Retry(
 _ERROR_CODE = re.compile(r"<Code>([^<]*)</Code>")
 _ERROR_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 _PROBE_PUT_KEY = "orgs/direct-probe/a b~c.png"
-_PROBE_PUT_HEADERS = {
+_PROBE_PUT = {
     "content_type": "image/png",
     "checksum": base64.b64encode(hashlib.sha256(b"probe").digest()).decode("ascii"),
     "tagging": urlencode({"tenant": "t", "job": "j~1", "kind": "output"}),
@@ -399,12 +399,17 @@ class DirectS3:
         )
         return all_headers
 
-    def put(self, key: str, data: bytes, *, content_type: str, checksum: str, tagging: str) -> None:
-        headers = {
+    @staticmethod
+    def put_headers(*, content_type: str, checksum: str, tagging: str) -> dict[str, str]:
+        """The headers of a put besides those :meth:`signed_headers` adds (all signed)."""
+        return {
             "content-type": content_type,
             "x-amz-checksum-sha256": checksum,
             "x-amz-tagging": tagging,
         }
+
+    def put(self, key: str, data: bytes, *, content_type: str, checksum: str, tagging: str) -> None:
+        headers = self.put_headers(content_type=content_type, checksum=checksum, tagging=tagging)
         self._send("PUT", "PutObject", key, headers, data)
 
     def get(self, key: str) -> bytes:
@@ -444,12 +449,11 @@ def _client_error(status: int, body: bytes, operation: str) -> ClientError:
 
 
 @lru_cache(maxsize=8)
-def _direct(client: Any, signer: Presigner) -> DirectS3 | None:
-    """The direct client for ``signer``'s bucket (``client``'s), once it signs the request
-    botocore sends for a probe ``put_object`` identically; None keeps botocore for every
-    call. The probe is made by a client of its own, configured as :func:`s3_client`'s, and
-    stopped before it is sent: nothing reaches S3, and no other caller's request can be
-    taken for it."""
+def _direct(signer: Presigner) -> DirectS3 | None:
+    """The direct client for ``signer``'s bucket, once it signs the request botocore sends
+    for a probe ``put_object`` identically; None keeps botocore for every call. The probe is
+    made by a client of its own, configured as :func:`s3_client`'s, and stopped before it is
+    sent: nothing reaches S3, and no other caller's request can be taken for it."""
     with _probe_lock:
         return _probe_direct(_new_client(), signer)
 
@@ -471,9 +475,9 @@ def _probe_direct(client: Any, signer: Presigner) -> DirectS3 | None:
             Bucket=get_settings().s3_bucket,
             Key=_PROBE_PUT_KEY,
             Body=b"probe",
-            ContentType=_PROBE_PUT_HEADERS["content_type"],
-            ChecksumSHA256=_PROBE_PUT_HEADERS["checksum"],
-            Tagging=_PROBE_PUT_HEADERS["tagging"],
+            ContentType=_PROBE_PUT["content_type"],
+            ChecksumSHA256=_PROBE_PUT["checksum"],
+            Tagging=_PROBE_PUT["tagging"],
         )
     finally:
         client.meta.events.unregister(event, capture)
@@ -489,16 +493,7 @@ def _probe_direct(client: Any, signer: Presigner) -> DirectS3 | None:
     except ValueError:
         return None
     direct = DirectS3(signer, urllib3.PoolManager(maxsize=32, block=False))
-    ours = direct.signed_headers(
-        "PUT",
-        _PROBE_PUT_KEY,
-        {
-            "content-type": _PROBE_PUT_HEADERS["content_type"],
-            "x-amz-checksum-sha256": _PROBE_PUT_HEADERS["checksum"],
-            "x-amz-tagging": _PROBE_PUT_HEADERS["tagging"],
-        },
-        at,
-    )
+    ours = direct.signed_headers("PUT", _PROBE_PUT_KEY, DirectS3.put_headers(**_PROBE_PUT), at)
     url = signer.base + _encode(_PROBE_PUT_KEY, safe="/~")
     if sent.url != url or sent_headers.get("authorization") != ours["authorization"]:
         return None
@@ -512,11 +507,10 @@ class _EmptyBody:
 
 def _direct_client() -> DirectS3 | None:
     settings = get_settings()
-    client = s3_client()
     signer = _presigner(
-        client,
+        s3_client(),
         settings.s3_bucket,
         settings.s3_access_key_id,
         settings.s3_secret_access_key.get_secret_value(),
     )
-    return None if signer is None else _direct(client, signer)
+    return None if signer is None else _direct(signer)
