@@ -378,6 +378,26 @@ def test_fill_crops_only_the_overflowing_axis() -> None:
     assert out[50, 0, 0] < 30
 
 
+@pytest.mark.parametrize(
+    ("source", "box"),
+    [((1280, 896), (300, 300)), ((1280, 896), (150, 150)), ((640, 480), (97, 131))],
+)
+def test_fill_where_the_fitting_side_rounds_past_the_image(
+    source: tuple[int, int], box: tuple[int, int]
+) -> None:
+    # box / scale gives back the fitting side a last bit too long for these: the crop
+    # box then started a hair above the image and Pillow refused it.
+    out = resize(gradient(*source), width=box[0], height=box[1], mode="fill")
+    assert out.size == box
+
+
+@pytest.mark.parametrize("source", [(1280, 896), (1000, 750), (800, 1200), (333, 777), (999, 1000)])
+def test_fill_takes_any_box(source: tuple[int, int]) -> None:
+    image = gradient(*source)
+    for box in [(300, 300), (512, 512), (200, 100), (100, 200), (150, 150), (250, 333), (97, 131)]:
+        assert resize(image, width=box[0], height=box[1], mode="fill").size == box
+
+
 def test_exact_stretches() -> None:
     out = resize(gradient(400, 200), width=123, height=321, mode="exact")
     assert out.size == (123, 321)

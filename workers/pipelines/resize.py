@@ -246,8 +246,10 @@ def resize(
         scale = max(box_w / w0, box_h / h0)
         _check_output((box_w, box_h), scale, scale)
         # Crop in source coordinates and resample once: the box is exactly centred (to a
-        # fraction of a source pixel) and no pixel is resampled twice.
-        crop_w, crop_h = box_w / scale, box_h / scale
+        # fraction of a source pixel) and no pixel is resampled twice. On the side that
+        # fits, the division gives back the source's side only to the last bit: a hair
+        # more would put the box a hair outside the image, which Pillow refuses.
+        crop_w, crop_h = min(w0, box_w / scale), min(h0, box_h / scale)
         left, top = (w0 - crop_w) / 2.0, (h0 - crop_h) / 2.0
         return _lanczos(image, (box_w, box_h), (left, top, left + crop_w, top + crop_h))
 
