@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from hiddenmodel.images import ImageFormat, PngCompression
+from hiddenmodel.images import ImageFormat, PlainPng, PngCompression
 from hiddenmodel.jobs.operations import (
     GhostMannequinParams,
     RemoveBackgroundParams,
@@ -76,6 +76,9 @@ class Execution:
     images: dict[str, Image.Image]
     progress: Progress
     meter: GpuMeter = field(default_factory=GpuMeter)
+    # Inputs left undecoded, for an operation of TAKES_PLAIN_PNG: each is in this or in
+    # ``images``, never both.
+    plain_pngs: dict[str, PlainPng] = field(default_factory=dict)
 
 
 Executor = Callable[[Execution], ExecutionResult]
@@ -151,7 +154,7 @@ def _resize(ex: Execution) -> ExecutionResult:
     ex.progress("resizing", 0.1)
     try:
         out = resize(
-            ex.images["image"],
+            ex.plain_pngs.get("image") or ex.images["image"],
             width=params.width,
             height=params.height,
             mode=params.mode,
@@ -250,6 +253,10 @@ EXECUTORS: dict[str, Executor] = {
     "resize": _resize,
     "ghost_mannequin": _ghost_mannequin,
 }
+# Operations whose executor takes a plain PNG input undecoded (Execution.plain_pngs, see
+# hiddenmodel.images.decode_image_or_plain_png): a resize reads it with libvips as it
+# reduces it.
+TAKES_PLAIN_PNG: frozenset[str] = frozenset({"resize"})
 
 
 def register_executor(name: str, executor: Executor) -> None:

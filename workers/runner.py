@@ -23,9 +23,11 @@ from hiddenmodel import logs, metrics, storage
 from hiddenmodel.db import tenant_session
 from hiddenmodel.images import (
     ImageRejected,
+    PlainPng,
     configured_limits,
     content_type,
     decode_image,
+    decode_image_or_plain_png,
     encode_image,
 )
 from hiddenmodel.jobs import events, lifecycle, repository
@@ -33,7 +35,14 @@ from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.settings import get_settings
 from hiddenmodel.tenancy import org_context
-from workers.executors import EXECUTORS, Execution, ExecutionResult, GpuMeter, OperationFailed
+from workers.executors import (
+    EXECUTORS,
+    TAKES_PLAIN_PNG,
+    Execution,
+    ExecutionResult,
+    GpuMeter,
+    OperationFailed,
+)
 from workers.pipelines.contracts import JobCancelled
 
 log = logging.getLogger(__name__)
@@ -149,8 +158,12 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed for job %s", self.job_id, exc_info=True)
 
 
-def _load_inputs(job: Job) -> dict[str, Image.Image]:
-    images = {}
+def _load_inputs(job: Job) -> tuple[dict[str, Image.Image], dict[str, PlainPng]]:
+    """The job's inputs, decoded; for an operation of TAKES_PLAIN_PNG, a plain PNG is
+    checked as fully but left undecoded (the second mapping)."""
+    images: dict[str, Image.Image] = {}
+    plain: dict[str, PlainPng] = {}
+    takes_plain = job.operation in TAKES_PLAIN_PNG
     for name, meta in job.inputs.items():
         try:
             data = storage.get_object(meta["key"])
@@ -164,8 +177,16 @@ def _load_inputs(job: Job) -> dict[str, Image.Image]:
                     f"The job's input '{name}' is no longer stored; submit the job again.",
                 ) from exc
             raise TransientError(f"reading input {name}: {exc}") from exc
-        images[name] = decode_image(data, configured_limits(), validated_sha256=meta.get("sha256"))
-    return images
+        limits, digest = configured_limits(), meta.get("sha256")
+        if not takes_plain:
+            images[name] = decode_image(data, limits, validated_sha256=digest)
+        elif isinstance(
+            loaded := decode_image_or_plain_png(data, limits, validated_sha256=digest), PlainPng
+        ):
+            plain[name] = loaded
+        else:
+            images[name] = loaded
+    return images, plain
 
 
 def _store_outputs(job: Job, result: ExecutionResult) -> list[dict[str, Any]]:
@@ -329,9 +350,15 @@ def _execute(job: Job, ownership: Ownership, started: float) -> str:
             raise OperationFailed(
                 "operation-unavailable", f"This worker cannot run '{job.operation}'."
             )
-        images = _load_inputs(job)
+        images, plain_pngs = _load_inputs(job)
         result = executor(
-            Execution(params=job.params, images=images, progress=progress, meter=meter)
+            Execution(
+                params=job.params,
+                images=images,
+                progress=progress,
+                meter=meter,
+                plain_pngs=plain_pngs,
+            )
         )
         progress("storing", 0.95, check_cancel=True)
         outputs = _store_outputs(job, result)

@@ -20,7 +20,7 @@ import io
 import types
 import zlib
 from dataclasses import dataclass, field
-from typing import Final, Literal, get_args
+from typing import Any, ClassVar, Final, Literal, get_args
 
 import numpy as np
 from fpng import fpng_ext
@@ -301,9 +301,11 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _load_verified(
-    data: bytes, limits: ImageLimits, *, decode: bool = True, walked: bool = False
-) -> tuple[ImageFile.ImageFile, ImageInfo]:
+def _verified_header(
+    data: bytes, limits: ImageLimits, *, walked: bool = False
+) -> tuple[ImageFile.ImageFile, ImageFormat, _PngWalk | None]:
+    """Every check before the pixel decode: byte size, format, dimensions, animation and, for
+    a PNG not ``walked`` already, the chunk walk. The header, its format and the walk."""
     if len(data) == 0:
         raise ImageRejected("empty-file", "The uploaded file is empty.")
     if len(data) > limits.max_bytes:
@@ -333,6 +335,14 @@ def _load_verified(
         )
 
     walk = _check_png_structure(data, width, height) if fmt == "png" and not walked else None
+    return header, fmt, walk
+
+
+def _load_verified(
+    data: bytes, limits: ImageLimits, *, decode: bool = True, walked: bool = False
+) -> tuple[ImageFile.ImageFile, ImageInfo]:
+    header, fmt, walk = _verified_header(data, limits, walked=walked)
+    width, height = header.size
     # A plain PNG whose walk read every row is fully checked: decoding it a second time
     # would find nothing new (and EXIF, when there is some, is only read by a decode).
     if decode or walk is None or not walk.rows_checked or walk.has_exif:
@@ -432,10 +442,34 @@ def decode_image(
     ``data`` has that digest, the PNG chunk walk is not repeated (it takes about as long
     as the decode); the decode itself, and every header check, still run.
     """
-    walked = validated_sha256 is not None and hmac.compare_digest(
+    walked = _was_walked(data, validated_sha256)
+    image, _ = _load_verified(data, limits, walked=walked)
+    return _upright(image)
+
+
+def decode_image_or_plain_png(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, validated_sha256: str | None = None
+) -> Image.Image | PlainPng:
+    """:func:`decode_image`, except that a :class:`PlainPng` comes back undecoded, after the
+    same checks, for a caller that decodes it its own way (a libvips reduction reads and
+    shrinks it in one pass). Its :meth:`PlainPng.decode` is what decode_image returns."""
+    walked = _was_walked(data, validated_sha256)
+    header, fmt, walk = _verified_header(data, limits, walked=walked)
+    if fmt == "png" and (plain := _plain_png(data, header)) is not None:
+        header.close()
+        return plain
+    header.close()
+    image, _ = _load_verified(data, limits, walked=walked or walk is not None)
+    return _upright(image)
+
+
+def _was_walked(data: bytes, validated_sha256: str | None) -> bool:
+    return validated_sha256 is not None and hmac.compare_digest(
         hashlib.sha256(data).hexdigest(), validated_sha256
     )
-    image, _ = _load_verified(data, limits, walked=walked)
+
+
+def _upright(image: ImageFile.ImageFile) -> Image.Image:
     icc = image.info.get("icc_profile")
     source_mode = image.mode
     # In place: a 40-megapixel image is not copied just to be turned.
@@ -591,6 +625,91 @@ def _png_stored(data: bytes, width: int, height: int) -> bytes | None:
     out += _inflate.crc32(memoryview(out)[first + 4 :]).to_bytes(4, "big")
     out += view[after:]
     return bytes(out)
+
+
+# Text chunks Pillow reads an orientation from: EXIF written as text, and XMP.
+_PNG_ORIENTATION_KEYWORDS: Final = frozenset(
+    {b"Raw profile type exif", b"XML:com.adobe.xmp", b"xmp"}
+)
+
+
+def _png_may_turn(data: bytes) -> bool:
+    """Whether the PNG has anything :func:`decode_image` could read an orientation from: an
+    eXIf chunk, or a text chunk of EXIF or XMP (before or after the image data)."""
+    view = memoryview(data)
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        if kind == b"eXIf":
+            return True
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            keyword = bytes(view[pos + 8 : pos + 8 + min(length, 80)]).split(b"\0", 1)[0]
+            if keyword in _PNG_ORIENTATION_KEYWORDS:
+                return True
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return False
+
+
+@dataclass(frozen=True)
+class PlainPng:
+    """A checked 8-bit RGB PNG that :func:`decode_image` returns exactly as its pixels are
+    stored: not interlaced, no transparency, nothing it could be turned by (EXIF or XMP).
+
+    ``stored`` is the same PNG with its image data inflated by the fast inflater into stored
+    blocks (see :func:`_png_stored`): a decoder that reads PNG itself (libvips) then only
+    unfilters its rows. :meth:`decode` is the image :func:`decode_image` returns for it.
+    """
+
+    width: int
+    height: int
+    stored: bytes = field(repr=False)
+    icc_profile: bytes | None = field(default=None, repr=False)
+
+    mode: ClassVar[str] = "RGB"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    @property
+    def info(self) -> dict[str | tuple[int, int], Any]:
+        """What :func:`decode_image` keeps in ``image.info``: the ICC profile, if any."""
+        return {"icc_profile": self.icc_profile} if self.icc_profile else {}
+
+    def decode(self) -> Image.Image:
+        try:
+            image = _open_header(self.stored, "png")
+            image.load()
+        except (MemoryError, ImageRejected):
+            raise
+        except Exception as exc:
+            raise _corrupt("png", exc) from exc
+        if image.size != self.size or image.mode != self.mode:
+            raise ImageRejected("corrupt-image", "The decoded size differs from the header.")
+        image.info = dict(self.info)
+        return image
+
+
+def _plain_png(data: bytes, header: ImageFile.ImageFile) -> PlainPng | None:
+    """``data`` as a :class:`PlainPng` when it is one; None for anything else."""
+    ihdr = data[16:29]
+    if (
+        header.mode != "RGB"
+        or "transparency" in header.info
+        or len(ihdr) != 13
+        or (ihdr[8], ihdr[9], ihdr[12]) != (8, 2, 0)  # 8 bits, RGB, not interlaced
+        or _png_may_turn(data)
+    ):
+        return None
+    width, height = header.size
+    stored = _png_stored(data, width, height)
+    if stored is None:
+        return None
+    icc = header.info.get("icc_profile")
+    return PlainPng(width, height, stored, icc if isinstance(icc, bytes) and icc else None)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

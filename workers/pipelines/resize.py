@@ -13,6 +13,8 @@ from typing import Any, Final, Literal
 
 from PIL import Image
 
+from hiddenmodel.images import PlainPng
+
 ResizeMode = Literal["fit", "fill", "exact"]
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,42 @@ def _vips_reduce(image: Image.Image, size: tuple[int, int]) -> Image.Image | Non
     return out
 
 
+def _vips_reduce_png(png: PlainPng, size: tuple[int, int]) -> Image.Image | None:
+    """:func:`_vips_reduce` of ``png.decode()``, read by libvips as it reduces: no decoded
+    copy of the whole image is made in Pillow's layout and packed again for libvips. The
+    same pixels (libvips' PNG reader and Pillow's unfilter the same rows); None where it
+    does not apply or libvips refuses, for the caller to decode the image instead."""
+    width, height = size
+    if width > png.width or height > png.height:
+        return None
+    vips = _libvips()
+    if vips is None:
+        return None
+    try:
+        # Any warning (a CRC, a short row) is an error here: Pillow then decodes the
+        # image, and says what is wrong with it.
+        source = vips.Image.new_from_buffer(png.stored, "", access="sequential", fail_on="warning")
+        if (source.width, source.height, source.bands, source.format) != (
+            png.width,
+            png.height,
+            3,
+            "uchar",
+        ):
+            return None
+        reduced = source.resize(
+            width / png.width, vscale=height / png.height, kernel="lanczos3", gap=_REDUCING_GAP
+        )
+        pixels = reduced.write_to_memory()
+    except vips.Error as exc:
+        log.warning("libvips could not read and reduce a PNG to %s, Pillow will: %s", size, exc)
+        return None
+    if (reduced.width, reduced.height) != size:  # pragma: no cover - libvips rounds to size
+        return None
+    out = Image.frombytes("RGB", size, pixels)
+    out.info = dict(png.info)
+    return out
+
+
 def _first_band_rows(span: float, height: int) -> int | None:
     """The first band's output rows, as near half as may be, for which the bands meet on a
     whole number of source rows (``rows * span / height`` an integer); None when no such
@@ -122,7 +160,7 @@ def _first_band_rows(span: float, height: int) -> int | None:
 
 
 def _lanczos(
-    image: Image.Image,
+    image: Image.Image | PlainPng,
     size: tuple[int, int],
     box: tuple[float, float, float, float] | None = None,
 ) -> Image.Image:
@@ -134,8 +172,17 @@ def _lanczos(
     Pillow's own steps, each done once for the whole box so that both bands resample the same
     pixels: alpha premultiplied before and undone after, and the integer reduction when the
     scale calls for one.
+
+    A :class:`PlainPng` is read and reduced by libvips in one pass where it can be
+    (:func:`_vips_reduce_png`), and decoded first otherwise.
     """
     x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, *image.size)
+    if isinstance(image, PlainPng):
+        if (x0, y0, x1, y1) == (0, 0, *image.size):
+            reduced = _vips_reduce_png(image, size)
+            if reduced is not None:
+                return reduced
+        image = image.decode()
     if size == image.size and (x0, y0, x1, y1) == (0, 0, *image.size):
         return image.copy()
     premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(image.mode)
@@ -205,7 +252,7 @@ def _check_output(size: tuple[int, int], scale_x: float, scale_y: float) -> None
 
 
 def resize(
-    image: Image.Image,
+    image: Image.Image | PlainPng,
     *,
     width: int | None,
     height: int | None,
@@ -233,7 +280,7 @@ def resize(
     if mode not in ("fit", "fill", "exact"):
         raise ValueError(f"mode must be 'fit', 'fill' or 'exact', not {mode!r}")
 
-    if image.mode == "P":
+    if isinstance(image, Image.Image) and image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     w0, h0 = image.size
     box_w, box_h, derived = _target_box(image.size, width, height)
