@@ -527,12 +527,20 @@ async def run(
     faults_for: float = 30.0,
     settle_s: float = 30.0,
     concurrency: int = 8,
+    min_recoveries: int = 3,
+    faults_at_most: float = 90.0,
 ) -> Result:
     """Submit ``jobs`` across the stack's organizations as fast as the API takes them while a
     worker is killed every ``kill_every`` seconds (whenever the other one is up, so work goes
     on); Redis is flushed once a third of the jobs are in and PostgreSQL restarted once two
     thirds are. Faults go on for at least ``faults_for`` seconds and until every job is in;
-    then wait at most ``settle_s`` after the last fault for every job to be final."""
+    then wait at most ``settle_s`` after the last fault for every job to be final.
+
+    A kill is measured only when the job it took down is seen running again, and a job can
+    end between the choice of the worker and the kill; on a quick machine a run's kills can
+    then measure fewer recoveries than the test needs. So the kills also go on until
+    ``min_recoveries`` are measured, while jobs are left to kill workers under, for at most
+    ``faults_at_most`` seconds in all."""
     result = Result(started=time.time())
     orgs = stack.orgs or stack.provision(2)
     submit_deadline = time.monotonic() + 120
@@ -547,11 +555,27 @@ async def run(
         began = time.monotonic()
         next_kill = began + kill_every
         flushed = restarted = False
-        while (
-            time.monotonic() - began < faults_for
-            or len(result.jobs) < jobs
-            or not (flushed and restarted)
-        ):
+        jobs_left_checked = began
+
+        def go_on() -> bool:
+            nonlocal jobs_left_checked
+            if (
+                time.monotonic() - began < faults_for
+                or len(result.jobs) < jobs
+                or not (flushed and restarted)
+            ):
+                return True
+            if len(result.recoveries) >= min_recoveries:
+                return False
+            if time.monotonic() - began > faults_at_most:
+                return False
+            if time.monotonic() - jobs_left_checked < 1.0:
+                return True
+            jobs_left_checked = time.monotonic()
+            counts = _final(stack, result.jobs)
+            return counts is None or sum(counts[s] for s in TERMINAL) < len(result.jobs)
+
+        while go_on():
             now = time.monotonic()
             if not flushed and len(result.jobs) >= jobs / 3:
                 stack.redis().flushall()
