@@ -51,10 +51,9 @@ def task_id(job_id: uuid.UUID, dispatch_count: int) -> str:
 def dispatch_once() -> int:
     """Release what the fairness rules allow now; returns how many jobs were sent."""
     settings = get_settings()
-    with global_session() as session:
-        claimed = repository.claim_dispatch_sync(
-            session, settings.dispatch_org_inflight_cap, settings.dispatch_batch_size
-        )
+    claimed = repository.claim_dispatch_sync(
+        settings.dispatch_org_inflight_cap, settings.dispatch_batch_size
+    )
     for item in claimed:
         app.send_task(
             "jobs.run",

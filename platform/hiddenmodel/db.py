@@ -232,6 +232,41 @@ async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...
     return None if row is None else tuple(row)
 
 
+def fetch_all_statement_sync(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """:func:`fetch_one_statement` for the worker processes (``sync_engine``), every row: one
+    statement that is its own transaction, one round trip. For statements that need no
+    organization bound, such as the dispatcher's ``hm_claim_dispatch``."""
+    pooled = sync_engine().raw_connection()
+    driver = pooled.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    try:
+        try:
+            driver.autocommit = True
+            rows = driver.execute(sql, tuple(params)).fetchall()
+            driver.autocommit = False
+        except psycopg.Error as exc:
+            dropped = driver.closed or driver.broken
+            if dropped or not _out_of_autocommit_sync(driver):
+                pooled.invalidate(exc)
+            raise DBAPIError.instance(
+                sql, tuple(params), exc, psycopg.Error, connection_invalidated=dropped
+            ) from exc
+        except BaseException:
+            pooled.invalidate()
+            raise
+    finally:
+        pooled.close()
+    return [tuple(row) for row in rows]
+
+
+def _out_of_autocommit_sync(driver: psycopg.Connection[Any]) -> bool:
+    try:
+        driver.autocommit = False
+    except psycopg.Error:
+        return False
+    return True
+
+
 async def _out_of_autocommit(driver: psycopg.AsyncConnection[Any]) -> bool:
     """Whether a connection whose statement failed went back to transactions, as the pool
     hands them out."""

@@ -271,6 +271,10 @@ def resize(
     Either side may be omitted; it then follows the aspect ratio, so every mode scales the
     image to the given side. Enlarging more than 4x, or past 6000 px on a side, raises
     ``ValueError``.
+
+    ``image`` may be a :class:`PlainPng` (``decode_image_or_plain_png``): a reduction of the
+    whole image then reads it with libvips as it reduces it; anything else decodes it first.
+    Either way the result is the one its decoded image gives.
     """
     if width is None and height is None:
         raise ValueError("give a width, a height or both")
