@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import io
+import json
 import os
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -389,3 +391,64 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "loadavg_start": os.getloadavg(),
     }
+
+
+GHOST_EVAL = Path(__file__).resolve().parents[2] / "shared" / "ghost-eval"
+
+
+def ghost_eval_photos() -> dict[str, bytes]:
+    """The photos of ``../shared/ghost-eval`` (not the retouchers' results), by name; none
+    when the folder is not there."""
+    if not GHOST_EVAL.is_dir():
+        return {}
+    return {
+        path.stem: path.read_bytes()
+        for path in sorted(GHOST_EVAL.glob("*.png"))
+        if ".retouched" not in path.name
+    }
+
+
+def alternated(
+    rounds: int, before: Callable[[], tuple[float, Any]], after: Callable[[], tuple[float, Any]]
+) -> tuple[float, float, Any, Any]:
+    """Each way ``rounds`` times, in turn: the medians of the milliseconds each returns (to
+    0.01), and each way's last result."""
+    times: tuple[list[float], list[float]] = ([], [])
+    results: list[Any] = [None, None]
+    for _ in range(rounds):
+        for i, way in enumerate((before, after)):
+            ms, results[i] = way()
+            times[i].append(ms)
+    return (
+        round(statistics.median(times[0]), 2),
+        round(statistics.median(times[1]), 2),
+        results[0],
+        results[1],
+    )
+
+
+def report_alternated(
+    bench: str, rows: dict[str, dict[str, Any]], keys: tuple[str, str, str], args: Any
+) -> int:
+    """The end of a benchmark that alternated two ways over some inputs (``keys``: the
+    columns of the two medians, then of whether both ways gave the same result): each
+    input's row on stderr, everything as JSON to ``args.out`` when given, and one
+    ``SUMMARY`` line with the first input's two medians, the median ratio of the second to
+    the first over all inputs and whether every input gave the same result. Exit status 1
+    where one did not."""
+    before, after, same = keys
+    rounds, out = args.rounds, args.out
+    ratios = [r[after] / r[before] for r in rows.values()]
+    first = next(iter(rows.values()))
+    if out:
+        out.write_text(
+            json.dumps({"rounds": rounds, "inputs": rows, "machine": machine()}, indent=2)
+        )
+    all_same = all(r[same] for r in rows.values())
+    print(
+        f"SUMMARY {bench}: benchmark_input {before.removesuffix('_ms')}={first[before]:.1f}ms "
+        f"{after.removesuffix('_ms')}={first[after]:.1f}ms "
+        f"ratio={first[after] / first[before]:.2f} inputs={len(rows)} "
+        f"median_ratio={statistics.median(ratios):.2f} all_{same}={all_same}"
+    )
+    return 0 if all_same else 1

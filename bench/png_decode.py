@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ import _harness as h
 import numpy as np
 
 from hiddenmodel import images
-
-GHOST_EVAL = Path(__file__).resolve().parents[2] / "shared" / "ghost-eval"
 
 
 def _decode(data: bytes, digest: str, stored: bool) -> tuple[float, Any]:
@@ -50,38 +47,24 @@ def main() -> int:
     args = parser.parse_args()
 
     inputs = {"benchmark input 1024x1024": h.photo_png(1024, 1024, seed=1)}
-    if GHOST_EVAL.is_dir():
-        for path in sorted(GHOST_EVAL.glob("*.png")):
-            if ".retouched" not in path.name:
-                inputs[path.stem] = path.read_bytes()
+    inputs.update(h.ghost_eval_photos())
     rows: dict[str, Any] = {}
     for name, data in inputs.items():
         digest = hashlib.sha256(data).hexdigest()
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for _ in range(args.rounds):
-            for stored in (False, True):
-                times[stored].append(_decode(data, digest, stored)[0])
-        same = np.array_equal(
-            np.asarray(_decode(data, digest, True)[1]), np.asarray(_decode(data, digest, False)[1])
+        pillow, stored, original, copy = h.alternated(
+            args.rounds,
+            partial(_decode, data, digest, False),
+            partial(_decode, data, digest, True),
         )
         rows[name] = {
             "bytes": len(data),
-            "pillow_ms": round(statistics.median(times[False]), 2),
-            "isal_stored_ms": round(statistics.median(times[True]), 2),
-            "same_pixels": same,
+            "pillow_ms": pillow,
+            "isal_stored_ms": stored,
+            "same_pixels": np.array_equal(np.asarray(original), np.asarray(copy)),
         }
-        print(f"{name}: {rows[name]}", file=sys.stderr)
-    ratios = [r["isal_stored_ms"] / r["pillow_ms"] for r in rows.values()]
-    first = next(iter(rows.values()))
-    result = {"rounds": args.rounds, "inputs": rows, "machine": h.machine()}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    print(
-        f"SUMMARY png_decode: benchmark_input pillow={first['pillow_ms']:.1f}ms "
-        f"isal_stored={first['isal_stored_ms']:.1f}ms median_ratio={statistics.median(ratios):.2f} "
-        f"inputs={len(rows)} all_same_pixels={all(r['same_pixels'] for r in rows.values())}"
+    return h.report_alternated(
+        "png_decode", rows, ("pillow_ms", "isal_stored_ms", "same_pixels"), args
     )
-    return 0 if all(r["same_pixels"] for r in rows.values()) else 1
 
 
 if __name__ == "__main__":

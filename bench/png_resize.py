@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,6 @@ import numpy as np
 
 from hiddenmodel import images
 from workers.pipelines.resize import resize
-
-GHOST_EVAL = Path(__file__).resolve().parents[2] / "shared" / "ghost-eval"
 
 
 def _run(data: bytes, digest: str, box: tuple[int, int], plain: bool) -> tuple[float, Any]:
@@ -54,44 +51,29 @@ def main() -> int:
     args = parser.parse_args()
 
     inputs = {"benchmark input 1024x1024": (h.photo_png(1024, 1024, seed=1), (512, 512))}
-    if GHOST_EVAL.is_dir():
-        for path in sorted(GHOST_EVAL.glob("*.png")):
-            if ".retouched" not in path.name:
-                data = path.read_bytes()
-                width, height = images.inspect_image(data).display_size
-                inputs[path.stem] = (data, (max(1, width // 2), max(1, height // 2)))
+    for name, data in h.ghost_eval_photos().items():
+        width, height = images.inspect_image(data).display_size
+        inputs[name] = (data, (max(1, width // 2), max(1, height // 2)))
     rows: dict[str, Any] = {}
     for name, (data, box) in inputs.items():
         digest = hashlib.sha256(data).hexdigest()
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.rounds):
-            for plain in (False, True):
-                times[plain].append(_run(data, digest, box, plain)[0])
-        decoded, plain_out = (_run(data, digest, box, p)[1] for p in (False, True))
+        decoded_ms, plain_ms, decoded, plain = h.alternated(
+            args.rounds,
+            partial(_run, data, digest, box, False),
+            partial(_run, data, digest, box, True),
+        )
         rows[name] = {
             "bytes": len(data),
             "box": box,
             "plain_png": isinstance(
                 images.decode_image_or_plain_png(data, validated_sha256=digest), images.PlainPng
             ),
-            "decoded_ms": round(statistics.median(times[False]), 2),
-            "plain_ms": round(statistics.median(times[True]), 2),
-            "same_output": decoded.mode == plain_out.mode
-            and np.array_equal(np.asarray(decoded), np.asarray(plain_out)),
+            "decoded_ms": decoded_ms,
+            "plain_ms": plain_ms,
+            "same_output": decoded.mode == plain.mode
+            and np.array_equal(np.asarray(decoded), np.asarray(plain)),
         }
-        print(f"{name}: {rows[name]}", file=sys.stderr)
-    ratios = [r["plain_ms"] / r["decoded_ms"] for r in rows.values()]
-    first = next(iter(rows.values()))
-    result = {"rounds": args.rounds, "inputs": rows, "machine": h.machine()}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    print(
-        f"SUMMARY png_resize: benchmark_input decoded={first['decoded_ms']:.1f}ms "
-        f"plain={first['plain_ms']:.1f}ms ratio={first['plain_ms'] / first['decoded_ms']:.2f} "
-        f"inputs={len(rows)} median_ratio={statistics.median(ratios):.2f} "
-        f"same_output={all(r['same_output'] for r in rows.values())}"
-    )
-    return 0
+    return h.report_alternated("png_resize", rows, ("decoded_ms", "plain_ms", "same_output"), args)
 
 
 if __name__ == "__main__":
