@@ -177,12 +177,9 @@ def _load_inputs(job: Job) -> tuple[dict[str, Image.Image], dict[str, PlainPng]]
                     f"The job's input '{name}' is no longer stored; submit the job again.",
                 ) from exc
             raise TransientError(f"reading input {name}: {exc}") from exc
-        limits, digest = configured_limits(), meta.get("sha256")
-        if not takes_plain:
-            images[name] = decode_image(data, limits, validated_sha256=digest)
-        elif isinstance(
-            loaded := decode_image_or_plain_png(data, limits, validated_sha256=digest), PlainPng
-        ):
+        decode = decode_image_or_plain_png if takes_plain else decode_image
+        loaded = decode(data, configured_limits(), validated_sha256=meta.get("sha256"))
+        if isinstance(loaded, PlainPng):
             plain[name] = loaded
         else:
             images[name] = loaded

@@ -342,6 +342,18 @@ def _load_verified(
     data: bytes, limits: ImageLimits, *, decode: bool = True, walked: bool = False
 ) -> tuple[ImageFile.ImageFile, ImageInfo]:
     header, fmt, walk = _verified_header(data, limits, walked=walked)
+    return _decoded(data, header, fmt, walk, decode=decode)
+
+
+def _decoded(
+    data: bytes,
+    header: ImageFile.ImageFile,
+    fmt: ImageFormat,
+    walk: _PngWalk | None,
+    *,
+    decode: bool,
+) -> tuple[ImageFile.ImageFile, ImageInfo]:
+    """The pixel decode after :func:`_verified_header`'s checks, where one is needed."""
     width, height = header.size
     # A plain PNG whose walk read every row is fully checked: decoding it a second time
     # would find nothing new (and EXIF, when there is some, is only read by a decode).
@@ -453,13 +465,11 @@ def decode_image_or_plain_png(
     """:func:`decode_image`, except that a :class:`PlainPng` comes back undecoded, after the
     same checks, for a caller that decodes it its own way (a libvips reduction reads and
     shrinks it in one pass). Its :meth:`PlainPng.decode` is what decode_image returns."""
-    walked = _was_walked(data, validated_sha256)
-    header, fmt, walk = _verified_header(data, limits, walked=walked)
+    header, fmt, walk = _verified_header(data, limits, walked=_was_walked(data, validated_sha256))
     if fmt == "png" and (plain := _plain_png(data, header)) is not None:
         header.close()
         return plain
-    header.close()
-    image, _ = _load_verified(data, limits, walked=walked or walk is not None)
+    image, _ = _decoded(data, header, fmt, walk, decode=True)
     return _upright(image)
 
 
