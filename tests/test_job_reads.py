@@ -5,6 +5,8 @@ cover: both answer alike, and a refusal is the refusal it always was."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -415,6 +417,23 @@ async def test_rows_sent_as_json_become_the_objects_the_orm_loads(
                     assert (value, type(value)) == (expected, type(expected)), column.key
     finally:
         engine.dispose()
+
+
+def test_an_object_made_from_json_reads_in_a_process_that_has_not_queried_yet() -> None:
+    """A worker's first claim makes its job with ``from_json`` before any query or session
+    has configured the mappers; its attributes must read all the same."""
+    code = (
+        "import uuid\n"
+        "from hiddenmodel.jobs.models import Job\n"
+        "from hiddenmodel.models import from_json\n"
+        "job = from_json(Job, {'id': str(uuid.UUID(int=7)), 'attempts': 1, 'status': 'running'})\n"
+        "print(job.id, job.attempts, job.status, job.batch_id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(uuid.UUID(int=7)), "1", "running", "None"]
 
 
 async def test_a_polls_rendering_runs_bound_to_its_organization_and_leaves_nothing_bound(

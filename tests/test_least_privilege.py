@@ -58,6 +58,11 @@ WORKER_CALLS = {
     "hm_webhook_deliveries_due": "SELECT * FROM hm_webhook_deliveries_due(0, 100)",
     "hm_jobs_past_retention": "SELECT * FROM hm_jobs_past_retention(now(), 100)",
     "hm_retention_by_org": "SELECT * FROM hm_retention_by_org()",
+    "hm_start_job": "SELECT hm_start_job(gen_random_uuid(), gen_random_uuid(), 'w')",
+    "hm_finish_succeeded_job": (
+        "SELECT hm_finish_succeeded_job(gen_random_uuid(), gen_random_uuid(), 1, '[]', '{}',"
+        " 1.0, 0.1, 0.0, 0.0, 1, 0.25, 100)"
+    ),
 }
 
 ARGON2 = "$argon2"

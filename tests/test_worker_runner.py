@@ -22,8 +22,8 @@ from sqlalchemy import event
 
 from hiddenmodel import storage
 from hiddenmodel.db import sync_engine, tenant_session
-from hiddenmodel.jobs import events, repository
-from hiddenmodel.jobs.models import JobStatus
+from hiddenmodel.jobs import events, lifecycle, repository
+from hiddenmodel.jobs.models import Job, JobStatus
 from hiddenmodel.processes import free_port
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.tenancy import org_context
@@ -118,51 +118,77 @@ async def test_a_job_past_its_deadline_expires_at_the_claim_instead_of_running(
 async def test_the_one_statement_claim_starts_only_a_job_nothing_holds_back(
     client: httpx.AsyncClient,
 ) -> None:
-    """The claim's first statement wins a queued job whose deadline is still ahead. A job past
-    its deadline, a job of a suspended organization and a job no longer queued it leaves as
-    they are, for the second look that says why."""
+    """The claim's one statement wins a queued job whose deadline is still ahead, with every
+    column as the job's row has it. A job past its deadline, a job of a suspended
+    organization, a job no longer queued and another organization's job it leaves as they
+    are, for the second look that says why."""
     org, headers = await keyed_org(client)
+    other, _ = await keyed_org(client)
     org_id = uuid.UUID(org.id)
     ids = [
         uuid.UUID((await submit(client, headers, data={"cancel_after": "60"})).json()["id"])
         for _ in range(3)
     ]
     db_rows("UPDATE jobs SET cancel_after = now() - interval '1 second' WHERE id = :id", id=ids[1])
+    assert repository.start_if_clear_sync(org_id, ids[1], "test-worker") is None
+    assert repository.start_if_clear_sync(uuid.UUID(other.id), ids[0], "test-worker") is None
+    job = repository.start_if_clear_sync(org_id, ids[0], "test-worker")
+    assert job is not None
+    assert (job.status, job.attempts, job.stage, job.worker) == (
+        "running",
+        1,
+        "starting",
+        "test-worker",
+    )
     with org_context(org_id), tenant_session(org_id) as session:
-        assert repository.start_if_clear_sync(session, ids[1], "test-worker") is None
-        job = repository.start_if_clear_sync(session, ids[0], "test-worker")
-        assert job is not None and (job.status, job.attempts) == ("running", 1)
-        assert repository.start_if_clear_sync(session, ids[0], "test-worker") is None
+        stored = repository.get_job_sync(session, ids[0])
+        assert stored is not None
+        columns = [c.key for c in Job.__table__.c]
+        assert {c: getattr(job, c) for c in columns} == {c: getattr(stored, c) for c in columns}
+    assert repository.start_if_clear_sync(org_id, ids[0], "test-worker") is None
     db_rows("UPDATE organizations SET suspended_at = now() WHERE id = :id", id=org.id)
-    with org_context(org_id), tenant_session(org_id) as session:
-        assert repository.start_if_clear_sync(session, ids[2], "test-worker") is None
+    assert repository.start_if_clear_sync(org_id, ids[2], "test-worker") is None
     assert [_job(str(i)).status for i in ids] == ["running", "queued", "queued"]
     assert _job(str(ids[0])).attempts == 1
 
 
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The statements a worker sends, each as its first word: a session's (besides the
+    organization's binding) and the one-statement transactions' (``SELECT hm_...``)."""
+    seen: list[str] = []
+
+    def in_session(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "set_config" not in statement:
+            seen.append(statement.split(None, 1)[0].upper())
+
+    one_statement = repository.fetch_all_statement_sync
+
+    def alone(sql: str, params: Any) -> Any:
+        seen.append(sql.split("(", 1)[0])
+        return one_statement(sql, params)
+
+    monkeypatch.setattr(repository, "fetch_all_statement_sync", alone)
+    engine = sync_engine()
+    event.listen(engine, "before_cursor_execute", in_session)
+    yield seen
+    event.remove(engine, "before_cursor_execute", in_session)
+
+
 @pytest.mark.usefixtures("s3", "no_dispatch")
-async def test_a_clear_job_is_claimed_in_one_statement(client: httpx.AsyncClient) -> None:
-    """Besides the organization's binding, the claim of a job nothing holds back is its one
-    UPDATE; the look that says why comes only when that wins nothing."""
+async def test_a_clear_job_is_claimed_in_one_statement(
+    client: httpx.AsyncClient, statements: list[str]
+) -> None:
+    """The claim of a job nothing holds back is one statement, outside any session; the look
+    that says why comes only when that wins nothing."""
     org, headers = await keyed_org(client)
     job_id = uuid.UUID((await submit(client, headers)).json()["id"])
-    statements: list[str] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "set_config" not in statement:
-            statements.append(statement.split(None, 1)[0].upper())
-
-    engine = sync_engine()
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        job = runner._claim(uuid.UUID(org.id), job_id, "test-worker")
-        assert job is not None and job.attempts == 1
-        assert statements == ["UPDATE"]
-        statements.clear()
-        assert runner._claim(uuid.UUID(org.id), job_id, "another") is None
-        assert statements == ["UPDATE", "SELECT"]
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    job = runner._claim(uuid.UUID(org.id), job_id, "test-worker")
+    assert job is not None and job.attempts == 1
+    assert statements == ["SELECT hm_start_job"]
+    statements.clear()
+    assert runner._claim(uuid.UUID(org.id), job_id, "another") is None
+    assert statements == ["SELECT hm_start_job", "SELECT"]
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")
@@ -176,9 +202,9 @@ async def test_only_the_owning_attempt_finishes_and_each_value_is_stored_as_its_
     job_id = uuid.UUID((await submit(client, headers)).json()["id"])
     outputs = [{"name": "output", "key": "k", "width": 3}]
     report = {"needs_review": True, "reasons": ["visible seam: median ΔE 45.5"]}
+    job = repository.start_if_clear_sync(org_id, job_id, "test-worker")
+    assert job is not None and job.stage == "starting"
     with org_context(org_id), tenant_session(org_id) as session:
-        job = repository.start_if_clear_sync(session, job_id, "test-worker")
-        assert job is not None and job.stage == "starting"
         stale = repository.finish_sync(
             session, job_id, job.attempts + 1, JobStatus.SUCCEEDED, progress=1.0
         )
@@ -210,6 +236,139 @@ async def test_only_the_owning_attempt_finishes_and_each_value_is_stored_as_its_
         id=job_id,
     )
     assert tuple(row) == ("succeeded", None, 1.0, outputs, report, 0.25, None, None, True)
+
+
+_ENDED = (
+    "SELECT status, stage, progress, outputs, report, compute_seconds, gpu_seconds, error_code,"
+    " finished_at IS NOT NULL AS finished,"
+    " (SELECT status FROM quota_reservations r WHERE r.job_id = j.id) AS reservation,"
+    " (SELECT array_agg(ARRAY[operation, outcome, gpu_seconds::text, images::text,"
+    "  megapixels::text, user_id::text, api_key_id::text]) FROM usage_events e"
+    "  WHERE e.job_id = j.id) AS usage"
+    " FROM jobs j WHERE id = :id"
+)
+_COUNTERS = (
+    "SELECT subject_type, gpu_seconds_reserved, images_reserved, gpu_seconds_used, images_used,"
+    " bytes_used FROM quota_counters WHERE organization_id = :o ORDER BY subject_type, period"
+)
+
+
+def _counters(org_id: uuid.UUID) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in db_rows(_COUNTERS, o=org_id)]
+
+
+def _succeed(job: Any, *, gpu_seconds: float = 0.0) -> bool:
+    return runner._finish(
+        job,
+        JobStatus.SUCCEEDED,
+        lifecycle.Metered(gpu_seconds=gpu_seconds, images=1, megapixels=0.25, output_bytes=700),
+        outputs=[{"name": "output", "key": "k", "width": 500, "height": 500, "bytes": 700}],
+        report={"needs_review": False, "steps": [1, 2.5]},
+        progress=1.0,
+        compute_seconds=0.125,
+        gpu_seconds=gpu_seconds,
+    )
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_success_ends_in_one_statement_as_the_session_would_end_it(
+    client: httpx.AsyncClient, statements: list[str]
+) -> None:
+    """A success with no webhook to record is one statement, and leaves the job, its
+    reservation, its usage event and the quota counters as the session's way leaves them;
+    only the owning attempt of the job's own organization ends it."""
+    org, headers = await keyed_org(client)
+    other, _ = await keyed_org(client)
+    org_id = uuid.UUID(org.id)
+    ids = [uuid.UUID((await submit(client, headers)).json()["id"]) for _ in range(2)]
+    jobs = [repository.start_if_clear_sync(org_id, i, "test-worker") for i in ids]
+    assert all(j is not None for j in jobs)
+    before = _counters(org_id)
+    statements.clear()
+
+    # Not the owning attempt, or another organization: nothing changes.
+    stale = SimpleNamespace(**{**vars(jobs[0]), "attempts": 2})
+    assert not _succeed(stale)
+    strange = SimpleNamespace(**{**vars(jobs[0]), "organization_id": uuid.UUID(other.id)})
+    assert not _succeed(strange)
+    assert _job(str(ids[0])).status == "running" and _counters(org_id) == before
+    statements.clear()
+
+    assert _succeed(jobs[0], gpu_seconds=0.5)
+    assert statements == ["SELECT hm_finish_succeeded_job"]
+    after_one = _counters(org_id)
+    # The same end the session's way: finish_sync, then record_end_sync.
+    values = {
+        "outputs": [{"name": "output", "key": "k", "width": 500, "height": 500, "bytes": 700}],
+        "report": {"needs_review": False, "steps": [1, 2.5]},
+        "progress": 1.0,
+        "compute_seconds": 0.125,
+        "gpu_seconds": 0.5,
+    }
+    metered = lifecycle.Metered(gpu_seconds=0.5, images=1, megapixels=0.25, output_bytes=700)
+    with org_context(org_id), tenant_session(org_id) as session:
+        assert repository.finish_sync(session, ids[1], 1, JobStatus.SUCCEEDED, **values)
+        lifecycle.record_end_sync(session, org_id, ids[1], JobStatus.SUCCEEDED, metered)
+    after_two = _counters(org_id)
+
+    one, two = (tuple(db_rows(_ENDED, id=i)[0]) for i in ids)
+    assert one == two
+    assert one[:3] == ("succeeded", None, 1.0) and one[8:10] == (True, "settled")
+    user, key = str(jobs[0].user_id), str(jobs[0].api_key_id)
+    assert one[10] == [["resize", "succeeded", "0.5", "1", "0.25", user, key]]
+    # Each end moved the counters alike: one image and 0.5 s used, 700 bytes stored.
+    deltas = [
+        [tuple(b - a for a, b in zip(x[1:], y[1:], strict=True)) for x, y in zip(p, q, strict=True)]
+        for p, q in ((before, after_one), (after_one, after_two))
+    ]
+    assert deltas[0] == deltas[1]
+    assert any(d[2:4] == (0.5, 1) for d in deltas[0]) and any(d[4] == 700 for d in deltas[0])
+    # And once only.
+    statements.clear()
+    assert not _succeed(jobs[0])
+    assert _counters(org_id) == after_two
+
+
+def _endpoint(org_id: str, event_types: list[str], *, enabled: bool = True) -> None:
+    db_rows(
+        "INSERT INTO webhook_endpoints (id, organization_id, url, event_types, enabled,"
+        " secret_ciphertext) VALUES (gen_random_uuid(), :o, 'https://hooks.example.com/x',"
+        " CAST(:types AS varchar[]), :enabled, '\\x00')",
+        o=org_id,
+        types="{" + ",".join(event_types) + "}",
+        enabled=enabled,
+    )
+
+
+@pytest.mark.usefixtures("s3", "no_dispatch")
+async def test_a_success_with_a_webhook_to_record_ends_the_usual_way(
+    client: httpx.AsyncClient, statements: list[str]
+) -> None:
+    """An endpoint subscribed to the success (by name or to every event) makes the one
+    statement do nothing, and the session's way ends the job with its delivery; one that is
+    disabled or subscribed to other events leaves the one statement to it."""
+    org, headers = await keyed_org(client)
+    org_id = uuid.UUID(org.id)
+    _endpoint(org.id, ["job.failed", "job.expired"])
+    _endpoint(org.id, [], enabled=False)
+    ids = [uuid.UUID((await submit(client, headers)).json()["id"]) for _ in range(3)]
+    jobs = [repository.start_if_clear_sync(org_id, i, "test-worker") for i in ids]
+    deliveries = "SELECT count(*) FROM webhook_deliveries WHERE organization_id = :o"
+    statements.clear()
+    assert _succeed(jobs[0])
+    assert statements == ["SELECT hm_finish_succeeded_job"]
+    assert db_scalar(deliveries, o=org.id) == 0
+    for job, subscribed in zip(jobs[1:], (["job.succeeded"], []), strict=True):
+        _endpoint(org.id, subscribed)
+        statements.clear()
+        assert _succeed(job)
+        assert statements[0] == "SELECT hm_finish_succeeded_job" and "UPDATE" in statements[1:]
+    assert db_scalar(deliveries, o=org.id) == 1 + 2
+    assert [_job(str(i)).status for i in ids] == ["succeeded"] * 3
+    reservations = (
+        "SELECT array_agg(DISTINCT status) FROM quota_reservations WHERE job_id = ANY(:ids)"
+    )
+    assert db_scalar(reservations, ids=ids) == ["settled"]
 
 
 @pytest.mark.usefixtures("s3", "no_dispatch")

@@ -221,36 +221,34 @@ def _store_outputs(job: Job, result: ExecutionResult) -> list[dict[str, Any]]:
 
 def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     """Win the job (queued → running), or expire it if its deadline passed first."""
+    # The usual case in one statement that is its own transaction; only a job that is not
+    # simply queued and clear to run takes the second look, in a session, that says why.
+    job = repository.start_if_clear_sync(org_id, job_id, worker)
+    if job is not None:
+        log.info("job %s: started, attempt %s, on %s", job_id, job.attempts, worker)
+        return job
     ended: list[lifecycle.Ended] = []
-    job = None
     with tenant_session(org_id) as session:
-        # The usual case in one statement; only a job that is not simply queued and clear to
-        # run takes the second look that says why.
-        job = repository.start_if_clear_sync(session, job_id, worker)
-        if job is None:
-            check = repository.start_check_sync(session, job_id)
-            if check is None or check.status != JobStatus.QUEUED.value:
-                log.info(
-                    "job %s: not started here, it is %s",
-                    job_id,
-                    check.status if check else "gone",
-                )
-                return None
-            if check.suspended:
-                # Suspended after the dispatch: back to the outbox, where the dispatcher
-                # leaves a suspended organization's jobs until it is restored. Nothing ran,
-                # nothing billed.
-                held = repository.redispatch_sync(session, job_id, None)
-                log.info(
-                    "job %s: its organization is suspended, %s",
-                    job_id,
-                    "back in the outbox" if held else "left as it is",
-                )
-                return None
-            if check.past_deadline and repository.expire_sync(session, job_id):
-                ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
-            else:
-                job = repository.start_sync(session, job_id, worker)
+        check = repository.start_check_sync(session, job_id)
+        if check is None or check.status != JobStatus.QUEUED.value:
+            log.info(
+                "job %s: not started here, it is %s", job_id, check.status if check else "gone"
+            )
+            return None
+        if check.suspended:
+            # Suspended after the dispatch: back to the outbox, where the dispatcher leaves a
+            # suspended organization's jobs until it is restored. Nothing ran, nothing billed.
+            held = repository.redispatch_sync(session, job_id, None)
+            log.info(
+                "job %s: its organization is suspended, %s",
+                job_id,
+                "back in the outbox" if held else "left as it is",
+            )
+            return None
+        if check.past_deadline and repository.expire_sync(session, job_id):
+            ended.append(lifecycle.record_end_sync(session, org_id, job_id, JobStatus.EXPIRED))
+        else:
+            job = repository.start_sync(session, job_id, worker)
     lifecycle.announce(ended)
     if ended:
         log.info("job %s: expired before it could start", job_id)
@@ -259,6 +257,10 @@ def _claim(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     else:
         log.info("job %s: started, attempt %s, on %s", job_id, job.attempts, worker)
     return job
+
+
+# What a success sets besides its state: the values the one-statement end takes.
+_SUCCESS_VALUES = frozenset({"outputs", "report", "progress", "compute_seconds", "gpu_seconds"})
 
 
 def _finish(
@@ -273,18 +275,7 @@ def _finish(
     ended: list[lifecycle.Ended] = []
     for attempt in range(1, FINISH_TRIES + 1):
         try:
-            with tenant_session(job.organization_id) as session:
-                if repository.finish_sync(session, job.id, job.attempts, status, **values):
-                    ended = [
-                        lifecycle.record_end_sync(
-                            session,
-                            job.organization_id,
-                            job.id,
-                            status,
-                            metered,
-                            batch_id=job.batch_id,
-                        )
-                    ]
+            ended = _end(job, status, metered, values)
             break
         except DBAPIError as exc:
             retryable = getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
@@ -298,6 +289,32 @@ def _finish(
     else:
         _measure(job, status, metered)
     return bool(ended)
+
+
+def _end(
+    job: Job, status: JobStatus, metered: lifecycle.Metered | None, values: dict[str, Any]
+) -> list[lifecycle.Ended]:
+    """One try at the end's transaction: the ended job, or none when this attempt lost it.
+    A success goes in one statement unless webhooks are subscribed to it."""
+    if status is JobStatus.SUCCEEDED and metered is not None and values.keys() == _SUCCESS_VALUES:
+        ended = lifecycle.succeed_in_one_statement_sync(
+            job.organization_id, job.id, job.attempts, metered, batch_id=job.batch_id, **values
+        )
+        if ended is not None:
+            return ended
+    with tenant_session(job.organization_id) as session:
+        if repository.finish_sync(session, job.id, job.attempts, status, **values):
+            return [
+                lifecycle.record_end_sync(
+                    session,
+                    job.organization_id,
+                    job.id,
+                    status,
+                    metered,
+                    batch_id=job.batch_id,
+                )
+            ]
+    return []
 
 
 def _measure(job: Job, status: JobStatus, metered: lifecycle.Metered | None) -> None:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, configure_mappers, mapped_column
 
 from hiddenmodel.db import Base
 
@@ -26,7 +26,11 @@ _FROM_JSON: dict[type, Callable[[Any], Any]] = {
 
 @cache
 def _column_kinds(model: type[Base]) -> list[tuple[str, str, Callable[[Any], Any] | None]]:
-    """(JSON name, attribute, conversion from JSON's value) for each column of ``model``."""
+    """(JSON name, attribute, conversion from JSON's value) for each column of ``model``.
+
+    Configures the mappers first: an instance made before any query or session has used them
+    (a worker's first claim) would otherwise have attributes that cannot be read."""
+    configure_mappers()
     kinds = []
     for column in model.__table__.c:
         kind = column.type.python_type

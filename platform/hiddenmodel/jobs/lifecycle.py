@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from hiddenmodel.batches import completion as batch_completion
 from hiddenmodel.batches import repository as batches
 from hiddenmodel.db import after_commit
-from hiddenmodel.jobs import events
+from hiddenmodel.jobs import events, repository
 from hiddenmodel.jobs.models import JobStatus
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.usage.repository import settle_sync
@@ -90,6 +91,45 @@ def record_end_sync(
             else batch_id
         ),
     )
+
+
+def succeed_in_one_statement_sync(
+    org_id: uuid.UUID,
+    job_id: uuid.UUID,
+    attempt: int,
+    metered: Metered,
+    *,
+    batch_id: uuid.UUID | None,
+    outputs: list[dict[str, Any]],
+    report: dict[str, Any],
+    progress: float,
+    compute_seconds: float | None,
+    gpu_seconds: float | None,
+) -> list[Ended] | None:
+    """The usual success, as :func:`record_end_sync` after ``repository.finish_sync`` would
+    end it, in one statement that is its own transaction (``repository.succeed_sync``): the
+    job ended and settled, and no webhook delivery to record. ``[Ended]`` when this attempt
+    ended the job; ``[]`` when it no longer owns it; None when webhook endpoints are
+    subscribed to the end, and then nothing is done: end it the usual way, in a session."""
+    outcome = repository.succeed_sync(
+        org_id,
+        job_id,
+        attempt,
+        outputs=outputs,
+        report=report,
+        progress=progress,
+        compute_seconds=compute_seconds,
+        gpu_seconds=gpu_seconds,
+        billed_gpu_seconds=metered.gpu_seconds,
+        images=metered.images,
+        megapixels=metered.megapixels,
+        output_bytes=metered.output_bytes,
+    )
+    if outcome is repository.OneStatementEnd.WEBHOOKS:
+        return None
+    if outcome is repository.OneStatementEnd.LOST:
+        return []
+    return [Ended(org_id=org_id, job_id=job_id, status=JobStatus.SUCCEEDED, batch_id=batch_id)]
 
 
 def announce(ended: list[Ended]) -> None:

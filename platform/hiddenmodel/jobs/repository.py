@@ -6,6 +6,7 @@ reconciler, which run on plain threads.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +14,14 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, exists, func, insert, or_, select, text, update
+from psycopg.types.json import Jsonb
+from sqlalchemy import Table, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from hiddenmodel.db import fetch_all_statement_sync
 from hiddenmodel.jobs.models import Job, JobOutbox, JobStatus
+from hiddenmodel.models import from_json
 from hiddenmodel.pagination import paginate
 from tenants.models import Organization
 
@@ -199,38 +202,24 @@ def running_jobs_sync(session: Session) -> list[Held]:
 # --- worker side (inside the job's tenant session) ---------------------------------------
 
 
-# The claims, built once: queued → running, the winner loaded as its Job. Built per call
-# through the ORM's UPDATE, the claim took about 0.7 ms of the worker's CPU more (its
-# construction, its cache key and the ORM's bulk-update bookkeeping) for the same SQL.
+# The claim after a look at why (see :func:`start_check_sync`), built once: queued → running,
+# the winner loaded as its Job. Built per call through the ORM's UPDATE, it took about 0.7 ms
+# of the worker's CPU more (its construction, its cache key and the ORM's bulk-update
+# bookkeeping) for the same SQL.
 _JOBS = cast(Table, Job.__table__)
-_ORGANIZATIONS = cast(Table, Organization.__table__)
-
-
-def _start_statement(*conditions: Any) -> Any:
-    return select(Job).from_statement(
-        update(_JOBS)
-        .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.status == QUEUED, *conditions)
-        .values(
-            status=RUNNING,
-            attempts=_JOBS.c.attempts + 1,
-            started_at=func.now(),
-            heartbeat_at=func.now(),
-            stage="starting",
-            progress=0.0,
-            worker=bindparam("worker"),
-        )
-        .returning(*_JOBS.c)
+_START = select(Job).from_statement(
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"), _JOBS.c.status == QUEUED)
+    .values(
+        status=RUNNING,
+        attempts=_JOBS.c.attempts + 1,
+        started_at=func.now(),
+        heartbeat_at=func.now(),
+        stage="starting",
+        progress=0.0,
+        worker=bindparam("worker"),
     )
-
-
-_START = _start_statement()
-# Only while its organization is not suspended and its deadline has not passed.
-_START_IF_CLEAR = _start_statement(
-    or_(_JOBS.c.cancel_after.is_(None), _JOBS.c.cancel_after >= func.now()),
-    ~exists().where(
-        _ORGANIZATIONS.c.id == _JOBS.c.organization_id,
-        _ORGANIZATIONS.c.suspended_at.is_not(None),
-    ),
+    .returning(*_JOBS.c)
 )
 
 
@@ -242,15 +231,17 @@ def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
     return job
 
 
-def start_if_clear_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
-    """queued → running in one statement, only while nothing holds the job back: its
-    organization is not suspended and its deadline (``cancel_after``) has not passed, as
-    :func:`start_check_sync` judges them. None when something does, or when the job is not
-    queued; the caller then asks :func:`start_check_sync` why."""
-    job: Job | None = session.execute(
-        _START_IF_CLEAR, {"job_id": job_id, "worker": worker}
-    ).scalar_one_or_none()
-    return job
+def start_if_clear_sync(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
+    """queued → running while nothing holds the job back: its organization is not suspended
+    and its deadline (``cancel_after``) has not passed, as :func:`start_check_sync` judges
+    them. One statement that is its own transaction (``hm_start_job``, which binds the
+    organization itself), so no session: the usual claim costs one round trip, not four.
+    None when something holds the job back or it is not queued; the caller then asks
+    :func:`start_check_sync` why, in a session."""
+    ((job,),) = fetch_all_statement_sync(
+        "SELECT hm_start_job(%s, %s, %s)", (org_id, job_id, worker)
+    )
+    return None if job is None else from_json(Job, job)
 
 
 def get_job_sync(session: Session, job_id: uuid.UUID) -> Job | None:
@@ -312,6 +303,55 @@ def finish_sync(
     params |= {"job_id": job_id, "attempt": attempt, "status": status.value}
     result = session.execute(_finish_statement(tuple(sorted(values))), params)
     return result.scalar_one_or_none() is not None
+
+
+class OneStatementEnd(enum.StrEnum):
+    """What :func:`succeed_sync` did."""
+
+    SUCCEEDED = "succeeded"  # this attempt ended the job, and settled it
+    LOST = "lost"  # this attempt no longer owns the job: nothing changed
+    WEBHOOKS = "webhooks"  # endpoints are subscribed to the end: nothing done, see below
+
+
+def succeed_sync(
+    org_id: uuid.UUID,
+    job_id: uuid.UUID,
+    attempt: int,
+    *,
+    outputs: list[dict[str, Any]],
+    report: dict[str, Any],
+    progress: float,
+    compute_seconds: float | None,
+    gpu_seconds: float | None,
+    billed_gpu_seconds: float,
+    images: int,
+    megapixels: float,
+    output_bytes: int,
+) -> OneStatementEnd:
+    """running → succeeded for the attempt that owns the job, with its settlement
+    (``hm_settle_job``), in one statement that is its own transaction
+    (``hm_finish_succeeded_job``, which binds the organization itself): one round trip where
+    :func:`finish_sync` and the settlement in a session cost six. An organization with a
+    webhook endpoint subscribed to the end gets ``WEBHOOKS`` and nothing done: the caller ends
+    the job the usual way, which records the deliveries in the same transaction."""
+    ((outcome,),) = fetch_all_statement_sync(
+        "SELECT hm_finish_succeeded_job(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            org_id,
+            job_id,
+            attempt,
+            Jsonb(outputs),
+            Jsonb(report),
+            progress,
+            compute_seconds,
+            gpu_seconds,
+            billed_gpu_seconds,
+            images,
+            megapixels,
+            output_bytes,
+        ),
+    )
+    return OneStatementEnd(outcome)
 
 
 @lru_cache(maxsize=64)
