@@ -199,7 +199,7 @@ def running_jobs_sync(session: Session) -> list[Held]:
     return [Held(*r) for r in rows]
 
 
-# --- worker side (inside the job's tenant session) ---------------------------------------
+# --- worker side (in the job's tenant session, or one statement that binds the organization) -
 
 
 # The claim after a look at why (see :func:`start_check_sync`), built once: queued → running,
