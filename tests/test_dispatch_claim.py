@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.exc import DBAPIError
@@ -43,23 +44,53 @@ async def test_a_pass_claims_each_queued_job_once_and_commits_it(
             await client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
 
 
-def test_pooled_connections_go_back_in_transactions() -> None:
+@pytest.mark.parametrize("commit_when_read", [False, True])
+def test_pooled_connections_go_back_in_transactions(commit_when_read: bool) -> None:
+    """Idle and out of autocommit again, after rows and after an error (in autocommit, or in a
+    transaction that failed and must be rolled back first)."""
+    how = {"commit_when_read": commit_when_read}
     for _ in range(3):
-        assert db.fetch_all_statement_sync("SELECT 1 UNION ALL SELECT 2", ()) == [(1,), (2,)]
-    with pytest.raises(DBAPIError, match="division by zero"):
-        db.fetch_all_statement_sync("SELECT 1 / 0", ())
+        rows = db.fetch_all_statement_sync("SELECT 1 UNION ALL SELECT 2", (), **how)
+        assert rows == [(1,), (2,)]
+    for _ in range(3):
+        with pytest.raises(DBAPIError, match="division by zero"):
+            db.fetch_all_statement_sync("SELECT 1 / 0", (), **how)
     engine = db.sync_engine()
     held = [engine.connect() for _ in range(max(1, engine.pool.checkedin()))]  # type: ignore[attr-defined]
     try:
         for conn in held:
             driver = conn.connection.driver_connection
             assert driver is not None and driver.autocommit is False
+            assert driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
             first = conn.execute(text("SELECT txid_current()")).scalar()
             assert conn.execute(text("SELECT txid_current()")).scalar() == first
             conn.rollback()
     finally:
         for conn in held:
             conn.close()
+
+
+@pytest.mark.parametrize("commit_when_read", [False, True])
+def test_a_statement_is_its_own_transaction_or_one_its_caller_commits(
+    commit_when_read: bool,
+) -> None:
+    """In autocommit the statement is its transaction (it started with it). Committed when
+    read, it runs in a transaction begun before it, which the caller commits once it has the
+    rows: what it wrote is there for others when the call returns."""
+    table = f"hm_test_{uuid.uuid4().hex[:12]}"
+    db_rows(f"CREATE TABLE {table} (n int)")
+    db_rows(f"GRANT INSERT, SELECT ON {table} TO hm_worker")
+    try:
+        sql = (
+            f"WITH ins AS (INSERT INTO {table} VALUES (1) RETURNING n)"
+            " SELECT n, now() = statement_timestamp() FROM ins"
+        )
+        how = {"commit_when_read": commit_when_read}
+        ((n, alone),) = db.fetch_all_statement_sync(sql, (), **how)
+        assert (n, alone) == (1, not commit_when_read)
+        assert db_rows(f"SELECT count(*) FROM {table}")[0][0] == 1
+    finally:
+        db_rows(f"DROP TABLE {table}")
 
 
 def test_a_dropped_connection_is_not_pooled_again() -> None:

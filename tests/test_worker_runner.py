@@ -164,9 +164,9 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     one_statement = repository.fetch_all_statement_sync
 
-    def alone(sql: str, params: Any) -> Any:
+    def alone(sql: str, params: Any, **how: Any) -> Any:
         seen.append(sql.split("(", 1)[0])
-        return one_statement(sql, params)
+        return one_statement(sql, params, **how)
 
     monkeypatch.setattr(repository, "fetch_all_statement_sync", alone)
     engine = sync_engine()

@@ -232,21 +232,33 @@ async def fetch_one_statement(sql: str, params: Sequence[Any]) -> tuple[Any, ...
     return None if row is None else tuple(row)
 
 
-def fetch_all_statement_sync(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+def fetch_all_statement_sync(
+    sql: str, params: Sequence[Any], *, commit_when_read: bool = False
+) -> list[tuple[Any, ...]]:
     """:func:`fetch_one_statement` for the worker processes (``sync_engine``), every row: one
-    statement that is its own transaction, one round trip. For statements that need no
-    organization bound, such as the dispatcher's ``hm_claim_dispatch``."""
+    statement that is its own transaction, one round trip. For statements that bind what they
+    need themselves, such as the dispatcher's ``hm_claim_dispatch`` or ``hm_start_job``.
+
+    In autocommit the server commits the statement whatever became of its client. With
+    ``commit_when_read`` it runs in a transaction that this process commits once it has read
+    the rows (two round trips more): a process that dies before leaves nothing, since
+    PostgreSQL rolls back a transaction whose client went away. A claim needs that: a worker
+    killed while its claim waits on a lock must not leave the job running with nobody on it.
+    """
     pooled = sync_engine().raw_connection()
     driver = pooled.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
         try:
-            driver.autocommit = True
+            driver.autocommit = not commit_when_read
             rows = driver.execute(sql, tuple(params)).fetchall()
-            driver.autocommit = False
+            if commit_when_read:
+                driver.commit()
+            else:
+                driver.autocommit = False
         except psycopg.Error as exc:
             dropped = driver.closed or driver.broken
-            if dropped or not _out_of_autocommit_sync(driver):
+            if dropped or not _back_to_transactions_sync(driver):
                 pooled.invalidate(exc)
             raise DBAPIError.instance(
                 sql, tuple(params), exc, psycopg.Error, connection_invalidated=dropped
@@ -259,8 +271,12 @@ def fetch_all_statement_sync(sql: str, params: Sequence[Any]) -> list[tuple[Any,
     return [tuple(row) for row in rows]
 
 
-def _out_of_autocommit_sync(driver: psycopg.Connection[Any]) -> bool:
+def _back_to_transactions_sync(driver: psycopg.Connection[Any]) -> bool:
+    """Whether a connection whose statement failed is idle and out of autocommit again, as
+    the pool hands them out (a failed transaction rolled back first)."""
     try:
+        if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            driver.rollback()
         driver.autocommit = False
     except psycopg.Error:
         return False

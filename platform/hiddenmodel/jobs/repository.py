@@ -234,12 +234,13 @@ def start_sync(session: Session, job_id: uuid.UUID, worker: str) -> Job | None:
 def start_if_clear_sync(org_id: uuid.UUID, job_id: uuid.UUID, worker: str) -> Job | None:
     """queued → running while nothing holds the job back: its organization is not suspended
     and its deadline (``cancel_after``) has not passed, as :func:`start_check_sync` judges
-    them. One statement that is its own transaction (``hm_start_job``, which binds the
-    organization itself), so no session: the usual claim costs one round trip, not four.
-    None when something holds the job back or it is not queued; the caller then asks
-    :func:`start_check_sync` why, in a session."""
+    them. One statement (``hm_start_job``, which binds the organization itself) in a
+    transaction of its own that this process commits once it has the job: a worker that dies
+    first, say while the claim waits on the job's row, leaves the job queued for another. No
+    session: its bookkeeping cost more than the round trips. None when something holds the
+    job back or it is not queued; the caller then asks :func:`start_check_sync` why."""
     ((job,),) = fetch_all_statement_sync(
-        "SELECT hm_start_job(%s, %s, %s)", (org_id, job_id, worker)
+        "SELECT hm_start_job(%s, %s, %s)", (org_id, job_id, worker), commit_when_read=True
     )
     return None if job is None else from_json(Job, job)
 
