@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import httpx
 
 from tests.conftest import assert_problem
@@ -68,3 +72,59 @@ async def test_readiness_fails_when_redis_is_unreachable(
     assert_problem(r, 503, "not-ready")
     assert r.json()["checks"]["database"] == "ok"
     assert r.json()["checks"]["redis"].startswith("unavailable")
+
+
+# Counts FastAPI building a route's dependency tree, before and after the app's start-up, in a
+# process of its own: the test session's app has long built every route.
+_ROUTE_BUILDS = textwrap.dedent(
+    """
+    import asyncio, httpx, fastapi.routing
+    built = [0]
+    plain = fastapi.routing.get_dependant
+    def counting(*args, **kwargs):
+        built[0] += 1
+        return plain(*args, **kwargs)
+    fastapi.routing.get_dependant = counting
+    from hiddenmodel.api import app as composition
+    composition._freeze_startup_objects = lambda: None  # the test's process, not a server's
+    async def main(start):
+        app = composition.create_app()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            created = built[0]
+            if start:
+                async with app.router.lifespan_context(app):
+                    at_start = built[0] - created
+                    first, second = await requests(client)
+            else:
+                at_start = 0
+                first, second = await requests(client)
+            print(at_start, first, second)
+    async def requests(client):
+        counts = []
+        for _ in range(2):
+            before = built[0]
+            assert (await client.get("/healthz")).status_code == 200
+            counts.append(built[0] - before)
+        return counts
+    for start in (False, True):
+        asyncio.run(main(start))
+    """
+)
+
+
+def test_routes_are_built_at_start_up_not_by_the_first_request() -> None:
+    """FastAPI builds a route's dependencies when the router first looks at it; the first
+    request after a start made it look at every route (some 250 ms). The app's start-up
+    does it, so the first request builds nothing."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ROUTE_BUILDS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    without_start, with_start = (
+        list(map(int, line.split())) for line in done.stdout.split("\n")[:2]
+    )
+    # Without the start-up the first request builds the routes (the check's own control)...
+    assert without_start[1] > 50 and without_start[2] == 0
+    # ...with it, the start-up builds them all, and no request builds any.
+    assert with_start[0] >= without_start[1] and with_start[1:] == [0, 0]
