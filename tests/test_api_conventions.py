@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import httpx
+import pytest
 
 from tests.conftest import assert_problem
 
@@ -128,3 +129,20 @@ def test_routes_are_built_at_start_up_not_by_the_first_request() -> None:
     assert without_start[1] > 50 and without_start[2] == 0
     # ...with it, the start-up builds them all, and no request builds any.
     assert with_start[0] >= without_start[1] and with_start[1:] == [0, 0]
+
+
+def test_route_building_refuses_a_path_that_a_route_matches() -> None:
+    """The build matches a path no route has; were a route to match it (a catch-all), the
+    routes after it would not be built, and the start-up says so instead."""
+    from fastapi import FastAPI
+
+    from hiddenmodel.api.app import build_routes
+
+    app = FastAPI()
+
+    @app.get("/{rest:path}")
+    def anything(rest: str) -> str:  # pragma: no cover - never dispatched
+        return rest
+
+    with pytest.raises(RuntimeError, match="a route matches"):
+        build_routes(app)

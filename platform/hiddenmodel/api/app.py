@@ -12,6 +12,8 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import configure_mappers
 from starlette.formparsers import MultiPartParser
+from starlette.routing import Match
+from starlette.types import Scope
 
 from hiddenmodel import __version__, storage
 from hiddenmodel.admin.router import router as admin_router
@@ -97,27 +99,20 @@ def _freeze_startup_objects() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-# A path no route has: routing it makes the router look at every route (and answer 404).
+# A path no route has: matching it makes every route look at it.
 _NO_ROUTE_PATH = "/.hm-no-route"
 
 
-async def build_routes(app: FastAPI) -> None:
+def build_routes(app: FastAPI) -> None:
     """Have FastAPI build every route now, not on the request that first reaches it.
 
     FastAPI works out a route's dependencies, parameters and response model the first time
-    the router looks at it, and the first request to an included router looks at all of its
-    routes: some 250 ms, paid by whichever request comes first after a start. Routing one
-    request for a path that no route has, through the router alone (no middleware sees it,
-    nothing is logged or counted), makes that first look here, before the process takes
-    traffic."""
-
-    async def receive() -> dict[str, object]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: object) -> None:
-        return None
-
-    scope: dict[str, object] = {
+    the router matches a request against it, and the first request to an included router is
+    matched against all of its routes: some 250 ms, paid by whichever request comes first
+    after a start. Matching a path that no route has against every route, as the router
+    does (nothing is dispatched, logged or counted), makes that first match here, before the
+    process takes traffic."""
+    scope: Scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -131,12 +126,15 @@ async def build_routes(app: FastAPI) -> None:
         "client": None,
         "server": None,
     }
-    await app.router(scope, receive, send)
+    for route in app.router.routes:
+        match, _ = route.matches(dict(scope))
+        if match is not Match.NONE:  # nothing is built past a match: another path is needed
+            raise RuntimeError(f"a route matches {_NO_ROUTE_PATH}: {route!r}")
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await build_routes(app)  # before the freeze: what it builds is held for good
+    build_routes(app)  # before the freeze: what it builds is held for good
     _freeze_startup_objects()
     yield
     await close_redis()
