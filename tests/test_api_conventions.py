@@ -105,7 +105,8 @@ _ROUTE_BUILDS = textwrap.dedent(
         counts = []
         for _ in range(2):
             before = built[0]
-            assert (await client.get("/healthz")).status_code == 200
+            # A path no route has: the router matches it against every route.
+            assert (await client.get("/v1/no-such-thing")).status_code == 404
             counts.append(built[0] - before)
         return counts
     for start in (False, True):
@@ -126,7 +127,7 @@ def test_routes_are_built_at_start_up_not_by_the_first_request() -> None:
         list(map(int, line.split())) for line in done.stdout.split("\n")[:2]
     )
     # Without the start-up the first request builds the routes (the check's own control)...
-    assert without_start[1] > 50 and without_start[2] == 0
+    assert without_start[1] > 100 and without_start[2] == 0
     # ...with it, the start-up builds them all, and no request builds any.
     assert with_start[0] >= without_start[1] and with_start[1:] == [0, 0]
 
