@@ -174,6 +174,19 @@ async def create_endpoint(
     return body
 
 
+def insert_endpoint(org_id: str, event_types: list[str], *, enabled: bool = True) -> None:
+    """A webhook endpoint written straight to the table (its secret a placeholder), for tests
+    that need one to exist, not to receive: the API's own checks of the URL stay out of it."""
+    db_rows(
+        "INSERT INTO webhook_endpoints (id, organization_id, url, event_types, enabled,"
+        " secret_ciphertext) VALUES (gen_random_uuid(), :o, 'https://hooks.example.com/x',"
+        " CAST(:types AS varchar[]), :enabled, '\\x00')",
+        o=org_id,
+        types="{" + ",".join(event_types) + "}",
+        enabled=enabled,
+    )
+
+
 def plan_body(**extra: Any) -> dict[str, Any]:
     return {
         "code": unique("plan"),

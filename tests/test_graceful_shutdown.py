@@ -16,7 +16,7 @@ from sqlalchemy import Connection, create_engine, pool, text
 
 from hiddenmodel import storage
 from tests.conftest import _free_port, db_rows, db_scalar, superuser_url
-from tests.factories import big_png, keyed_org, submit, wait_job, wait_status
+from tests.factories import big_png, insert_endpoint, keyed_org, submit, wait_job, wait_status
 from tests.services import Cluster, Process, hiddenmodel, wait_port
 
 
@@ -63,15 +63,6 @@ def _finish_blocked() -> bool:
 FINISHES = ("one statement", "session")
 
 
-def _subscribe(org_id: str) -> None:
-    db_rows(
-        "INSERT INTO webhook_endpoints (id, organization_id, url, event_types, secret_ciphertext)"
-        " VALUES (gen_random_uuid(), :o, 'https://hooks.example.com/x',"
-        " ARRAY['job.succeeded']::varchar[], '\\x00')",
-        o=org_id,
-    )
-
-
 def _billed(job_id: str) -> int:
     return int(db_scalar("SELECT count(*) FROM usage_events WHERE job_id = :j", j=job_id))
 
@@ -88,7 +79,7 @@ async def _job_in_its_finish(
     worker = services.start_worker("cpu", *POOLS[pool])
     org, headers = await keyed_org(client)
     if finish == "session":
-        _subscribe(org.id)
+        insert_endpoint(org.id, ["job.succeeded"])
     r = await submit(
         client, headers, image=big_png(1200), params={"width": 1000, "height": 1000, "mode": "fit"}
     )

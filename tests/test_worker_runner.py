@@ -28,7 +28,7 @@ from hiddenmodel.processes import free_port
 from hiddenmodel.redis import sync_redis
 from hiddenmodel.tenancy import org_context
 from tests.conftest import db_rows, db_scalar
-from tests.factories import keyed_org, submit
+from tests.factories import insert_endpoint, keyed_org, submit
 from workers import runner
 from workers.pipelines.contracts import JobCancelled
 
@@ -329,17 +329,6 @@ async def test_a_success_ends_in_one_statement_as_the_session_would_end_it(
     assert _counters(org_id) == after_two
 
 
-def _endpoint(org_id: str, event_types: list[str], *, enabled: bool = True) -> None:
-    db_rows(
-        "INSERT INTO webhook_endpoints (id, organization_id, url, event_types, enabled,"
-        " secret_ciphertext) VALUES (gen_random_uuid(), :o, 'https://hooks.example.com/x',"
-        " CAST(:types AS varchar[]), :enabled, '\\x00')",
-        o=org_id,
-        types="{" + ",".join(event_types) + "}",
-        enabled=enabled,
-    )
-
-
 @pytest.mark.usefixtures("s3", "no_dispatch")
 async def test_a_success_with_a_webhook_to_record_ends_the_usual_way(
     client: httpx.AsyncClient, statements: list[str]
@@ -349,8 +338,8 @@ async def test_a_success_with_a_webhook_to_record_ends_the_usual_way(
     disabled or subscribed to other events leaves the one statement to it."""
     org, headers = await keyed_org(client)
     org_id = uuid.UUID(org.id)
-    _endpoint(org.id, ["job.failed", "job.expired"])
-    _endpoint(org.id, [], enabled=False)
+    insert_endpoint(org.id, ["job.failed", "job.expired"])
+    insert_endpoint(org.id, [], enabled=False)
     ids = [uuid.UUID((await submit(client, headers)).json()["id"]) for _ in range(3)]
     jobs = [repository.start_if_clear_sync(org_id, i, "test-worker") for i in ids]
     deliveries = "SELECT count(*) FROM webhook_deliveries WHERE organization_id = :o"
@@ -359,7 +348,7 @@ async def test_a_success_with_a_webhook_to_record_ends_the_usual_way(
     assert statements == ["SELECT hm_finish_succeeded_job"]
     assert db_scalar(deliveries, o=org.id) == 0
     for job, subscribed in zip(jobs[1:], (["job.succeeded"], []), strict=True):
-        _endpoint(org.id, subscribed)
+        insert_endpoint(org.id, subscribed)
         statements.clear()
         assert _succeed(job)
         assert statements[0] == "SELECT hm_finish_succeeded_job" and "UPDATE" in statements[1:]
