@@ -237,11 +237,25 @@ def cluster(s3: None) -> Iterator[Any]:
 
 
 @pytest.fixture
-def no_dispatch(cluster: Any) -> Any:
+def no_dispatch(cluster: Any) -> Iterator[Any]:
     """No dispatcher and no worker while the test runs, so queued jobs stay queued (tests
-    that use ``services`` afterwards get them back)."""
+    that use ``services`` afterwards get them back).
+
+    What the test left queued or running (no worker holds it: the test ran it in its own
+    process, or never) is canceled and taken out of the outbox when it ends. Otherwise the
+    next test's dispatcher hands it to that test's worker, which then runs a job the test
+    does not know of before its own (and a test that holds a lock the job's end needs, such
+    as test_graceful_shutdown's, waits out its deadline)."""
     cluster.stop()
-    return cluster
+    began = db_scalar("SELECT now()")
+    yield cluster
+    db_rows(
+        "WITH left_behind AS ("
+        " UPDATE jobs SET status = 'canceled', finished_at = now(), stage = NULL"
+        " WHERE created_at >= :began AND status IN ('queued', 'running') RETURNING id)"
+        " DELETE FROM job_outbox WHERE job_id IN (SELECT id FROM left_behind)",
+        began=began,
+    )
 
 
 @pytest.fixture
