@@ -5,7 +5,10 @@ across restarts, and refuses what it does not implement the way S3 does."""
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
 import hashlib
+import io
 import os
 import socket
 import subprocess
@@ -29,7 +32,7 @@ from botocore.exceptions import ClientError
 
 from hiddenmodel.processes import free_port, port_open
 from hiddenmodel.up import sigv4
-from hiddenmodel.up.objectstore import ObjectStore
+from hiddenmodel.up.objectstore import ALIGN, CHUNK, ObjectStore, open_body, read_body
 from hiddenmodel.up.servers import s3_server_command
 from hiddenmodel.up.stack import (
     CPU_WORKER_MAX_PROCESSES,
@@ -493,7 +496,7 @@ def test_the_store_lists_past_common_prefixes_in_key_order(tmp_path: Path) -> No
     store.create_bucket("bucket")
     keys = ["p/a", "p/a/b", "p/a\U0010ffff", "p/b", "p/\ud7ff/x", "p/\ue000", "q"]
     for key in keys:
-        written = store.write_body(_Reader(key.encode()), len(key.encode()))
+        written = store.write_body(io.BytesIO(key.encode()), len(key.encode()))
         store.commit_object("bucket", key, written, content_type="text/plain", metadata={}, tags={})
     objects, prefixes, truncated, _ = store.list(
         "bucket", prefix="p/", after="", limit=100, delimiter="/"
@@ -506,13 +509,104 @@ def test_the_store_lists_past_common_prefixes_in_key_order(tmp_path: Path) -> No
     store.close()
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+_SIZES = (0, 1, ALIGN - 1, ALIGN, ALIGN + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 4097)
 
-    def read(self, size: int) -> bytes:
-        chunk, self.data = self.data[:size], self.data[size:]
-        return chunk
+
+class _Trickle(io.RawIOBase):
+    """A source that hands out at most 1,000 bytes a read, as a socket may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), len(self.data), 1000)
+        buffer[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+def _read(body: Any, start: int, end: int) -> bytes:
+    # Each view lives until the next is asked for: copied one by one, as the server sends them.
+    return b"".join(bytes(view) for view in read_body(body, start, end))
+
+
+def _store_and_read_back(store: ObjectStore, data: bytes) -> None:
+    written = store.write_body(_Trickle(data), len(data), want_md5=True)
+    assert written.sha256 == hashlib.sha256(data).digest()
+    assert written.md5 == hashlib.md5(data).digest()
+    path = store.blobs / written.blob
+    assert path.stat().st_size == len(data)
+    assert path.read_bytes() == data
+    n = len(data)
+    with open_body(path) as body:
+        assert _read(body, 0, n) == data
+        for start, end in ((1, 2), (ALIGN - 1, ALIGN + 2), (7, n - 3), (CHUNK + 5, n), (n, n)):
+            if 0 <= start <= end <= n:
+                assert _read(body, start, end) == data[start:end]
+    store.discard(written)
+
+
+def _takes_direct_io(folder: Path) -> bool:
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (folder / "probe").unlink()
+    return True
+
+
+def test_bodies_of_every_size_and_range_round_trip_with_direct_io(tmp_path: Path) -> None:
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("this file system takes no direct I/O")
+    store = ObjectStore(tmp_path)
+    try:
+        for size in _SIZES:
+            _store_and_read_back(store, os.urandom(size))
+        written = store.write_body(io.BytesIO(b"x" * 10), 10)
+        with open_body(store.blobs / written.blob) as body:
+            assert fcntl.fcntl(body.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        store.close()
+
+
+def test_a_file_system_without_direct_io_gets_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open, real_write = os.open, os.write
+
+    def refuse_direct_open(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    store = ObjectStore(tmp_path)
+    try:
+        # Refused when opening (tmpfs on older kernels).
+        monkeypatch.setattr(os, "open", refuse_direct_open)
+        for size in _SIZES:
+            _store_and_read_back(store, os.urandom(size))
+        monkeypatch.setattr(os, "open", real_open)
+
+        # Opened, then refused at the first write or read (a file system that checks late).
+        def refuse_direct_write(fd: int, data: Any) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", refuse_direct_write)
+        real_preadv = os.preadv
+
+        def refuse_direct_read(fd: int, buffers: Any, offset: int) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", refuse_direct_read)
+        for size in _SIZES:
+            _store_and_read_back(store, os.urandom(size))
+    finally:
+        store.close()
 
 
 def test_the_cpu_worker_runs_a_job_per_core_in_pool_processes(tmp_path: Any) -> None:

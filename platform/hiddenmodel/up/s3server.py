@@ -12,8 +12,8 @@ takes as an endpoint without that feature.
 
 Objects live on disk under ``--root`` (:mod:`hiddenmodel.up.objectstore`), so they survive a
 restart of ``up`` along with the jobs that name them. Bodies are streamed to and from their
-files (``sendfile`` on the way out), connections are kept alive, and requests are not logged
-line by line: at several per job they cost more than they tell.
+files (with direct I/O where the file system takes it), connections are kept alive, and
+requests are not logged line by line: at several per job they cost more than they tell.
 
     python -m hiddenmodel.up.s3server --host 127.0.0.1 --port 9000 --root var/s3
 """
@@ -42,7 +42,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from hiddenmodel.up import sigv4
-from hiddenmodel.up.objectstore import ObjectInfo, ObjectStore, Readable, StoreError
+from hiddenmodel.up.objectstore import ObjectInfo, ObjectStore, Readable, StoreError, read_body
 
 log = logging.getLogger("hiddenmodel.s3server")
 
@@ -687,7 +687,8 @@ class Handler(BaseHTTPRequestHandler):
                     out.pop("x-amz-checksum-sha256", None)
             self._send(status, out, head=head, length=end - start)
             if not head and end > start:
-                self.connection.sendfile(body, start, end - start)
+                for part in read_body(body, start, end):
+                    self.connection.sendall(part)
 
     def _tagging(self, method: str, bucket: str, key: str) -> None:
         store = self.server.store
@@ -734,11 +735,12 @@ class _Tee:
         self.source = source
         self.hashers = hashers
 
-    def read(self, size: int) -> bytes:
-        data = self.source.read(size)
-        for hasher in self.hashers:
-            hasher.update(data)
-        return data
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        n = self.source.readinto(buffer)
+        if n:
+            for hasher in self.hashers:
+                hasher.update(buffer[:n])
+        return n
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
