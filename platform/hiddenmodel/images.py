@@ -136,7 +136,7 @@ def _corrupt(fmt: ImageFormat, exc: BaseException) -> ImageRejected:
     )
 
 
-def _open_header(data: bytes, fmt: ImageFormat) -> ImageFile.ImageFile:
+def _open_header(data: bytes | bytearray, fmt: ImageFormat) -> ImageFile.ImageFile:
     """Parse the header only; Pillow decodes no pixels until ``load``."""
     try:
         im = Image.open(io.BytesIO(data), formats=[_PILLOW_NAMES[fmt]])
@@ -574,7 +574,7 @@ def _fpng(image: Image.Image, icc: bytes | None) -> bytes | None:
 _STORED_MAX_RAW: Final = 96 * _MB
 
 
-def _png_stored(data: bytes, width: int, height: int) -> bytes | None:
+def _png_stored(data: bytes, width: int, height: int) -> bytearray | None:
     """``data`` with its image data inflated by the fast inflater and stored uncompressed.
 
     Pillow inflates a PNG with the system's zlib, two and a half times slower than ISA-L
@@ -619,22 +619,29 @@ def _png_stored(data: bytes, width: int, height: int) -> bytes | None:
         return None
     if len(raw) != expected or not inflater.eof:
         return None
-    # One buffer: the chunks before the image data, then an IDAT chunk holding zlib's
-    # header (no compression, no dictionary), stored blocks of at most 65535 bytes (BFINAL
-    # on the last) and the Adler-32 of the inflated bytes, then the chunks after it.
+    # One buffer, its size known up front so that the pixels are copied once: the chunks
+    # before the image data, then an IDAT chunk holding zlib's header (no compression, no
+    # dictionary), stored blocks of at most 65535 bytes (BFINAL on the last) and the Adler-32
+    # of the inflated bytes, then the chunks after it.
     rows = memoryview(raw)
-    out = bytearray(view[:first])
-    out += bytes(4) + b"IDAT\x78\x01"
+    idat = 2 + 5 * -(-expected // 0xFFFF) + expected + 4
+    out = bytearray(first + 8 + idat + 4 + len(data) - after)
+    out[:first] = view[:first]
+    out[first : first + 10] = idat.to_bytes(4, "big") + b"IDAT\x78\x01"
+    pos = first + 10
     for start in range(0, expected, 0xFFFF):
         size = min(0xFFFF, expected - start)
         final = 1 if start + size == expected else 0
-        out += bytes((final, size & 0xFF, size >> 8, ~size & 0xFF, (~size >> 8) & 0xFF))
-        out += rows[start : start + size]
-    out += _inflate.adler32(raw).to_bytes(4, "big")
-    out[first : first + 4] = (len(out) - first - 8).to_bytes(4, "big")
-    out += _inflate.crc32(memoryview(out)[first + 4 :]).to_bytes(4, "big")
-    out += view[after:]
-    return bytes(out)
+        out[pos : pos + 5] = bytes(
+            (final, size & 0xFF, size >> 8, ~size & 0xFF, (~size >> 8) & 0xFF)
+        )
+        out[pos + 5 : pos + 5 + size] = rows[start : start + size]
+        pos += 5 + size
+    out[pos : pos + 4] = _inflate.adler32(raw).to_bytes(4, "big")
+    pos += 4
+    out[pos : pos + 4] = _inflate.crc32(memoryview(out)[first + 4 : pos]).to_bytes(4, "big")
+    out[pos + 4 :] = view[after:]
+    return out
 
 
 # Text chunks Pillow reads an orientation from: EXIF written as text, and XMP.
@@ -675,7 +682,7 @@ class PlainPng:
 
     width: int
     height: int
-    stored: bytes = field(repr=False)
+    stored: bytes | bytearray = field(repr=False)
     icc_profile: bytes | None = field(default=None, repr=False)
 
     mode: ClassVar[str] = "RGB"
