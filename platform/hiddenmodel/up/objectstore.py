@@ -131,26 +131,28 @@ def _fill(source: Readable, view: memoryview) -> None:
         got += n
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
-        view = view[os.write(fd, view) :]
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
-def _write_block(fd: int, buffer: memoryview, size: int, direct: bool) -> bool:
-    """Append ``buffer[:size]`` to the file; a short last block goes out padded with zeros
+def _write_block(fd: int, buffer: memoryview, size: int, offset: int, direct: bool) -> bool:
+    """Write ``buffer[:size]`` at ``offset``; a short last block goes out padded with zeros
     under direct I/O (the caller cuts the file to its length). Whether direct I/O still holds:
-    a file system that opens files for it but refuses the write gets the plain write."""
+    a file system that opens files for it but refuses the write gets the plain write, of the
+    whole block at the same offset, whatever part of it went out before the refusal."""
     if direct:
         padded = -(-size // ALIGN) * ALIGN
         buffer[size:padded] = bytes(padded - size)
         try:
-            _write_all(fd, buffer[:padded])
+            _write_all(fd, buffer[:padded], offset)
             return True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _without_direct(fd)
-    _write_all(fd, buffer[:size])
+    _write_all(fd, buffer[:size], offset)
     return False
 
 
@@ -348,17 +350,17 @@ class ObjectStore:
             fd, direct = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 with _BUFFERS.lend() as buffer:
-                    remaining = length
-                    while remaining > 0:
-                        size = min(CHUNK, remaining)
+                    written = 0
+                    while written < length:
+                        size = min(CHUNK, length - written)
                         _fill(source, buffer[:size])
                         sha.update(buffer[:size])
                         if md5 is not None:
                             md5.update(buffer[:size])
-                        direct = _write_block(fd, buffer, size, direct)
-                        remaining -= size
-                if direct and length % ALIGN:
-                    os.ftruncate(fd, length)
+                        direct = _write_block(fd, buffer, size, written, direct)
+                        written += size
+                # Cut the zeros that padded a last block written directly.
+                os.ftruncate(fd, length)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
