@@ -209,23 +209,6 @@ def test_without_libvips_the_png_is_decoded_instead(monkeypatch: pytest.MonkeyPa
     assert diff.max() <= 3
 
 
-def _row_filtered(filter_type: int) -> bytes:
-    """PLAIN["rgb"] with its first row's filter byte replaced (CRC and zlib valid)."""
-    raw = bytearray(RGB.tobytes())
-    stride = 3 * RGB.width
-    rows = b"".join(
-        bytes([filter_type if y == 0 else 0]) + raw[y * stride : (y + 1) * stride]
-        for y in range(RGB.height)
-    )
-    ihdr = PLAIN["rgb"][8:33]
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + ihdr
-        + png_chunk(b"IDAT", zlib.compress(rows))
-        + png_chunk(b"IEND", b"")
-    )
-
-
 def test_every_check_still_runs() -> None:
     data = PLAIN["rgb"]
     small = ImageLimits(max_bytes=len(data) - 1)
@@ -241,19 +224,79 @@ def test_every_check_still_runs() -> None:
         decode_image_or_plain_png(bytes(damaged))
     assert crc.value.kind == "corrupt-image"
     with pytest.raises(ImageRejected) as unknown_filter:
-        decode_image_or_plain_png(_row_filtered(9))
+        decode_image_or_plain_png(_rows(9))
     assert unknown_filter.value.kind == "corrupt-image"
 
 
-def test_a_row_the_walk_was_trusted_for_is_still_refused_by_the_reduction() -> None:
-    """Bytes with the digest of a validated upload skip the walk; a row with an unknown
-    filter then reaches libvips, which refuses it, and Pillow's decode says why."""
-    bad = _row_filtered(9)
-    plain = decode_image_or_plain_png(bad, validated_sha256=hashlib.sha256(bad).hexdigest())
-    assert isinstance(plain, PlainPng)
+def _rows(filter_type: int = 0, *, height: int | None = None) -> bytes:
+    """PLAIN["rgb"]'s header with the first ``height`` of its rows (all by default), the first
+    with the filter byte ``filter_type`` (CRC and zlib valid)."""
+    raw = RGB.tobytes()
+    stride = 3 * RGB.width
+    rows = b"".join(
+        bytes([filter_type if y == 0 else 0]) + raw[y * stride : (y + 1) * stride]
+        for y in range(RGB.height if height is None else height)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + PLAIN["rgb"][8:33]
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    damaged = bytearray(data)
+    damaged[at] ^= 0x01
+    return bytes(damaged)
+
+
+_TEXT_AFTER = PLAIN["rgb with text before and after the image data"]
+DAMAGED: dict[str, bytes] = {
+    "image data": _flipped(PLAIN["rgb"], len(PLAIN["rgb"]) // 2),
+    "a text chunk after the image data": _flipped(_TEXT_AFTER, len(_TEXT_AFTER) - 16),
+    "no end marker": _TEXT_AFTER[:-12],
+    "rows missing from the stream": _rows(height=RGB.height - 3),
+    "a row with an unknown filter": _rows(9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED))
+def test_damaged_pngs_are_refused_and_never_come_back_plain(name: str) -> None:
+    """Without the walk's digest the walk refuses them. With it (bytes that somehow changed
+    after a validation that could not have passed them), the stored copy's own checks keep
+    them off libvips' way all the same; a row with an unknown filter is refused by the
+    decode, which Pillow would otherwise fill in or misread."""
+    bad = DAMAGED[name]
     with pytest.raises(ImageRejected) as refused:
-        resize(plain, width=45, height=45, mode="fit")
+        decode_image_or_plain_png(bad)
     assert refused.value.kind == "corrupt-image"
+    digest = hashlib.sha256(bad).hexdigest()
+    trusted: object
+    try:
+        trusted = decode_image_or_plain_png(bad, validated_sha256=digest)
+    except ImageRejected as exc:
+        trusted = exc.kind
+    assert not isinstance(trusted, PlainPng)
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_a_plain_png_spends_neither_the_walk_nor_the_digest(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stored copy checks all the walk would: neither the walk nor the SHA-256 that
+    lets a validated upload skip it runs, and the image is still decode_image's."""
+    from hiddenmodel import images
+
+    def not_here(*_: Any, **__: Any) -> Any:
+        raise AssertionError("a plain PNG needs no walk and no digest")
+
+    expected = decode_image(PLAIN[name])
+    monkeypatch.setattr(images, "_check_png_structure", not_here)
+    monkeypatch.setattr(images, "_was_walked", not_here)
+    plain = decode_image_or_plain_png(PLAIN[name])
+    assert isinstance(plain, PlainPng)
+    _same(plain.decode(), expected)
 
 
 def _job_output(job_id: str) -> Image.Image:

@@ -464,11 +464,19 @@ def decode_image_or_plain_png(
 ) -> Image.Image | PlainPng:
     """:func:`decode_image`, except that a :class:`PlainPng` comes back undecoded, after the
     same checks, for a caller that decodes it its own way (a libvips reduction reads and
-    shrinks it in one pass). Its :meth:`PlainPng.decode` is what decode_image returns."""
-    header, fmt, walk = _verified_header(data, limits, walked=_was_walked(data, validated_sha256))
+    shrinks it in one pass). Its :meth:`PlainPng.decode` is what decode_image returns.
+
+    A plain PNG needs neither the walk nor the digest that lets a validated upload skip it:
+    making its stored copy checks all that the walk would (see :func:`_png_stored`). Any
+    other image, or a PNG that fails those checks, goes the way :func:`decode_image` does,
+    where the walk says what is wrong."""
+    header, fmt, _ = _verified_header(data, limits, walked=True)
     if fmt == "png" and (plain := _plain_png(data, header)) is not None:
         header.close()
         return plain
+    walk = None
+    if fmt == "png" and not _was_walked(data, validated_sha256):
+        walk = _check_png_structure(data, *header.size)
     image, _ = _decoded(data, header, fmt, walk, decode=True)
     return _upright(image)
 
@@ -585,20 +593,28 @@ def _png_stored(data: bytes, width: int, height: int) -> bytearray | None:
     is, for anything unusual: an animated PNG's chunks, IDAT chunks that are not
     consecutive, a stream that is damaged, longer or shorter than the header says, or
     too large to copy.
+
+    It checks on the way all that :func:`_check_png_structure` does of a non-interlaced
+    image (each chunk's CRC, the end marker, the whole stream of exactly the header's size,
+    each row's filter type), so a copy made of one stands for the walk: the CRC of the
+    image data it writes is its own, and would not tell.
     """
     if data[12:16] != b"IHDR":
         return None
-    expected = _png_raw_size(width, height, data[16:29])
+    ihdr = data[16:29]
+    expected = _png_raw_size(width, height, ihdr)
     if expected > _STORED_MAX_RAW:
         return None
     view = memoryview(data)
-    pos, first, after = 8, 0, 0
+    pos, first, after, ended = 8, 0, 0, False
     pieces: list[memoryview] = []
     while pos + 8 <= len(data):
         length = int.from_bytes(view[pos : pos + 4], "big")
         kind = bytes(view[pos + 4 : pos + 8])
         end = pos + 8 + length + 4
         if end > len(data) or kind in (b"acTL", b"fcTL", b"fdAT"):
+            return None
+        if _inflate.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
             return None
         if kind == b"IDAT":
             if after:
@@ -609,8 +625,9 @@ def _png_stored(data: bytes, width: int, height: int) -> bytearray | None:
             after = pos
         pos = end
         if kind == b"IEND":
+            ended = True
             break
-    if not first or not after:
+    if not first or not after or not ended:
         return None
     inflater = _inflate.decompressobj()
     try:
@@ -618,6 +635,8 @@ def _png_stored(data: bytes, width: int, height: int) -> bytearray | None:
     except _INFLATE_ERRORS:
         return None
     if len(raw) != expected or not inflater.eof:
+        return None
+    if ihdr[12] == 0 and height and max(raw[:: expected // height]) > 4:  # a row filter
         return None
     # One buffer, its size known up front so that the pixels are copied once: the chunks
     # before the image data, then an IDAT chunk holding zlib's header (no compression, no
